@@ -1,0 +1,52 @@
+"""Reading images from disk as RGB uint8 arrays, with errors that name the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edgeinspect.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """Return a HxWx3 uint8 RGB view of a grayscale, BGR or BGRA OpenCV image."""
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB; raise DataError naming the path if it cannot."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image not found: {path}")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise DataError(f"cannot decode image (corrupt or not an image): {path}")
+    if image.dtype != np.uint8:
+        image = cv2.convertScaleAbs(image, alpha=255.0 / max(float(image.max()), 1.0))
+    return to_rgb(image)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a defect mask as a HxW bool array (any non-zero pixel is defect)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"mask not found: {path}")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
+    if mask is None:
+        raise DataError(f"cannot decode mask (corrupt or not an image): {path}")
+    return mask > 0
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly inside a folder, sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
