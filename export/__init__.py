@@ -1,0 +1,1 @@
+"""Engine export: the format table, exporters, and parity against the PyTorch model."""

@@ -1,0 +1,376 @@
+"""Frame sources: video files, image folders, single images and live cameras, all yielding RGB frames.
+
+Every source is an iterable of :class:`Frame` and a context manager. Iteration stops at the natural end
+of the source (``end_reason`` says why) or raises :class:`~edgeinspect.errors.SourceError` when the
+source fails: a live camera that stays disconnected after its reconnect attempts is never silent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
+
+import cv2
+import numpy as np
+
+from edgeinspect.errors import DataError, SourceError
+from edgeinspect.imageio import IMAGE_SUFFIXES, list_images, read_image, to_rgb
+
+if TYPE_CHECKING:
+    from typing import Self  # only for type checkers: typing.Self is Python 3.11+, the runtime supports 3.10
+
+logger = logging.getLogger(__name__)
+
+MAX_RECONNECT_DELAY_S = 10.0
+
+# (image or None, name, error) as produced by a source before it is stamped into a Frame.
+_Item = tuple[np.ndarray | None, str, str | None]
+
+
+@dataclass
+class Frame:
+    """One frame of a source; ``image`` is None (and ``error`` says why) when it could not be decoded."""
+
+    index: int
+    image: np.ndarray | None
+    capture_ts: float
+    name: str = ""
+    error: str | None = None
+
+
+class FrameSource(ABC):
+    """An iterable of :class:`Frame` (iterated once) and a context manager; ``close()`` is idempotent."""
+
+    def __init__(self, description: str, *, max_frames: int | None = None) -> None:
+        if max_frames is not None and max_frames < 0:
+            raise ValueError(f"max_frames must be >= 0, got {max_frames}")
+        self.description = description
+        self.max_frames = max_frames
+        self.end_reason: str | None = None
+        self.frames_read = 0
+        self._closed = False
+        self._iterated = False
+
+    @abstractmethod
+    def _items(self) -> Iterator[_Item]:
+        """Yield (image, name, error) until the source ends (setting ``end_reason``) or fails (raising)."""
+
+    @abstractmethod
+    def _release(self) -> None:
+        """Free the underlying capture or file handles."""
+
+    def __iter__(self) -> Iterator[Frame]:
+        if self._closed:
+            raise RuntimeError(f"{self.description} is closed")
+        if self._iterated:
+            raise RuntimeError(f"{self.description} can be iterated only once; open a new source")
+        self._iterated = True
+        return self._frames()
+
+    def _frames(self) -> Iterator[Frame]:
+        if self.max_frames == 0:
+            self.end_reason = "max_frames=0 reached"
+            return
+        try:
+            for image, name, error in self._items():
+                frame = Frame(self.frames_read, image, time.time(), name, error)
+                self.frames_read += 1
+                yield frame
+                if self.max_frames is not None and self.frames_read >= self.max_frames:
+                    self.end_reason = f"max_frames={self.max_frames} reached"
+                    return
+        except SourceError as exc:
+            self.end_reason = str(exc)
+            raise
+
+    def close(self) -> None:
+        """Release the source; further calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.end_reason is None:
+            self.end_reason = "closed"
+        self._release()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.description}>"
+
+
+class VideoFileSource(FrameSource):
+    """Frames of a video file (RGB); with ``loop`` it restarts at the end and indices keep increasing."""
+
+    def __init__(self, path: str | Path, *, loop: bool = False, max_frames: int | None = None) -> None:
+        self.path = Path(path)
+        super().__init__(f"video file {self.path}", max_frames=max_frames)
+        self.loop = loop
+        self._capture = self._open()
+        count = self._capture.get(cv2.CAP_PROP_FRAME_COUNT)
+        self.expected_frames = int(count) if count > 0 else None
+        self._warned_truncated = False
+
+    def _open(self) -> cv2.VideoCapture:
+        if not self.path.is_file():
+            raise SourceError(f"video file not found: {self.path}")
+        capture = cv2.VideoCapture(str(self.path))
+        if not capture.isOpened():
+            capture.release()
+            raise SourceError(f"cannot open video file (corrupt or unsupported format): {self.path}")
+        return capture
+
+    def _items(self) -> Iterator[_Item]:
+        while True:
+            in_pass = 0
+            while not self._closed:
+                ok, image = self._capture.read()
+                if not ok or image is None:
+                    break
+                in_pass += 1
+                yield to_rgb(image), "", None
+            if self._closed:
+                return
+            if self.expected_frames is not None and in_pass < self.expected_frames:
+                reason = (
+                    f"{self.description} ended after {in_pass} frames, fewer than the "
+                    f"{self.expected_frames} its header announces (truncated or corrupt file?)"
+                )
+                if not self._warned_truncated:
+                    logger.warning(reason)
+                    self._warned_truncated = True
+            else:
+                reason = f"end of {self.description} after {in_pass} frames"
+            if not self.loop or in_pass == 0:
+                self.end_reason = reason
+                return
+            self._capture.release()
+            self._capture = self._open()
+
+    def _release(self) -> None:
+        self._capture.release()
+
+
+class ImageFolderSource(FrameSource):
+    """The images of a folder sorted by name; an unreadable image yields a frame with ``image=None``."""
+
+    def __init__(self, folder: str | Path, *, loop: bool = False, max_frames: int | None = None) -> None:
+        self.folder = Path(folder)
+        super().__init__(f"image folder {self.folder}", max_frames=max_frames)
+        self.loop = loop
+        if not self.folder.is_dir():
+            raise SourceError(f"image folder not found: {self.folder}")
+        self.paths = list_images(self.folder)
+        if not self.paths:
+            raise SourceError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {self.folder}")
+
+    def _items(self) -> Iterator[_Item]:
+        while True:
+            decoded = 0
+            for path in self.paths:
+                if self._closed:
+                    return
+                try:
+                    image = read_image(path)
+                except DataError as exc:
+                    logger.warning("%s: %s", self.description, exc)
+                    yield None, path.name, str(exc)
+                    continue
+                decoded += 1
+                yield image, path.name, None
+            failed = len(self.paths) - decoded
+            if decoded == 0:
+                self.end_reason = f"none of the {len(self.paths)} images in {self.folder} could be read"
+                return
+            if not self.loop:
+                unreadable = f" ({failed} unreadable)" if failed else ""
+                self.end_reason = f"all {len(self.paths)} images read{unreadable}"
+                return
+
+    def _release(self) -> None:
+        """Nothing to release: each image is read and closed on its own."""
+
+
+class SingleImageSource(FrameSource):
+    """One image file as one frame (repeated forever with ``loop``)."""
+
+    def __init__(self, path: str | Path, *, loop: bool = False, max_frames: int | None = None) -> None:
+        self.path = Path(path)
+        super().__init__(f"image file {self.path}", max_frames=max_frames)
+        self.loop = loop
+        try:
+            self._image = read_image(self.path)
+        except DataError as exc:
+            raise SourceError(str(exc)) from exc
+
+    def _items(self) -> Iterator[_Item]:
+        yield self._image.copy(), self.path.name, None
+        while self.loop and not self._closed:
+            yield self._image.copy(), self.path.name, None
+        if not self._closed:
+            self.end_reason = f"{self.description} read"
+
+    def _release(self) -> None:
+        """Nothing to release: the image was read at open."""
+
+
+class CaptureDeviceSource(FrameSource):
+    """A live camera: an OpenCV device index, a stream URL or a GStreamer pipeline (a string with '!').
+
+    A failed read triggers up to ``reconnect_attempts`` reconnects (release and reopen) after a delay
+    starting at ``reconnect_delay_s`` and doubling up to 10 s; when all fail, iteration raises
+    :class:`SourceError`. ``timeout_s`` bounds opening and reading a URL stream.
+    """
+
+    def __init__(
+        self,
+        device: int | str,
+        *,
+        max_frames: int | None = None,
+        reconnect_attempts: int = 5,
+        reconnect_delay_s: float = 1.0,
+        timeout_s: float = 10.0,
+    ) -> None:
+        if reconnect_attempts < 0:
+            raise ValueError(f"reconnect_attempts must be >= 0, got {reconnect_attempts}")
+        self.device = device
+        super().__init__(f"camera {_describe_device(device)}", max_frames=max_frames)
+        self.reconnect_attempts = reconnect_attempts
+        self.reconnect_delay_s = reconnect_delay_s
+        self.timeout_s = timeout_s
+        capture = self._open()
+        if capture is None:
+            raise SourceError(f"cannot open {self.description}{_open_hint(device)}")
+        self._capture: cv2.VideoCapture | None = capture
+
+    def _open(self) -> cv2.VideoCapture | None:
+        device = self.device
+        if isinstance(device, int):
+            capture = cv2.VideoCapture(device)
+        elif "!" in device:
+            capture = cv2.VideoCapture(device, cv2.CAP_GSTREAMER)
+        else:
+            timeout_ms = max(1, int(self.timeout_s * 1000))
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
+            capture = cv2.VideoCapture(device, cv2.CAP_FFMPEG, params)
+        if capture.isOpened():
+            return capture
+        capture.release()
+        return None
+
+    def _items(self) -> Iterator[_Item]:
+        failures = 0
+        while not self._closed:
+            ok, image = self._capture.read() if self._capture is not None else (False, None)
+            if ok and image is not None:
+                failures = 0
+                yield to_rgb(image), "", None
+                continue
+            if self._closed:
+                return
+            if failures >= self.reconnect_attempts:
+                raise SourceError(
+                    f"{self.description} disconnected: no frame after {self.reconnect_attempts} "
+                    f"reconnect attempts ({self.frames_read} frames read before)"
+                )
+            failures += 1
+            delay = min(self.reconnect_delay_s * 2 ** (failures - 1), MAX_RECONNECT_DELAY_S)
+            logger.warning(
+                "%s: read failed, reconnecting in %.2f s (attempt %d of %d)",
+                self.description, delay, failures, self.reconnect_attempts,
+            )
+            time.sleep(delay)
+            self._release()
+            self._capture = self._open()
+            if self._capture is None:
+                logger.warning("%s: reconnect attempt %d failed to open", self.description, failures)
+            else:
+                logger.info("%s: reopened on attempt %d", self.description, failures)
+
+    def _release(self) -> None:
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+
+
+def _redact(url: str) -> str:
+    """The URL with any password replaced by ***, so that descriptions and logs do not leak it."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def _describe_device(device: int | str) -> str:
+    if isinstance(device, int):
+        return str(device)
+    if "!" in device:
+        return f"gstreamer pipeline '{device}'"
+    return _redact(device)
+
+
+def _open_hint(device: int | str) -> str:
+    if isinstance(device, str) and "!" in device and not _opencv_has_gstreamer():
+        return " (this OpenCV build has no GStreamer support)"
+    return ""
+
+
+def _opencv_has_gstreamer() -> bool:
+    for line in cv2.getBuildInformation().splitlines():
+        if line.strip().startswith("GStreamer:"):
+            return "YES" in line
+    return False
+
+
+def open_source(
+    spec: str,
+    *,
+    loop: bool = False,
+    max_frames: int | None = None,
+    reconnect_attempts: int = 5,
+    reconnect_delay_s: float = 1.0,
+    timeout_s: float = 10.0,
+) -> FrameSource:
+    """Open a folder, image file, video file, device index, stream URL or GStreamer pipeline.
+
+    ``loop`` applies to files and folders; the reconnect and timeout options to live cameras.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        return ImageFolderSource(path, loop=loop, max_frames=max_frames)
+    if path.is_file():
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            return SingleImageSource(path, loop=loop, max_frames=max_frames)
+        return VideoFileSource(path, loop=loop, max_frames=max_frames)
+    device: int | str
+    if spec.isascii() and spec.isdigit():
+        device = int(spec)
+    elif "://" in spec or "!" in spec:
+        device = spec
+    else:
+        raise SourceError(f"no such file, folder, device or URL: {spec}")
+    if loop:
+        raise SourceError(
+            f"loop applies to files and folders, not to the live camera {_describe_device(device)}"
+        )
+    return CaptureDeviceSource(
+        device,
+        max_frames=max_frames,
+        reconnect_attempts=reconnect_attempts,
+        reconnect_delay_s=reconnect_delay_s,
+        timeout_s=timeout_s,
+    )

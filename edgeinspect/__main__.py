@@ -1,0 +1,5 @@
+"""``python -m edgeinspect`` runs the CLI."""
+
+from edgeinspect.cli import main
+
+main()

@@ -1,0 +1,272 @@
+"""The ``edgeinspect`` command line: data, train, evaluate, export, predict, serve, listen.
+
+Heavy imports (torch, onnx) happen inside the commands that need them, so ``predict``, ``serve``
+and ``listen`` work with only the ``runtime`` extra installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from edgeinspect import __version__
+from edgeinspect.errors import EdgeInspectError
+
+
+class _Group(click.Group):
+    """Turns EdgeInspectError into a one-line message and exit code 1, without a traceback."""
+
+    def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's own signature
+        try:
+            return super().invoke(ctx)
+        except EdgeInspectError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+def _progress(ctx: click.Context) -> bool:
+    return not ctx.find_root().params.get("quiet", False)
+
+
+def _echo_json(data: dict) -> None:
+    click.echo(json.dumps(data, indent=2, allow_nan=True))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgeinspect")
+@click.option("--quiet", "-q", is_flag=True, help="Hide progress bars and info logs.")
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
+def main(quiet: bool, verbose: bool) -> None:
+    """Industrial visual inspection: train anomaly models, export engines, serve verdicts."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# ------------------------------------------------------------------------------------------- data
+@main.group(cls=_Group)
+def data() -> None:
+    """Datasets: synthesise the built-in demo parts, make videos for serving."""
+
+
+@data.command("synth")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Dataset root to write.")
+@click.option("--category", default="washer", show_default=True, help="Synthetic part category.")
+@click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same bytes).")
+@click.option("--n-train", default=80, show_default=True, help="Good training images.")
+@click.option("--n-test-good", default=20, show_default=True, help="Good test images.")
+@click.option("--n-test-per-defect", default=8, show_default=True, help="Test images per defect type.")
+def data_synth(out: str, category: str, seed: int, n_train: int, n_test_good: int, n_test_per_defect: int) -> None:
+    """Generate synthetic parts with defects and exact masks in the MVTec layout."""
+    from edgeinspect.train.data import MVTecCategory, synthesize
+
+    path = synthesize(out, category, seed, n_train=n_train, n_test_good=n_test_good,
+                      n_test_per_defect=n_test_per_defect)
+    click.echo(f"wrote {path}: {json.dumps(MVTecCategory(out, category).summary()['test_defect'])} defective test images")
+
+
+@data.command("video")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Video file (.avi) to write.")
+@click.option("--fps", default=10.0, show_default=True, help="Frames per second.")
+def data_video(images: tuple[str, ...], out: str, fps: float) -> None:
+    """Write image files (or every image in given folders, recursively, sorted) into a video."""
+    from edgeinspect.imageio import IMAGE_SUFFIXES
+    from edgeinspect.train.data import write_video
+
+    paths: list[Path] = []
+    for item in map(Path, images):
+        paths.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                            and not p.stem.endswith("_mask")) if item.is_dir() else [item])
+    write_video(paths, out, fps)
+    click.echo(f"wrote {out}: {len(paths)} frames at {fps:g} fps")
+
+
+# ------------------------------------------------------------------------------------------ train
+@main.command()
+def backbones() -> None:
+    """List the backbones and their named stages."""
+    from edgeinspect.train.backbones import BACKBONES, DEFAULT_BACKBONE
+
+    for name, spec in BACKBONES.items():
+        stages = ", ".join(f"{s}({i.channels}ch,/{i.stride})" for s, i in spec.stages.items())
+        click.echo(f"{name}{' (default)' if name == DEFAULT_BACKBONE else ''}: weights from {spec.weights_source}")
+        click.echo(f"    stages: {stages}")
+
+
+@main.command()
+@click.argument("family", type=click.Choice(["patchcore", "padim"]))
+@click.option("--data", "data_root", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Dataset root in the MVTec layout.")
+@click.option("--category", required=True, help="Category folder under the root.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
+@click.option("--backbone", default=None, help="Override model.backbone (see `edgeinspect backbones`).")
+@click.option("--weights", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Backbone weights file (for torchvision backbones without internet).")
+@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="YAML file overriding configs/<family>.yaml.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.pass_context
+def train(ctx: click.Context, family: str, data_root: str, category: str, out: str, backbone: str | None,
+          weights: str | None, config_path: str | None, overrides: tuple[str, ...], device: str) -> None:
+    """Train FAMILY on good images and write a model bundle (threshold included)."""
+    from edgeinspect.config import load_config
+    from edgeinspect.train.trainer import train as run_train
+
+    extra = [f"model.backbone={backbone}"] if backbone else []
+    extra += [f"model.weights={weights}"] if weights else []
+    config = load_config(family, config_path, [*overrides, *extra])
+    bundle = run_train(family, data_root, category, out, config, device=device, progress=_progress(ctx))
+    m = bundle.manifest["metrics"]
+    click.echo(f"bundle {bundle.path} ({bundle.bundle_id}): image AUROC {m['image_auroc']:.4f}, "
+               f"pixel AUROC {m['pixel_auroc']:.4f}, F1 {m['f1']:.4f} on {m['n_images']} test images; "
+               f"threshold {bundle.decision['threshold']:.4g}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", "data_root", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--category", required=True)
+@click.option("--engine", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]))
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+              help="Torch device for --engine torch.")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the metrics here.")
+@click.pass_context
+def evaluate(ctx: click.Context, bundle: str, data_root: str, category: str, engine: str, device: str,
+             json_out: str | None) -> None:
+    """Image/pixel AUROC and F1 of BUNDLE on a test split."""
+    from edgeinspect.train.evaluate import evaluate as run_evaluate
+
+    metrics = run_evaluate(bundle, data_root, category, engine, device=device, progress=_progress(ctx))
+    rows = [("image AUROC", f"{metrics['image_auroc']:.4f}"), ("pixel AUROC", f"{metrics['pixel_auroc']:.4f}"),
+            ("F1 @ threshold", f"{metrics['f1']:.4f}"), ("images", str(metrics["n_images"])),
+            ("engine", engine), ("ms / image", f"{metrics['ms_per_image']:.1f}")]
+    for key, value in rows:
+        click.echo(f"{key:<16}{value:>12}")
+    if json_out:
+        Path(json_out).write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------- export
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", default="onnx", show_default=True, help="Engine format (see the README table).")
+@click.option("--precision", default="fp32", show_default=True)
+@click.option("--data", "data_root", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Parity images: dataset root (default: the one recorded in the bundle).")
+@click.option("--category", default=None, help="Parity images: category (default: the bundle's).")
+@click.pass_context
+def export(ctx: click.Context, bundle: str, fmt: str, precision: str, data_root: str | None,
+           category: str | None) -> None:
+    """Write an engine into BUNDLE and prove it scores like the PyTorch model."""
+    from edgeinspect.export.exporter import export_bundle
+
+    path, parity = export_bundle(bundle, fmt, precision, data_root=data_root, category=category,
+                                 progress=_progress(ctx))
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); parity: {parity.describe()}")
+
+
+# ---------------------------------------------------------------------------------------- runtime
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--provider", "providers", multiple=True, default=("cpu",), show_default=True,
+              help="ONNX Runtime execution provider: cpu, cuda, tensorrt (repeatable, in order).")
+def predict(bundle: str, images: tuple[str, ...], as_json: bool, providers: tuple[str, ...]) -> None:
+    """Print one verdict per image. Exit code 1 if any image could not be read."""
+    from edgeinspect.imageio import read_image
+    from edgeinspect.runtime.predictor import Predictor
+
+    predictor = Predictor(bundle, providers=providers)
+    failed = 0
+    for image in images:
+        try:
+            result = {"image": image, **predictor.predict(read_image(image)).to_dict()}
+        except EdgeInspectError as exc:
+            failed += 1
+            result = {"image": image, "verdict": "ERROR", "error": str(exc)}
+        if as_json:
+            click.echo(json.dumps(result))
+        elif result["verdict"] == "ERROR":
+            click.echo(f"{image}: ERROR {result['error']}")
+        else:
+            click.echo(f"{image}: {result['verdict']} score {result['score']:.3f} "
+                       f"({len(result['regions'])} region(s))")
+    sys.exit(1 if failed else 0)
+
+
+@main.command()
+@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--camera", required=True,
+              help="Video file, image folder, image file, device index, RTSP/HTTP URL or GStreamer pipeline.")
+@click.option("--publish", default="tcp://127.0.0.1:5555", show_default=True, help="ZeroMQ endpoint to bind.")
+@click.option("--line", default="line1", show_default=True, help="Production line id (topic part).")
+@click.option("--camera-id", default="cam0", show_default=True, help="Camera id (topic part).")
+@click.option("--provider", "providers", multiple=True, default=("cpu",), show_default=True,
+              help="ONNX Runtime execution provider: cpu, cuda, tensorrt (repeatable, in order).")
+@click.option("--wait-subscribers", default=0, show_default=True,
+              help="Wait for this many subscribers to the verdict topic before the first frame.")
+@click.option("--wait-timeout", default=10.0, show_default=True, help="Seconds to wait for them.")
+@click.option("--loop", is_flag=True, help="Restart a video file or folder at its end.")
+@click.option("--max-frames", default=None, type=int, help="Stop after this many frames.")
+def serve(bundle: str, camera: str, publish: str, line: str, camera_id: str, providers: tuple[str, ...],
+          wait_subscribers: int, wait_timeout: float, loop: bool, max_frames: int | None) -> None:
+    """Publish a verdict per frame on verdict.<line>.<camera-id> until the source ends or SIGINT/SIGTERM."""
+    from edgeinspect.runtime.daemon import run_daemon
+
+    stats = run_daemon(bundle, camera, publish, line=line, camera_id=camera_id, providers=providers,
+                       wait_subscribers=wait_subscribers, wait_timeout_s=wait_timeout, loop=loop,
+                       max_frames=max_frames)
+    click.echo(f"served {stats.frames} frames: {stats.ok} OK, {stats.nok} NOK, {stats.errors} errors", err=True)
+
+
+@main.command()
+@click.option("--connect", default="tcp://127.0.0.1:5555", show_default=True, help="Daemon endpoint.")
+@click.option("--topic", default="verdict.", show_default=True, help="Topic prefix to subscribe to.")
+@click.option("--count", default=None, type=int, help="Exit after this many messages.")
+@click.option("--timeout", default=None, type=float, help="Exit after this many seconds without a message.")
+@click.option("--until-stopped", is_flag=True, help="Also subscribe to status and exit when the daemon stops.")
+def listen(connect: str, topic: str, count: int | None, timeout: float | None, until_stopped: bool) -> None:
+    """Subscribe to a daemon and print each message as one JSON line."""
+    import zmq
+
+    from edgeinspect.runtime.publisher import decode_message
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.SUB)
+    sock.connect(connect)
+    sock.setsockopt_string(zmq.SUBSCRIBE, topic)
+    if until_stopped:
+        sock.setsockopt_string(zmq.SUBSCRIBE, "status.")
+    received = 0
+    try:
+        while count is None or received < count:
+            if not sock.poll(None if timeout is None else int(timeout * 1000)):
+                raise click.ClickException(f"no message from {connect} for {timeout:g} s")
+            name, payload = decode_message(sock.recv_multipart())
+            if name.startswith("status.") and until_stopped and payload.get("state") in ("stopped", "failed"):
+                click.echo(json.dumps({"topic": name, **payload}))
+                break
+            if name.startswith(topic):
+                received += 1
+                click.echo(json.dumps({"topic": name, **payload}))
+    finally:
+        sock.close(linger=0)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+def info(bundle: str) -> None:
+    """Show a bundle's manifest summary and check its files."""
+    from edgeinspect.bundle import Bundle
+
+    b = Bundle.open(bundle)
+    m = b.manifest
+    _echo_json({"bundle_id": b.bundle_id, "model": m["model"], "decision": m["decision"],
+                "engines": [{k: e[k] for k in ("file", "format", "precision", "bytes", "parity")}
+                            for e in m["engines"]],
+                "metrics": m["metrics"], "size_bytes": b.size_bytes()})

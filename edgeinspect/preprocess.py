@@ -1,0 +1,108 @@
+"""Image preprocessing shared by training and the runtime (numpy + OpenCV, no torch).
+
+Training builds its input tensors with exactly this code and records its parameters in the
+bundle manifest, so the runtime feeds the engine the same numbers the model was trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+from edgeinspect.errors import BundleError
+
+_INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC,
+                   "nearest": cv2.INTER_NEAREST}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize (and optionally centre-crop) an RGB uint8 image, then normalise to NCHW float32.
+
+    ``resize`` and ``crop`` are (height, width); ``crop`` None means the whole resized image is the
+    model input. ``mean``/``std`` apply to pixel values scaled to [0, 1], in ``color_order``.
+    """
+
+    resize: tuple[int, int]
+    crop: tuple[int, int] | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "area"
+    color_order: str = "RGB"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _INTERPOLATIONS:
+            raise BundleError(f"unknown interpolation {self.interpolation!r}; use one of {list(_INTERPOLATIONS)}")
+        if self.color_order not in ("RGB", "BGR"):
+            raise BundleError(f"unknown colour order {self.color_order!r}; use RGB or BGR")
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the tensor the model sees."""
+        return tuple(self.crop) if self.crop else tuple(self.resize)
+
+    def crop_offset(self) -> tuple[int, int]:
+        """(top, left) of the crop inside the resized image."""
+        if not self.crop:
+            return 0, 0
+        return (self.resize[0] - self.crop[0]) // 2, (self.resize[1] - self.crop[1]) // 2
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        """HxWx3 uint8 RGB image -> 1x3xHxW float32 tensor."""
+        return self.batch([rgb])
+
+    def batch(self, images: list[np.ndarray]) -> np.ndarray:
+        """A list of RGB uint8 images -> Nx3xHxW float32 tensor."""
+        h, w = self.resize
+        top, left = self.crop_offset()
+        ch, cw = self.input_size
+        scale = (1.0 / (255.0 * np.asarray(self.std, np.float32))).reshape(1, 1, 3)
+        shift = (np.asarray(self.mean, np.float32) / np.asarray(self.std, np.float32)).reshape(1, 1, 3)
+        out = np.empty((len(images), 3, ch, cw), np.float32)
+        for i, rgb in enumerate(images):
+            if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+                raise ValueError(f"expected an HxWx3 uint8 image, got shape {rgb.shape} {rgb.dtype}")
+            img = rgb if rgb.shape[:2] == (h, w) else cv2.resize(
+                rgb, (w, h), interpolation=_INTERPOLATIONS[self.interpolation])
+            img = img[top:top + ch, left:left + cw]
+            if self.color_order == "BGR":
+                img = img[..., ::-1]
+            out[i] = (img.astype(np.float32) * scale - shift).transpose(2, 0, 1)
+        return out
+
+    def mask(self, mask: np.ndarray) -> np.ndarray:
+        """Bring a HxW bool defect mask into model-input geometry (nearest resize, same crop)."""
+        h, w = self.resize
+        top, left = self.crop_offset()
+        ch, cw = self.input_size
+        resized = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+        return resized[top:top + ch, left:left + cw] > 0
+
+    def box_to_frame(self, box: tuple[float, float, float, float], frame_hw: tuple[int, int]
+                     ) -> tuple[int, int, int, int]:
+        """Map an (x0, y0, x1, y1) box in model-input pixels to pixels of the original frame."""
+        top, left = self.crop_offset()
+        sy, sx = frame_hw[0] / self.resize[0], frame_hw[1] / self.resize[1]
+        x0, y0, x1, y1 = box
+        return (int(round((x0 + left) * sx)), int(round((y0 + top) * sy)),
+                int(round((x1 + left) * sx)), int(round((y1 + top) * sy)))
+
+    def to_dict(self) -> dict:
+        """JSON-ready form for the manifest."""
+        d = asdict(self)
+        d["resize"] = list(self.resize)
+        d["crop"] = list(self.crop) if self.crop else None
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        """Inverse of :meth:`to_dict`; BundleError on a malformed entry."""
+        try:
+            return cls(resize=tuple(d["resize"]), crop=tuple(d["crop"]) if d.get("crop") else None,
+                       mean=tuple(d["mean"]), std=tuple(d["std"]),
+                       interpolation=d.get("interpolation", "area"), color_order=d.get("color_order", "RGB"))
+        except (KeyError, TypeError) as exc:
+            raise BundleError(f"manifest preprocess entry is malformed: {d!r} ({exc})") from exc

@@ -1,0 +1,137 @@
+"""The inspection daemon: frames from a source -> predictor -> a verdict per frame over ZeroMQ."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+
+from edgeinspect.camera import Frame, FrameSource, open_source
+from edgeinspect.runtime.predictor import NOK, Predictor
+from edgeinspect.runtime.publisher import Heartbeat, VerdictPublisher
+
+from edgeinspect.errors import SourceError
+
+log = logging.getLogger(__name__)
+ERROR = "ERROR"
+
+
+@dataclass
+class ServeStats:
+    """Counters of one serve run (also the body of every heartbeat)."""
+
+    frames: int = 0
+    ok: int = 0
+    nok: int = 0
+    errors: int = 0
+    started: float = field(default_factory=time.monotonic)
+    _window_frames: int = 0
+    _window_start: float = field(default_factory=time.monotonic)
+
+    def count(self, verdict: str) -> None:
+        """Record one published verdict."""
+        self.frames += 1
+        self._window_frames += 1
+        if verdict == NOK:
+            self.nok += 1
+        elif verdict == ERROR:
+            self.errors += 1
+        else:
+            self.ok += 1
+
+    def snapshot(self) -> dict:
+        """Counters plus the frame rate since the previous snapshot."""
+        now = time.monotonic()
+        fps = self._window_frames / max(now - self._window_start, 1e-9)
+        self._window_frames, self._window_start = 0, now
+        return {"frames": self.frames, "ok": self.ok, "nok": self.nok, "errors": self.errors,
+                "fps": round(fps, 2), "uptime_s": round(now - self.started, 3)}
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM (or by a caller) to end the loop after the current frame."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
+        """Request a stop; usable directly as a signal handler."""
+        if signum is not None:
+            log.info("received %s, stopping after the current frame", signal.Signals(signum).name)
+        self._event.set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+
+def verdict_fields(frame: Frame, predictor: Predictor) -> dict:
+    """Run the predictor on one frame and build the verdict body (publisher adds the envelope)."""
+    body: dict = {"frame_index": frame.index, "frame_name": frame.name, "capture_ts": frame.capture_ts,
+                  "bundle_id": predictor.bundle.bundle_id}
+    if frame.image is None:
+        return {**body, "verdict": ERROR, "error": frame.error, "score": None, "threshold": 0.5,
+                "regions": [], "latency_ms": {}}
+    prediction = predictor.predict(frame.image)
+    body.update(prediction.to_dict())
+    body["latency_ms"]["total"] = round(1000.0 * (time.time() - frame.capture_ts), 3)
+    return body
+
+
+def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher, *,
+          stop: StopFlag | None = None, heartbeat: Heartbeat | None = None,
+          on_verdict: Callable[[dict], None] | None = None) -> ServeStats:
+    """Publish one verdict per frame until the source ends or ``stop`` is set.
+
+    A heartbeat goes out on the status topic once per period and a final status when the loop
+    ends, with the source's end reason. A source failure is published as a ``failed`` status and
+    re-raised: it is never swallowed.
+    """
+    stop = stop if stop is not None else StopFlag()
+    heartbeat = heartbeat or Heartbeat()
+    stats = ServeStats()
+    common = {"bundle_id": predictor.bundle.bundle_id, "source": source.description}
+    try:
+        for frame in source:
+            payload = publisher.publish_verdict(verdict_fields(frame, predictor))
+            stats.count(payload["verdict"])
+            if on_verdict is not None:
+                on_verdict(payload)
+            if heartbeat.due():
+                publisher.publish_status({**common, "state": "running", **stats.snapshot(),
+                                          "dropped": publisher.dropped})
+            if stop:
+                break
+    except SourceError as exc:
+        publisher.publish_status({**common, "state": "failed", "error": str(exc), **stats.snapshot(),
+                                  "dropped": publisher.dropped})
+        raise
+    reason = "stopped by signal" if stop else source.end_reason
+    publisher.publish_status({**common, "state": "stopped", "end_reason": reason, **stats.snapshot(),
+                              "dropped": publisher.dropped})
+    log.info("served %d frames (%d OK, %d NOK, %d errors): %s", stats.frames, stats.ok, stats.nok,
+             stats.errors, reason)
+    return stats
+
+
+def run_daemon(bundle: str, camera: str, endpoint: str, *, line: str = "line1", camera_id: str = "cam0",
+               providers: tuple[str, ...] = ("cpu",), wait_subscribers: int = 0, wait_timeout_s: float = 10.0,
+               loop: bool = False, max_frames: int | None = None,
+               on_verdict: Callable[[dict], None] | None = None) -> ServeStats:
+    """Open bundle, source and publisher; serve until the source ends or SIGINT/SIGTERM."""
+    predictor = Predictor(bundle, providers=providers)
+    stop = StopFlag()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, stop.set)
+    with VerdictPublisher(endpoint, line, camera_id) as publisher:
+        if wait_subscribers:
+            seen = publisher.wait_for_subscribers(wait_subscribers, wait_timeout_s)
+            if seen < wait_subscribers:
+                log.warning("only %d of %d subscribers connected within %.1f s; starting anyway",
+                            seen, wait_subscribers, wait_timeout_s)
+        with open_source(camera, loop=loop, max_frames=max_frames) as source:
+            return serve(predictor, source, publisher, stop=stop, on_verdict=on_verdict)

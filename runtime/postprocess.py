@@ -1,0 +1,45 @@
+"""From raw engine outputs to a verdict: normalised score, OK/NOK, defect regions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from edgeinspect.preprocess import Preprocess
+
+
+@dataclass(frozen=True)
+class Region:
+    """A connected region of the anomaly map above the threshold."""
+
+    box: tuple[int, int, int, int]   # x0, y0, x1, y1 in frame pixels (x1/y1 exclusive)
+    area: int                        # pixels of the model input
+    score: float                     # normalised peak score inside the region
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"box": list(self.box), "area": self.area, "score": round(self.score, 6)}
+
+
+def normalize(raw: np.ndarray | float, normalization: dict) -> np.ndarray | float:
+    """Map raw scores so that the threshold is 0.5 (see trainer.decide); clipped to [0, 1]."""
+    center, scale = normalization["center"], normalization["scale"]
+    return np.clip(0.5 + 0.5 * (np.asarray(raw, np.float64) - center) / scale, 0.0, 1.0)
+
+
+def find_regions(anomaly_map: np.ndarray, threshold: float, min_area: int, normalization: dict,
+                 preprocess: Preprocess, frame_hw: tuple[int, int]) -> list[Region]:
+    """Boxes of the 8-connected regions of ``anomaly_map > threshold``, largest first."""
+    binary = (anomaly_map > threshold).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    regions = []
+    for i in range(1, n):
+        x, y, w, h, area = (int(v) for v in stats[i])
+        if area < min_area:
+            continue
+        peak = float(anomaly_map[y:y + h, x:x + w][labels[y:y + h, x:x + w] == i].max())
+        regions.append(Region(preprocess.box_to_frame((x, y, x + w, y + h), frame_hw), area,
+                              float(normalize(peak, normalization))))
+    return sorted(regions, key=lambda r: r.area, reverse=True)

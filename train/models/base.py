@@ -1,0 +1,95 @@
+"""What every anomaly model shares: a frozen feature extractor, a statistics-based scorer and the
+map head (upsample to the input size, Gaussian smoothing, image score = max of the map).
+
+``forward`` is exactly what is exported to an engine: NCHW float32 in, ``(anomaly_map, score)`` out,
+with the scoring (nearest neighbour / Mahalanobis) inside the graph (see ARCHITECTURE.md for why).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from edgeinspect.train.backbones import FeatureExtractor
+from torch import nn
+
+
+class GaussianBlur(nn.Module):
+    """Separable Gaussian smoothing of a N1HW map with reflect padding (ONNX-exportable)."""
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        radius = max(1, int(4.0 * sigma + 0.5))
+        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-(x**2) / (2 * sigma**2))
+        self.register_buffer("kernel", (kernel / kernel.sum()).view(1, 1, 1, -1), persistent=False)
+        self.radius = radius
+        self.enabled = sigma > 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Blur along width then height."""
+        if not self.enabled:
+            return x
+        r = self.radius
+        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), self.kernel)
+        return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), self.kernel.transpose(2, 3))
+
+
+class AnomalyModel(nn.Module):
+    """Base class: subclasses implement :meth:`fit`, :meth:`patch_scores` and the statistics I/O."""
+
+    family: str = ""
+
+    def __init__(self, backbone: str, stages: Sequence[str], input_size: tuple[int, int],
+                 smoothing_sigma: float, *, pretrained: bool = True, weights: str | None = None):
+        super().__init__()
+        self.extractor = FeatureExtractor(backbone, stages, pretrained=pretrained, weights=weights)
+        self.input_size = tuple(input_size)
+        self.blur = GaussianBlur(smoothing_sigma)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings N x D x h x w (subclasses choose how stage features are combined)."""
+        raise NotImplementedError
+
+    def patch_scores(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Per-patch anomaly scores N x 1 x h x w from embeddings."""
+        raise NotImplementedError
+
+    def fit(self, batches: Iterable[torch.Tensor], progress: bool = True) -> None:
+        """Build the model statistics from batches of good images."""
+        raise NotImplementedError
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        """Model statistics to store in the bundle as plain arrays."""
+        raise NotImplementedError
+
+    def load_statistics(self, stats: dict[str, np.ndarray]) -> None:
+        """Restore the statistics written by :meth:`statistics`."""
+        raise NotImplementedError
+
+    def hyperparameters(self) -> dict:
+        """Everything needed (with the statistics) to rebuild this model."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images N x 3 x H x W -> (anomaly map N x 1 x H x W, image score N)."""
+        scores = self.patch_scores(self.embed(x))
+        amap = self.blur(F.interpolate(scores, size=self.input_size, mode="bilinear", align_corners=False))
+        return amap, amap.flatten(1).amax(dim=1)
+
+
+def aggregate_stages(features: list[torch.Tensor], neighbourhood: int) -> torch.Tensor:
+    """Average each stage over a k x k neighbourhood, upsample to the finest stage, concatenate."""
+    size = features[0].shape[-2:]
+    out = []
+    for f in features:
+        if neighbourhood > 1:
+            f = F.avg_pool2d(f, neighbourhood, stride=1, padding=neighbourhood // 2, count_include_pad=False)
+        if f.shape[-2:] != size:
+            f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+        out.append(f)
+    return torch.cat(out, dim=1)
+
+

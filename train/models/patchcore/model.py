@@ -1,0 +1,107 @@
+"""PatchCore (Roth et al., CVPR 2022): locally aware patch features, a greedy-coreset memory bank
+and nearest-neighbour scoring."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from edgeinspect.train.models.base import AnomalyModel, aggregate_stages
+from tqdm import tqdm
+
+
+def greedy_coreset(features: torch.Tensor, n_select: int, projection_dim: int, seed: int = 0,
+                   progress: bool = True) -> torch.Tensor:
+    """Indices of an approximate k-center greedy coreset of ``features`` (N x D).
+
+    Distances are computed on a Gaussian random projection to ``projection_dim`` dimensions
+    (Johnson-Lindenstrauss); each step updates the min-distance vector in preallocated buffers.
+    """
+    n = features.shape[0]
+    n_select = max(1, min(n_select, n))
+    gen = torch.Generator().manual_seed(seed)
+    if 0 < projection_dim < features.shape[1]:
+        proj = torch.randn(features.shape[1], projection_dim, generator=gen) / projection_dim**0.5
+        reduced = features @ proj.to(features.dtype)
+    else:
+        reduced = features
+    reduced = reduced.contiguous()
+    sq_norm = (reduced * reduced).sum(1)
+    min_dist = torch.full((n,), float("inf"), dtype=reduced.dtype)
+    dist = torch.empty_like(min_dist)
+    selected = torch.empty(n_select, dtype=torch.long)
+    idx = int(torch.randint(n, (1,), generator=gen))
+    for step in tqdm(range(n_select), desc="coreset", disable=not progress, unit="pt", mininterval=1.0):
+        selected[step] = idx
+        # ||f - c||^2 = ||f||^2 - 2 f.c + ||c||^2, written into `dist` without allocating
+        torch.addmv(sq_norm, reduced, reduced[idx], alpha=-2.0, out=dist)
+        dist.add_(sq_norm[idx])
+        torch.minimum(min_dist, dist, out=min_dist)
+        idx = int(torch.argmax(min_dist))
+    return selected
+
+
+class PatchCore(AnomalyModel):
+    """PatchCore anomaly model; the memory bank is a buffer so the exported graph carries it."""
+
+    family = "patchcore"
+
+    def __init__(self, backbone: str = "efficientnet_lite0", stages: Sequence[str] = ("stage3", "stage5"),
+                 input_size: Sequence[int] = (224, 224), *, neighbourhood: int = 3, coreset_ratio: float = 0.1,
+                 projection_dim: int = 64, smoothing_sigma: float = 4.0, seed: int = 0,
+                 pretrained: bool = True, weights: str | None = None):
+        super().__init__(backbone, stages, tuple(input_size), smoothing_sigma, pretrained=pretrained,
+                         weights=weights)
+        self.neighbourhood = neighbourhood
+        self.coreset_ratio = coreset_ratio
+        self.projection_dim = projection_dim
+        self.smoothing_sigma = smoothing_sigma
+        self.seed = seed
+        dim = sum(self.extractor.channels())
+        self.register_buffer("memory_bank", torch.zeros(0, dim), persistent=False)
+        self.register_buffer("memory_sq_norm", torch.zeros(0), persistent=False)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Locally aware patch features N x D x h x w at the finest stage's resolution."""
+        return aggregate_stages(self.extractor(x), self.neighbourhood)
+
+    def patch_scores(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Euclidean distance of every patch to its nearest memory-bank entry."""
+        n, d, h, w = embedding.shape
+        patches = embedding.permute(0, 2, 3, 1).reshape(-1, d)
+        sq = (patches * patches).sum(1, keepdim=True) - 2.0 * patches @ self.memory_bank.T
+        nearest = (sq + self.memory_sq_norm[None, :]).amin(dim=1)
+        return nearest.clamp_min(0.0).sqrt().reshape(n, 1, h, w)
+
+    @torch.no_grad()
+    def fit(self, batches: Iterable[torch.Tensor], progress: bool = True) -> None:
+        """Collect patch features of all good images and keep a greedy coreset of them."""
+        chunks = []
+        for x in tqdm(batches, desc="features", disable=not progress, unit="batch"):
+            e = self.embed(x.to(self.memory_bank.device))
+            chunks.append(e.permute(0, 2, 3, 1).reshape(-1, e.shape[1]).cpu())
+        features = torch.cat(chunks)
+        n_keep = int(round(self.coreset_ratio * features.shape[0]))
+        idx = greedy_coreset(features, n_keep, self.projection_dim, self.seed, progress)
+        self._set_bank(features[idx])
+
+    def _set_bank(self, bank: torch.Tensor) -> None:
+        device = self.memory_bank.device
+        self.memory_bank = bank.to(device=device, dtype=torch.float32).contiguous()
+        self.memory_sq_norm = (self.memory_bank**2).sum(1)
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        """The memory bank, M x D float32."""
+        return {"memory_bank": self.memory_bank.cpu().numpy()}
+
+    def load_statistics(self, stats: dict[str, np.ndarray]) -> None:
+        """Install a memory bank read from a bundle."""
+        self._set_bank(torch.from_numpy(stats["memory_bank"]))
+
+    def hyperparameters(self) -> dict:
+        """Constructor arguments (without weights)."""
+        return {"backbone": self.extractor.spec.name, "stages": self.extractor.stages,
+                "input_size": list(self.input_size), "neighbourhood": self.neighbourhood,
+                "coreset_ratio": self.coreset_ratio, "projection_dim": self.projection_dim,
+                "smoothing_sigma": self.smoothing_sigma, "seed": self.seed}

@@ -1,0 +1,225 @@
+"""Training an anomaly model into a bundle, and rebuilding the PyTorch model from a bundle."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from edgeinspect.train.backbones import get_backbone_spec
+from edgeinspect.train.data import MVTecCategory, Sample
+from edgeinspect.train.metrics import (
+    f1_at_threshold,
+    f1_optimal_threshold,
+    image_auroc,
+    pixel_auroc,
+)
+from edgeinspect.train.models import AnomalyModel, get_model_class
+from tqdm import tqdm
+
+from edgeinspect import __version__
+from edgeinspect.bundle import SCHEMA_VERSION, Bundle
+from edgeinspect.errors import ConfigError, DataError
+from edgeinspect.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available to torch here")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps: Apple MPS is not available to torch here")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def make_preprocess(family: str, config: dict[str, Any]) -> Preprocess:
+    """Preprocessing from the config's ``preprocess`` section and the backbone's normalisation."""
+    get_model_class(family)  # unknown family: fail before reading any image
+    spec = get_backbone_spec(config["model"]["backbone"])
+    pre = config["preprocess"]
+    size = tuple(pre["input_size"])
+    resize = tuple(pre["resize"]) if pre.get("resize") else size
+    return Preprocess(resize=resize, crop=size if resize != size else None, mean=spec.mean, std=spec.std,
+                      interpolation=pre["interpolation"])
+
+
+def build_model(family: str, model_config: dict[str, Any], input_size: Sequence[int], *,
+                pretrained: bool = True) -> AnomalyModel:
+    """Instantiate a model of ``family`` from its config section."""
+    kwargs = dict(model_config)
+    return get_model_class(family)(input_size=tuple(input_size), pretrained=pretrained, **kwargs)
+
+
+def iterate_batches(dataset: MVTecCategory, samples: Sequence[Sample], preprocess: Preprocess,
+                    batch_size: int) -> Iterator[torch.Tensor]:
+    """Preprocessed image batches (NCHW float32) in sample order."""
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        yield torch.from_numpy(preprocess.batch([dataset.load_image(s) for s in chunk]))
+
+
+@torch.no_grad()
+def infer(model: AnomalyModel, dataset: MVTecCategory, samples: Sequence[Sample], preprocess: Preprocess,
+          batch_size: int = 4, progress: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
+    """Anomaly maps (N x H x W), image scores (N) and model milliseconds per image."""
+    device = next(model.parameters()).device
+    maps, scores, seconds = [], [], 0.0
+    batches = iterate_batches(dataset, samples, preprocess, batch_size)
+    for x in tqdm(batches, total=-(-len(samples) // batch_size), desc="inference", disable=not progress,
+                  unit="batch"):
+        t0 = time.perf_counter()
+        amap, score = model(x.to(device))
+        amap, score = amap.cpu().numpy()[:, 0], score.cpu().numpy()
+        seconds += time.perf_counter() - t0
+        maps.append(amap)
+        scores.append(score)
+    return np.concatenate(maps), np.concatenate(scores), 1000.0 * seconds / max(len(samples), 1)
+
+
+def split_holdout(samples: Sequence[Sample], fraction: float, minimum: int) -> tuple[list[Sample], list[Sample]]:
+    """Every k-th good image goes to the calibration hold-out (deterministic, spread over the set)."""
+    n_hold = max(minimum, int(round(fraction * len(samples))))
+    if len(samples) - n_hold < 2:
+        raise DataError(f"too few good training images ({len(samples)}) to hold out {n_hold} for calibration; "
+                        f"add images or lower train.min_holdout / train.holdout_fraction")
+    step = len(samples) / n_hold
+    hold_idx = {int(i * step) for i in range(n_hold)}
+    fit = [s for i, s in enumerate(samples) if i not in hold_idx]
+    hold = [s for i, s in enumerate(samples) if i in hold_idx]
+    return fit, hold
+
+
+def decide(good_scores: np.ndarray, decision_cfg: dict[str, Any], *, val_labels: np.ndarray | None = None,
+           val_scores: np.ndarray | None = None) -> dict[str, Any]:
+    """Threshold and score normalisation for the bundle.
+
+    Without labels: threshold = quantile(held-out good scores) * margin. With a labelled
+    validation split: the F1-optimal threshold on it. The normalised score maps the median good
+    score to 0, the threshold to 0.5 and threshold + (threshold - median) to 1 (clipped), so 0.5
+    is the OK/NOK boundary for every model family.
+    """
+    if val_labels is not None and val_scores is not None and 0 < val_labels.sum() < len(val_labels):
+        threshold = f1_optimal_threshold(val_labels, val_scores)
+        source = {"source": "labelled validation split", "n_images": int(len(val_labels)),
+                  "n_defective": int(val_labels.sum())}
+        reference = val_scores[val_labels == 0]
+    else:
+        q, margin = decision_cfg["threshold_quantile"], decision_cfg["threshold_margin"]
+        threshold = float(np.quantile(good_scores, q)) * margin
+        source = {"source": "held-out good images", "n_images": int(len(good_scores)), "quantile": q,
+                  "margin": margin}
+        reference = good_scores
+    median = float(np.median(reference))
+    return {"threshold": float(threshold),
+            "normalization": {"method": "threshold_centered", "center": float(threshold),
+                              "scale": max(float(threshold) - median, 1e-6)},
+            "calibration": source,
+            "min_region_area": int(decision_cfg["min_region_area"])}
+
+
+def test_metrics(dataset: MVTecCategory, samples: Sequence[Sample], preprocess: Preprocess,
+                 maps: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Image AUROC, pixel AUROC and F1 at the threshold over a test set."""
+    labels = np.array([s.label for s in samples])
+    masks = np.stack([preprocess.mask(dataset.load_mask(s, dataset.load_image(s).shape[:2]))
+                      for s in samples]) if samples else np.zeros((0,))
+    return {"image_auroc": image_auroc(labels, scores), "pixel_auroc": pixel_auroc(masks, maps),
+            "f1": f1_at_threshold(labels, scores, threshold), "n_images": int(len(samples)),
+            "n_defective": int(labels.sum())}
+
+
+def _npz_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: v.detach().cpu().numpy() for k, v in state.items()})
+    return buf.getvalue()
+
+
+def train(family: str, data_root: str | Path, category: str, out: str | Path, config: dict[str, Any], *,
+          device: str = "auto", progress: bool = True) -> Bundle:
+    """Fit a model on ``<data_root>/<category>/train/good``, calibrate, evaluate and write a bundle."""
+    torch.manual_seed(config["model"].get("seed", 0))
+    dev = resolve_device(device)
+    dataset = MVTecCategory(data_root, category)
+    preprocess = make_preprocess(family, config)
+    tcfg = config["train"]
+    val = dataset.val_samples()
+    if val:
+        fit_samples, holdout = dataset.train_samples(), []
+    else:
+        fit_samples, holdout = split_holdout(dataset.train_samples(), tcfg["holdout_fraction"], tcfg["min_holdout"])
+    log.info("fitting %s on %d good images (%d held out for calibration, %d labelled val images)",
+             family, len(fit_samples), len(holdout), len(val))
+
+    model = build_model(family, config["model"], preprocess.input_size).to(dev)
+    t0 = time.perf_counter()
+    model.fit(iterate_batches(dataset, fit_samples, preprocess, tcfg["batch_size"]), progress=progress)
+    fit_seconds = time.perf_counter() - t0
+
+    calib = val or holdout
+    _, calib_scores, _ = infer(model, dataset, calib, preprocess, progress=progress)
+    calib_labels = np.array([s.label for s in calib])
+    decision = decide(calib_scores[calib_labels == 0], config["decision"],
+                      val_labels=calib_labels if val else None, val_scores=calib_scores if val else None)
+
+    test = dataset.test_samples()
+    maps, scores, ms = infer(model, dataset, test, preprocess, progress=progress)
+    metrics = {**test_metrics(dataset, test, preprocess, maps, scores, decision["threshold"]),
+               "engine": "torch", "device": str(dev), "ms_per_image": ms, "fit_seconds": fit_seconds}
+
+    stats = model.statistics()
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes() for v in stats.values())).hexdigest()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = Bundle(out, {
+        "schema_version": SCHEMA_VERSION,
+        "bundle_id": f"{family}-{config['model']['backbone']}-{digest[:12]}",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "edgeinspect_version": __version__,
+        "model": {"family": family, **model.hyperparameters(),
+                  "weights_source": config["model"].get("weights") or model.extractor.spec.weights_source},
+        "preprocess": preprocess.to_dict(),
+        "input": {"name": "image", "shape": [1, 3, *preprocess.input_size], "dtype": "float32"},
+        "outputs": {"anomaly_map": [1, 1, *preprocess.input_size], "score": [1]},
+        "decision": decision,
+        "files": {},
+        "engines": [],
+        "data": {**dataset.summary(), "root": str(Path(data_root).resolve()), "fit_images": len(fit_samples),
+                 "calibration_images": len(calib)},
+        "metrics": metrics,
+        "config": config,
+    })
+    bundle.add_file("weights", "weights.npz", _npz_bytes(model.state_dict()))
+    for key, array in stats.items():
+        bundle.add_array(key, array)
+    bundle.save()
+    return bundle
+
+
+def load_model(bundle: Bundle, device: str = "cpu") -> AnomalyModel:
+    """Rebuild the PyTorch model of a bundle from its weights and statistics (no hub access)."""
+    spec = dict(bundle.manifest["model"])
+    family = spec.pop("family")
+    spec.pop("weights_source", None)
+    input_size = spec.pop("input_size")
+    model = get_model_class(family)(input_size=tuple(input_size), pretrained=False, **spec)
+    with np.load(bundle.file("weights"), allow_pickle=False) as npz:
+        model.load_state_dict({k: torch.from_numpy(npz[k]) for k in npz.files}, strict=True)
+    model.load_statistics({k: bundle.load_array(k) for k in bundle.manifest["files"] if k != "weights"})
+    return model.to(resolve_device(device)).eval()
