@@ -64,7 +64,9 @@ def data_synth(out: str, category: str, seed: int, n_train: int, n_test_good: in
 
     path = synthesize(out, category, seed, n_train=n_train, n_test_good=n_test_good,
                       n_test_per_defect=n_test_per_defect)
-    click.echo(f"wrote {path}: {json.dumps(MVTecCategory(out, category).summary()['test_defect'])} defective test images")
+    summary = MVTecCategory(out, category).summary()
+    click.echo(f"wrote {path}: {summary['train_good']} good training images, {summary['test_good']} good and "
+               f"{json.dumps(summary['test_defect'])} defective test images")
 
 
 @data.command("video")

@@ -6,15 +6,14 @@ import logging
 import time
 from pathlib import Path
 
+from edgeinspect.bundle import Bundle
+from edgeinspect.errors import ExportError
 from edgeinspect.export.formats import get_format
 from edgeinspect.export.parity import Parity, compare
 from edgeinspect.runtime.backends import OnnxRuntimeBackend
 from edgeinspect.train.data import MVTecCategory
 from edgeinspect.train.evaluate import infer_engine
 from edgeinspect.train.trainer import infer, load_model
-
-from edgeinspect.bundle import Bundle
-from edgeinspect.errors import ExportError
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from edgeinspect.camera import Frame, FrameSource, open_source
+from edgeinspect.errors import SourceError
 from edgeinspect.runtime.predictor import NOK, Predictor
 from edgeinspect.runtime.publisher import Heartbeat, VerdictPublisher
-
-from edgeinspect.errors import SourceError
 
 log = logging.getLogger(__name__)
 ERROR = "ERROR"

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from edgeinspect.runtime.backends import OnnxRuntimeBackend
-from edgeinspect.runtime.postprocess import Region, find_regions, normalize
 
 from edgeinspect.bundle import Bundle
 from edgeinspect.errors import ConfigError
+from edgeinspect.runtime.backends import OnnxRuntimeBackend
+from edgeinspect.runtime.postprocess import Region, find_regions, normalize
 
 OK, NOK = "OK", "NOK"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from edgeinspect.camera import (
     CaptureDeviceSource,
     Frame,
@@ -21,7 +22,6 @@ from edgeinspect.camera import (
     VideoFileSource,
     open_source,
 )
-
 from edgeinspect.errors import SourceError
 
 N_FRAMES = 12

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import zmq
+
 from edgeinspect.runtime.publisher import (
     VERDICT_SCHEMA_VERSION,
     Heartbeat,

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from edgeinspect.train.data import MVTecCategory, Sample
-from edgeinspect.train.trainer import infer, load_model, test_metrics
 from tqdm import tqdm
 
 from edgeinspect.bundle import Bundle
 from edgeinspect.errors import ConfigError
 from edgeinspect.preprocess import Preprocess
+from edgeinspect.train.data import MVTecCategory, Sample
+from edgeinspect.train.trainer import infer, load_model, test_metrics
 
 
 class Backend(Protocol):

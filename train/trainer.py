@@ -13,6 +13,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from edgeinspect import __version__
+from edgeinspect.bundle import SCHEMA_VERSION, Bundle
+from edgeinspect.errors import ConfigError, DataError
+from edgeinspect.preprocess import Preprocess
 from edgeinspect.train.backbones import get_backbone_spec
 from edgeinspect.train.data import MVTecCategory, Sample
 from edgeinspect.train.metrics import (
@@ -22,12 +28,6 @@ from edgeinspect.train.metrics import (
     pixel_auroc,
 )
 from edgeinspect.train.models import AnomalyModel, get_model_class
-from tqdm import tqdm
-
-from edgeinspect import __version__
-from edgeinspect.bundle import SCHEMA_VERSION, Bundle
-from edgeinspect.errors import ConfigError, DataError
-from edgeinspect.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 

@@ -232,7 +232,7 @@ def _crack(rng: np.random.Generator, scene: _Scene, size: int) -> None:
 
     heading = rng.uniform(0, 2 * np.pi)
     trunk = walk(_pick_center(rng, scene.region, int(0.05 * size)), heading, int(rng.integers(10, 22)))
-    coverage = _stroke(trunk, size, int(rng.integers(1, 3)))
+    coverage = _stroke(trunk, size, 1 if rng.random() < 0.6 else 2)
     for _ in range(int(rng.integers(1, 4))):
         fork = trunk[rng.integers(1, len(trunk) - 1)]
         branch_heading = heading + rng.choice([-1, 1]) * rng.uniform(0.5, 1.1)
@@ -343,7 +343,10 @@ def synthesize(
 
 
 def write_video(image_paths: Sequence[Path], out_path: str | Path, fps: float = 10.0) -> Path:
-    """Write images as the frames of an MJPG ``.avi`` in the given order and return its path.
+    """Write images as the frames of a lossless FFV1 ``.avi`` in the given order and return its path.
+
+    Lossless on purpose: a model trained on PNG files flags JPEG block artefacts as defects, so a
+    lossy demo video would not show what the model does on the parts themselves.
 
     Every frame must have the size of the first; DataError if there are no frames, the path is not
     ``.avi``, a frame size differs or the writer cannot be opened.
@@ -352,11 +355,11 @@ def write_video(image_paths: Sequence[Path], out_path: str | Path, fps: float = 
     if not image_paths:
         raise DataError(f"no frames to write to {out_path}")
     if out_path.suffix.lower() != ".avi":
-        raise DataError(f"video path must end in .avi (MJPG): {out_path}")
+        raise DataError(f"video path must end in .avi (FFV1): {out_path}")
     frame = read_image(image_paths[0])
     height, width = frame.shape[:2]
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(out_path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
+    writer = cv2.VideoWriter(str(out_path), cv2.VideoWriter_fourcc(*"FFV1"), fps, (width, height))
     if not writer.isOpened():
         raise DataError(f"cannot open a video writer for {out_path}")
     try:

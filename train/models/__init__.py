@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from edgeinspect.errors import ConfigError
 from edgeinspect.train.models.base import AnomalyModel
 from edgeinspect.train.models.padim import Padim
 from edgeinspect.train.models.patchcore import PatchCore
-
-from edgeinspect.errors import ConfigError
 
 MODELS: dict[str, type[AnomalyModel]] = {"patchcore": PatchCore, "padim": Padim}
 

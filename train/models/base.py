@@ -12,8 +12,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from edgeinspect.train.backbones import FeatureExtractor
 from torch import nn
+
+from edgeinspect.train.backbones import FeatureExtractor
 
 
 class GaussianBlur(nn.Module):

@@ -7,8 +7,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
-from edgeinspect.train.models.base import AnomalyModel, aggregate_stages
 from tqdm import tqdm
+
+from edgeinspect.train.models.base import AnomalyModel, aggregate_stages
 
 
 class Padim(AnomalyModel):

@@ -1,0 +1,61 @@
+"""Shared fixtures: a small synthetic dataset, and PatchCore / PaDiM bundles trained on it once."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SYNTH_CATEGORY = "washer"
+
+
+def shared_category(relpath: str) -> Path:
+    """A category folder of ../shared/data, or skip the test with the reason."""
+    path = SHARED_DATA / relpath
+    if not path.is_dir():
+        pytest.skip(f"real data not present: {path} (see the README, section Data)")
+    return path
+
+
+def free_tcp_endpoint() -> str:
+    """A tcp://127.0.0.1:<port> endpoint whose port was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic washer dataset (deterministic)."""
+    from edgeinspect.train.data import synthesize
+
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(root, SYNTH_CATEGORY, seed=0, n_train=60, n_test_good=12, n_test_per_defect=6)
+    return root
+
+
+def _train(family: str, root: Path, out: Path, overrides: list[str] | None = None) -> Path:
+    from edgeinspect.config import load_config
+    from edgeinspect.train.trainer import train
+
+    config = load_config(family, overrides=overrides or [])
+    train(family, root, SYNTH_CATEGORY, out, config, device="cpu", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def patchcore_bundle(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PatchCore trained on the synthetic set, with its ONNX engine exported (parity checked)."""
+    from edgeinspect.export.exporter import export_bundle
+
+    out = _train("patchcore", synth_root, tmp_path_factory.mktemp("bundles") / "patchcore")
+    export_bundle(out, "onnx", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def padim_bundle(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PaDiM trained on the synthetic set (no engine)."""
+    return _train("padim", synth_root, tmp_path_factory.mktemp("bundles") / "padim")

@@ -1,0 +1,96 @@
+"""PatchCore and PaDiM: coreset, statistics, accuracy floors on synthetic and real data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared_category
+
+from edgeinspect.config import load_config
+from edgeinspect.train.models import Padim, PatchCore
+from edgeinspect.train.models.patchcore import greedy_coreset
+from edgeinspect.train.trainer import train
+
+# Floors on the small synthetic set: a model that scores noise, brightness or nothing misses them
+# (tests/test_synth.py shows mean brightness alone stays below 0.75 image AUROC).
+SYNTH_IMAGE_AUROC_FLOOR = 0.85
+SYNTH_PIXEL_AUROC_FLOOR = 0.85
+
+
+def test_greedy_coreset_covers_better_than_random() -> None:
+    gen = torch.Generator().manual_seed(0)
+    # clustered data: a few dense blobs and some far outliers a good coreset must include
+    centers = torch.randn(8, 32, generator=gen) * 10
+    points = torch.cat([centers[i % 8] + torch.randn(32, generator=gen) for i in range(4000)]).reshape(4000, 32)
+    points = torch.cat([points, torch.randn(5, 32, generator=gen) * 60])
+    idx = greedy_coreset(points, 100, projection_dim=16, progress=False)
+    assert len(set(idx.tolist())) == 100
+
+    def coverage(sel: torch.Tensor) -> float:
+        return float(torch.cdist(points, points[sel]).amin(1).max())
+
+    random_idx = torch.randperm(len(points), generator=gen)[:100]
+    assert coverage(idx) < 0.5 * coverage(random_idx)
+    assert set(range(4000, 4005)) <= set(idx.tolist())  # every outlier kept
+
+
+def _manifest(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("fixture", ["patchcore_bundle", "padim_bundle"])
+def test_synthetic_accuracy_floor(fixture: str, request: pytest.FixtureRequest) -> None:
+    metrics = _manifest(request.getfixturevalue(fixture))["metrics"]
+    assert metrics["image_auroc"] >= SYNTH_IMAGE_AUROC_FLOOR, metrics
+    assert metrics["pixel_auroc"] >= SYNTH_PIXEL_AUROC_FLOOR, metrics
+    assert metrics["n_images"] == 12 + 4 * 6
+
+
+def test_patchcore_memory_bank_is_the_coreset(patchcore_bundle: Path) -> None:
+    m = _manifest(patchcore_bundle)
+    bank = np.load(patchcore_bundle / m["files"]["memory_bank"]["file"], allow_pickle=False)
+    fit_images = m["data"]["fit_images"]
+    patches_per_image = 28 * 28  # stage3 of Lite0 at 224 px
+    assert bank.shape == (round(0.1 * fit_images * patches_per_image), 40 + 112)
+    assert np.isfinite(bank).all()
+
+
+def test_padim_statistics_shapes_and_inverse(padim_bundle: Path) -> None:
+    m = _manifest(padim_bundle)
+    mean = np.load(padim_bundle / m["files"]["padim_mean"]["file"])
+    inv_cov = np.load(padim_bundle / m["files"]["padim_inv_cov"]["file"])
+    assert mean.shape == (28 * 28, 100) and inv_cov.shape == (28 * 28, 100, 100)
+    # the inverse of a regularised covariance is symmetric positive definite
+    assert np.allclose(inv_cov[0], inv_cov[0].T, atol=1e-3 * np.abs(inv_cov[0]).max())
+    assert np.linalg.eigvalsh(inv_cov[0].astype(np.float64)).min() > 0
+
+
+def test_models_score_an_obvious_anomaly_higher() -> None:
+    gen = torch.Generator().manual_seed(0)
+    good = torch.randn(6, 3, 64, 64, generator=gen) * 0.1
+    bad = good[:1].clone()
+    bad[:, :, 20:40, 20:40] += 3.0
+    for model in (PatchCore(input_size=(64, 64), pretrained=False), Padim(input_size=(64, 64), pretrained=False)):
+        model.fit([good], progress=False)
+        with torch.no_grad():
+            amap, score = model(torch.cat([good[1:2], bad]))
+        assert amap.shape == (2, 1, 64, 64)
+        assert score[1] > score[0]
+        assert torch.allclose(score, amap.flatten(1).amax(1))
+        # the anomaly map peaks inside the defect square
+        peak = int(amap[1, 0].argmax())
+        assert 14 <= peak // 64 <= 46 and 14 <= peak % 64 <= 46
+
+
+@pytest.mark.parametrize("family,floor", [("patchcore", 0.99), ("padim", 0.97)])
+def test_mvtec_bottle_image_auroc(family: str, floor: float, tmp_path: Path) -> None:
+    root = shared_category("mvtec_ad/bottle").parent
+    bundle = train(family, root, "bottle", tmp_path / family, load_config(family), device="cpu", progress=False)
+    metrics = bundle.manifest["metrics"]
+    assert metrics["n_images"] == 83
+    assert metrics["image_auroc"] >= floor, metrics
+    assert metrics["pixel_auroc"] >= 0.9, metrics

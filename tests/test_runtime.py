@@ -1,0 +1,78 @@
+"""Runtime without torch: predictor, post-processing, predict CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SYNTH_CATEGORY
+
+from edgeinspect.bundle import Bundle
+from edgeinspect.imageio import read_image
+from edgeinspect.preprocess import Preprocess
+from edgeinspect.runtime.postprocess import find_regions, normalize
+from edgeinspect.runtime.predictor import Predictor
+
+
+def test_runtime_and_camera_import_without_torch() -> None:
+    code = ("import sys, edgeinspect.runtime.daemon, edgeinspect.runtime.predictor, edgeinspect.camera, "
+            "edgeinspect.cli; assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_predictor_verdicts_follow_the_bundle_threshold(patchcore_bundle: Path, synth_root: Path) -> None:
+    predictor = Predictor(patchcore_bundle)
+    test = synth_root / SYNTH_CATEGORY / "test"
+    results = {p: predictor.predict(read_image(p)) for p in sorted(test.glob("*/*.png"))}
+    for r in results.values():
+        assert (r.verdict == "NOK") == (r.raw_score > r.raw_threshold)
+        assert (r.score > 0.5) == (r.verdict == "NOK")
+        assert r.anomaly_map.shape == (224, 224)
+        assert set(r.latency_ms) == {"preprocess", "inference", "postprocess"}
+        for region in r.regions:  # boxes are in frame pixels (256 x 256 images)
+            x0, y0, x1, y1 = region.box
+            assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
+    defective = [r for p, r in results.items() if p.parent.name != "good"]
+    good = [r for p, r in results.items() if p.parent.name == "good"]
+    # most defects are caught and most good parts pass (exact rates depend on the data)
+    assert np.mean([r.verdict == "NOK" for r in defective]) >= 0.7
+    assert np.mean([r.verdict == "OK" for r in good]) >= 0.7
+
+
+def test_regions_map_back_to_frame_pixels() -> None:
+    pre = Preprocess(resize=(100, 200), crop=None, mean=(0, 0, 0), std=(1, 1, 1))
+    amap = np.zeros((100, 200), np.float32)
+    amap[10:20, 50:70] = 5.0   # 10 x 20 input pixels
+    amap[80:81, 0:3] = 5.0     # 3 pixels: below min_area
+    regions = find_regions(amap, 1.0, 4, {"center": 1.0, "scale": 1.0}, pre, frame_hw=(200, 400))
+    assert len(regions) == 1
+    assert regions[0].box == (100, 20, 140, 40) and regions[0].area == 200 and regions[0].score == 1.0
+    assert normalize(1.0, {"center": 1.0, "scale": 2.0}) == 0.5
+
+
+def test_predict_cli_json_and_corrupt_image(patchcore_bundle: Path, synth_root: Path, tmp_path: Path) -> None:
+    good = sorted((synth_root / SYNTH_CATEGORY / "test" / "good").glob("*.png"))[0]
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    proc = subprocess.run([sys.executable, "-m", "edgeinspect", "-q", "predict", str(patchcore_bundle), str(good),
+                           str(corrupt), "--json"], capture_output=True, text=True)
+    assert proc.returncode == 1  # one image failed
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert lines[0]["image"] == str(good) and lines[0]["verdict"] in ("OK", "NOK")
+    assert lines[0]["threshold"] == 0.5 and "raw_score" in lines[0]
+    assert lines[1]["verdict"] == "ERROR" and str(corrupt) in lines[1]["error"]
+
+
+def test_predictor_without_engine_says_how_to_export(padim_bundle: Path) -> None:
+    from edgeinspect.errors import BundleError
+
+    with pytest.raises(BundleError, match="edgeinspect export"):
+        Predictor(padim_bundle)
+
+
+def test_bundle_opens_without_optional_verification(patchcore_bundle: Path) -> None:
+    assert Bundle.open(patchcore_bundle, verify=False).family == "patchcore"
