@@ -1,0 +1,1 @@
+"""Benchmarks of edgeinspect bundles: latency/memory and scoring placement (see benchmarks/README.md)."""

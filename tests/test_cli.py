@@ -1,0 +1,88 @@
+"""The click CLI: every command listed, config overrides, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import SYNTH_CATEGORY
+from edgeinspect.cli import main
+from edgeinspect.config import load_config
+from edgeinspect.errors import ConfigError
+
+COMMANDS = ["backbones", "data", "evaluate", "export", "info", "listen", "predict", "serve", "train"]
+
+
+def test_help_lists_every_command() -> None:
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert f"  {command}" in result.output
+    data = CliRunner().invoke(main, ["data", "--help"])
+    assert "synth" in data.output and "video" in data.output
+
+
+def test_backbones_lists_the_default() -> None:
+    result = CliRunner().invoke(main, ["backbones"])
+    assert result.exit_code == 0
+    assert "efficientnet_lite0 (default)" in result.output and "wide_resnet50_2" in result.output
+
+
+def test_config_overrides_and_errors(tmp_path: Path) -> None:
+    config = load_config("patchcore", overrides=["model.coreset_ratio=0.05", "preprocess.input_size=[256, 256]"])
+    assert config["model"]["coreset_ratio"] == 0.05 and config["preprocess"]["input_size"] == [256, 256]
+    assert config["model"]["stages"] == ["stage3", "stage5"]  # untouched defaults stay
+    user = tmp_path / "mine.yaml"
+    user.write_text("model:\n  neighbourhood: 5\n")
+    assert load_config("patchcore", user)["model"]["neighbourhood"] == 5
+    with pytest.raises(ConfigError, match="unknown key 'coreset'"):
+        load_config("patchcore", overrides=["model.coreset=0.1"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config("padim", overrides=["n_features"])
+
+
+def test_train_evaluate_info_via_cli(synth_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    runner = CliRunner()
+    result = runner.invoke(main, ["-q", "train", "padim", "--data", str(synth_root), "--category", SYNTH_CATEGORY,
+                                  "--out", str(out), "--set", "model.n_features=50", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "image AUROC" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["n_features"] == 50
+    metrics_file = tmp_path / "metrics.json"
+    result = runner.invoke(main, ["-q", "evaluate", str(out), "--data", str(synth_root), "--category", SYNTH_CATEGORY,
+                                  "--json", str(metrics_file)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(metrics_file.read_text())
+    assert {"image_auroc", "pixel_auroc", "f1", "n_images", "engine"} <= set(metrics)
+    assert metrics["engine"] == "torch"
+    # evaluation reproduces the figures recorded at training time
+    assert metrics["image_auroc"] == pytest.approx(manifest["metrics"]["image_auroc"], abs=1e-9)
+    info = runner.invoke(main, ["info", str(out)])
+    assert info.exit_code == 0 and json.loads(info.output)["bundle_id"] == manifest["bundle_id"]
+
+
+def test_evaluate_onnx_matches_torch(patchcore_bundle: Path, synth_root: Path) -> None:
+    from edgeinspect.train.evaluate import evaluate
+
+    torch_metrics = evaluate(patchcore_bundle, synth_root, SYNTH_CATEGORY, "torch", progress=False)
+    onnx_metrics = evaluate(patchcore_bundle, synth_root, SYNTH_CATEGORY, "onnx", progress=False)
+    for key in ("image_auroc", "pixel_auroc", "f1"):
+        assert onnx_metrics[key] == pytest.approx(torch_metrics[key], abs=1e-3)
+
+
+def test_bad_input_gives_one_line_errors(tmp_path: Path, synth_root: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", "patchcore", "--data", str(synth_root), "--category", "nope",
+                                  "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "nope" in result.output and "Traceback" not in result.output
+    result = runner.invoke(main, ["train", "patchcore", "--data", str(synth_root), "--category", SYNTH_CATEGORY,
+                                  "--out", str(tmp_path / "b"), "--backbone", "vgg99"])
+    assert result.exit_code == 1 and "unknown backbone 'vgg99'" in result.output
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(main, ["predict", str(tmp_path / "empty"), "x.png"])
+    assert result.exit_code == 1 and "manifest.json" in result.output
