@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import SYNTH_CATEGORY
+
 from edgeinspect.cli import main
 from edgeinspect.config import load_config
 from edgeinspect.errors import ConfigError

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import zmq
-
 from conftest import SYNTH_CATEGORY, free_tcp_endpoint
+
 from edgeinspect.runtime.publisher import decode_message
 
 REPO = Path(__file__).resolve().parents[1]
