@@ -99,7 +99,8 @@ def machine_info() -> dict[str, Any]:
     """Platform, CPU and library versions (imports torch/onnxruntime lazily; missing ones are None)."""
     info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu_model(),
                             "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                            "numpy": np.__version__}
+                            "numpy": np.__version__,
+                            "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     for name in ("onnxruntime", "torch", "cv2", "faiss"):
         try:
             module = __import__(name)
@@ -245,8 +246,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.runs < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--runs and --threads must be >= 1 and --warmup >= 0")
 
+    info = machine_info()  # load average before the run: other processes skew timings
     results = [bench_bundle(b, args.images, args.warmup, args.runs, args.threads) for b in args.bundles]
-    info = machine_info()
+    info["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     print(f"{info['cpu']} ({info['cpu_count']} CPUs), {info['platform']}; onnxruntime {info['onnxruntime']}, "
           f"torch {info['torch']}; {args.runs} runs after {args.warmup} warm-up, batch 1, {args.threads} threads")
     print(format_table(results))

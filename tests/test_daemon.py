@@ -79,6 +79,9 @@ def test_every_frame_of_a_video_gets_a_verdict(patchcore_bundle: Path, test_vide
     final = statuses[-1]
     assert final["state"] == "stopped" and final["frames"] == n_frames
     assert "end of video" in final["end_reason"]
+    heartbeat = statuses[0]  # the first heartbeat goes out after the first frame
+    assert heartbeat["state"] == "running" and heartbeat["kind"] == "status" and heartbeat["fps"] >= 0
+    assert final["ok"] + final["nok"] == n_frames and final["errors"] == 0
 
 
 def test_sigterm_stops_cleanly_after_publishing_every_processed_frame(patchcore_bundle: Path,

@@ -94,3 +94,21 @@ def test_mvtec_bottle_image_auroc(family: str, floor: float, tmp_path: Path) -> 
     assert metrics["n_images"] == 83
     assert metrics["image_auroc"] >= floor, metrics
     assert metrics["pixel_auroc"] >= 0.9, metrics
+
+
+def test_labelled_validation_split_sets_an_f1_optimal_threshold(tmp_path: Path) -> None:
+    from edgeinspect.train.data import synthesize
+
+    root = tmp_path / "data"
+    cat = synthesize(root, "washer", seed=3, n_train=30, n_test_good=12, n_test_per_defect=6)
+    # move half of each test folder (and its masks) into a labelled val/ split
+    for folder in sorted((cat / "test").iterdir()):
+        for image in sorted(folder.glob("*.png"))[::2]:
+            (cat / "val" / folder.name).mkdir(parents=True, exist_ok=True)
+            image.rename(cat / "val" / folder.name / image.name)
+    bundle = train("padim", root, "washer", tmp_path / "b", load_config("padim"), device="cpu", progress=False)
+    decision = bundle.manifest["decision"]
+    assert decision["calibration"]["source"] == "labelled validation split"
+    assert decision["calibration"]["n_images"] == 6 + 4 * 3
+    assert bundle.manifest["data"]["fit_images"] == 30  # nothing held out from train/good
+    assert bundle.manifest["metrics"]["n_images"] == 6 + 4 * 3

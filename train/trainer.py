@@ -138,8 +138,7 @@ def test_metrics(dataset: MVTecCategory, samples: Sequence[Sample], preprocess: 
                  maps: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
     """Image AUROC, pixel AUROC and F1 at the threshold over a test set."""
     labels = np.array([s.label for s in samples])
-    masks = np.stack([preprocess.mask(dataset.load_mask(s, dataset.load_image(s).shape[:2]))
-                      for s in samples]) if samples else np.zeros((0,))
+    masks = np.stack([preprocess.mask(dataset.load_mask(s, preprocess.resize)) for s in samples])
     return {"image_auroc": image_auroc(labels, scores), "pixel_auroc": pixel_auroc(masks, maps),
             "f1": f1_at_threshold(labels, scores, threshold), "n_images": int(len(samples)),
             "n_defective": int(labels.sum())}
