@@ -3,13 +3,21 @@
 Usage::
 
     python -m benchmarks.latency BUNDLE [BUNDLE...] [--images DIR] [--warmup 5] [--runs 50]
-                                 [--threads N] [--json OUT]
+                                 [--rounds 5] [--threads N] [--json OUT]
 
-Every figure is per image at batch 1 on the CPU. Each stage is timed in its own loop over the same
-decoded images (decoding is not timed): ``--warmup`` untimed calls, then ``--runs`` timed calls that
-cycle through the images in sorted order. Peak RSS is measured in a child process that imports only
-the runtime (no torch), loads the :class:`~edgeinspect.runtime.predictor.Predictor` and predicts on
-the images, so it is the memory a deployed daemon would need.
+Every figure is per image at batch 1 on the CPU, on the same decoded images (decoding is not timed):
+
+* ``preprocess``: ``bundle.preprocess(rgb)`` (resize, normalise, to NCHW float32);
+* ``torch_forward``: the PyTorch model rebuilt with ``load_model`` (``torch.no_grad``);
+* ``onnx_engine``: ``OnnxRuntimeBackend.run`` on the bundle's ONNX engine;
+* ``predictor``: ``Predictor.predict(rgb)`` - preprocess + engine + post-processing (regions).
+
+Each stage gets ``--warmup`` untimed calls, then ``--runs`` timed calls that cycle through the images
+in sorted order, split into ``--rounds`` rounds that alternate the stages (see
+:func:`time_interleaved`). Throughput is 1000 / mean Predictor ms (one camera stream, batch 1).
+Peak RSS is measured in a child process that imports only the runtime (no torch), loads the
+:class:`~edgeinspect.runtime.predictor.Predictor` and predicts ``warmup + runs`` images read one at a
+time, so it is the memory a deployed daemon would need.
 
 This module imports only the standard library and numpy at the top (torch is imported inside the
 functions that need it), so the RSS child process can import it without pulling in torch.
@@ -71,16 +79,36 @@ def summarize(ms: Sequence[float]) -> dict[str, float]:
             "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
 
 
-def time_loop(fn: Callable[[Any], Any], inputs: Sequence[Any], warmup: int, runs: int) -> list[float]:
-    """Milliseconds of ``runs`` calls of ``fn`` cycling over ``inputs``, after ``warmup`` untimed calls."""
-    for i in range(warmup):
-        fn(inputs[i % len(inputs)])
-    out = []
-    for i in range(runs):
-        item = inputs[i % len(inputs)]
-        t0 = time.perf_counter()
-        fn(item)
-        out.append(1e3 * (time.perf_counter() - t0))
+Case = tuple[Callable[[Any], Any], Sequence[Any]]
+
+
+def time_interleaved(cases: dict[str, Case], warmup: int, runs: int, rounds: int
+                     ) -> dict[str, tuple[list[float], list[Any]]]:
+    """Time several ``(fn, inputs)`` cases in alternating rounds; per case the ms and return value of each call.
+
+    Each case first gets ``warmup`` untimed calls. Then ``runs`` timed calls per case are split into
+    ``rounds`` rounds; in every round each case runs its share back to back (after one untimed call
+    that re-warms its caches and thread pools), so slow drifts of the machine hit all cases alike
+    while each case still runs as it would on its own. Call ``i`` of a case gets
+    ``inputs[i % len(inputs)]``, so every case sees the same images in the same order.
+    """
+    rounds = max(1, min(rounds, runs))
+    out: dict[str, tuple[list[float], list[Any]]] = {name: ([], []) for name in cases}
+    for fn, inputs in cases.values():
+        for i in range(warmup):
+            fn(inputs[i % len(inputs)])
+    for r in range(rounds):
+        start, stop = r * runs // rounds, (r + 1) * runs // rounds
+        for name, (fn, inputs) in cases.items():
+            if r:
+                fn(inputs[start % len(inputs)])
+            ms, results = out[name]
+            for i in range(start, stop):
+                item = inputs[i % len(inputs)]
+                t0 = time.perf_counter()
+                result = fn(item)
+                ms.append(1e3 * (time.perf_counter() - t0))
+                results.append(result)
     return out
 
 
@@ -147,36 +175,24 @@ def measure_rss(bundle_path: Path, image_paths: Sequence[Path], threads: int | N
 
 
 # ------------------------------------------------------------------------------------------- benchmark
-def time_torch(bundle: Any, tensors: Sequence[np.ndarray], warmup: int, runs: int, threads: int) -> list[float]:
-    """Milliseconds of the bundle's PyTorch model forward (CPU, batch 1, no_grad, ``threads`` threads)."""
+def torch_forward(bundle: Any, threads: int) -> Callable[[np.ndarray], Any]:
+    """The bundle's PyTorch model as a function of a preprocessed array (CPU, batch 1, no_grad)."""
     import torch
 
     from edgeinspect.train.trainer import load_model
 
     torch.set_num_threads(threads)
     model = load_model(bundle, "cpu")
-    inputs = [torch.from_numpy(x) for x in tensors]
-    with torch.no_grad():
-        return time_loop(model, inputs, warmup, runs)
 
+    def forward(x: np.ndarray) -> Any:
+        with torch.no_grad():
+            return model(torch.from_numpy(x))
 
-def time_predictor(predictor: Any, images: Sequence[np.ndarray], warmup: int, runs: int
-                   ) -> tuple[list[float], list[float], float]:
-    """Milliseconds of ``Predictor.predict`` per image, its own post-processing share, and the loop's seconds."""
-    for i in range(warmup):
-        predictor.predict(images[i % len(images)])
-    total, post = [], []
-    t_loop = time.perf_counter()
-    for i in range(runs):
-        t0 = time.perf_counter()
-        prediction = predictor.predict(images[i % len(images)])
-        total.append(1e3 * (time.perf_counter() - t0))
-        post.append(prediction.latency_ms["postprocess"])
-    return total, post, time.perf_counter() - t_loop
+    return forward
 
 
 def bench_bundle(bundle_path: str | Path, images_dir: str | Path | None, warmup: int, runs: int,
-                 threads: int) -> dict[str, Any]:
+                 threads: int, rounds: int) -> dict[str, Any]:
     """All latency, throughput, size and memory figures of one bundle."""
     from edgeinspect.bundle import Bundle
     from edgeinspect.runtime.backends import OnnxRuntimeBackend
@@ -189,16 +205,16 @@ def bench_bundle(bundle_path: str | Path, images_dir: str | Path | None, warmup:
     engine_path, _ = bundle.engine("onnx")
     tensors = [preprocess(rgb) for rgb in images]
 
-    stages: dict[str, dict[str, float]] = {"preprocess": summarize(time_loop(preprocess, images, warmup, runs))}
-    stages["torch_forward"] = summarize(time_torch(bundle, tensors, warmup, runs, threads))
-    gc.collect()
-    backend = OnnxRuntimeBackend(engine_path, ("cpu",), threads)
-    stages["onnx_engine"] = summarize(time_loop(backend.run, tensors, warmup, runs))
-    del backend
-    gc.collect()
-    predictor_ms, postprocess_ms, loop_s = time_predictor(Predictor(bundle, threads=threads), images, warmup, runs)
-    stages["predictor"] = summarize(predictor_ms)
-    stages["predictor_postprocess"] = summarize(postprocess_ms)
+    predictor = Predictor(bundle, threads=threads)
+    timed = time_interleaved({
+        "preprocess": (preprocess, images),
+        "torch_forward": (torch_forward(bundle, threads), tensors),
+        "onnx_engine": (OnnxRuntimeBackend(engine_path, ("cpu",), threads).run, tensors),
+        "predictor": (predictor.predict, images),
+    }, warmup, runs, rounds)
+    stages = {name: summarize(ms) for name, (ms, _) in timed.items()}
+    stages["predictor_postprocess"] = summarize([p.latency_ms["postprocess"] for p in timed["predictor"][1]])
+    del timed
     gc.collect()
 
     rss = measure_rss(Path(bundle_path), paths, threads, warmup + runs)
@@ -206,8 +222,8 @@ def bench_bundle(bundle_path: str | Path, images_dir: str | Path | None, warmup:
             "category": bundle.manifest["data"]["category"], "input_shape": bundle.manifest["input"]["shape"],
             "images_dir": str(Path(images_dir) if images_dir else bundle_test_dir(bundle.manifest)),
             "n_images": len(paths), "image_hw": sorted({tuple(im.shape[:2]) for im in images}),
-            "warmup": warmup, "runs": runs, "threads": threads, "ms": stages,
-            "throughput_img_per_s": runs / loop_s, "bundle_mb": bundle.size_bytes() / MB,
+            "warmup": warmup, "runs": runs, "rounds": rounds, "threads": threads, "ms": stages,
+            "throughput_img_per_s": 1e3 / stages["predictor"]["mean"], "bundle_mb": bundle.size_bytes() / MB,
             "onnx_mb": engine_path.stat().st_size / MB, "runtime_rss": rss}
 
 
@@ -239,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--images", default=None, help="folder of *.png images (default: each bundle's test images)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before each timed loop")
     parser.add_argument("--runs", type=int, default=50, help="timed calls per stage (cycling through the images)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="split the runs into this many rounds that alternate the stages (see time_interleaved)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch and ONNX Runtime intra-op threads (default: all CPUs)")
     parser.add_argument("--json", dest="json_out", default=None, help="write every figure and machine info here")
@@ -247,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--runs and --threads must be >= 1 and --warmup >= 0")
 
     info = machine_info()  # load average before the run: other processes skew timings
-    results = [bench_bundle(b, args.images, args.warmup, args.runs, args.threads) for b in args.bundles]
+    results = [bench_bundle(b, args.images, args.warmup, args.runs, args.threads, args.rounds) for b in args.bundles]
     info["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     print(f"{info['cpu']} ({info['cpu_count']} CPUs), {info['platform']}; onnxruntime {info['onnxruntime']}, "
           f"torch {info['torch']}; {args.runs} runs after {args.warmup} warm-up, batch 1, {args.threads} threads")

@@ -3,7 +3,7 @@
 Usage::
 
     python -m benchmarks.scoring_placement BUNDLE [BUNDLE...] [--images DIR] [--warmup 5] [--runs 50]
-                                           [--threads 2] [--json OUT]
+                                           [--rounds 5] [--threads 2] [--json OUT]
 
 For every PatchCore or PaDiM bundle, per image at batch 1 on the same decoded images:
 
@@ -15,7 +15,9 @@ For every PatchCore or PaDiM bundle, per image at batch 1 on the same decoded im
     PaDiM - then the same map head with OpenCV (``cv2.resize`` INTER_LINEAR, ``cv2.GaussianBlur``
     with the model's sigma and kernel radius, reflect-101 border) and the max.
 
-B's parts (features, scoring, map head) are timed separately and as a total. An untimed pass over
+B's parts (features, scoring, map head) are timed separately and as a total. ``--runs`` timed calls
+per placement after ``--warmup`` untimed ones, in ``--rounds`` rounds that alternate A and the B
+variants (see :func:`benchmarks.latency.time_interleaved`). An untimed pass over
 every image compares A and B (max |difference| of image scores and maps) to show they compute the
 same thing. ONNX Runtime intra-op threads, FAISS OpenMP threads, numpy's BLAS threads and OpenCV
 threads are all set to ``--threads``.
@@ -36,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.latency import MB, images_for, load_images, machine_info, summarize
+from benchmarks.latency import MB, Case, images_for, load_images, machine_info, summarize, time_interleaved
 
 Scorer = Callable[[np.ndarray], np.ndarray]
 
@@ -65,12 +67,18 @@ def export_features_onnx(model: Any, path: Path, input_shape: Sequence[int]) -> 
     return path
 
 
-def ort_session(path: Path, threads: int) -> Any:
-    """A CPU ONNX Runtime session with ``threads`` intra-op threads (as OnnxRuntimeBackend makes it)."""
+def ort_session(path: Path, threads: int, spinning: bool = True) -> Any:
+    """A CPU ONNX Runtime session with ``threads`` intra-op threads, as OnnxRuntimeBackend makes it.
+
+    ``spinning`` False sets ``session.intra_op.allow_spinning`` to 0: ONNX Runtime's worker threads
+    then sleep right after a run instead of busy-waiting for the next one, which leaves the cores
+    to work done after the run in the same process (FAISS / numpy scoring, post-processing).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -130,10 +138,10 @@ def map_head(sigma: float, size: tuple[int, int]) -> Callable[[np.ndarray], tupl
 
 
 # ------------------------------------------------------------------------------------------ benchmark
-def time_runtime_variant(features_session: Any, scorer: Scorer, head: Callable, tensors: Sequence[np.ndarray],
-                         warmup: int, runs: int) -> dict[str, dict[str, float]]:
-    """Per-image ms of (B): features engine, scoring, map head and their total."""
-    def once(x: np.ndarray) -> tuple[float, float, float, float]:
+def runtime_pipeline(features_session: Any, scorer: Scorer, head: Callable[[np.ndarray], tuple[np.ndarray, float]]
+                     ) -> Callable[[np.ndarray], tuple[float, float, float]]:
+    """(B) as one function of a preprocessed image; returns the ms of features, scoring and map head."""
+    def run(x: np.ndarray) -> tuple[float, float, float]:
         t0 = time.perf_counter()
         (features,) = features_session.run(["features"], {"image": x})
         t1 = time.perf_counter()
@@ -141,19 +149,15 @@ def time_runtime_variant(features_session: Any, scorer: Scorer, head: Callable, 
         t2 = time.perf_counter()
         head(patch)
         t3 = time.perf_counter()
-        return 1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (t3 - t2), 1e3 * (t3 - t0)
+        return 1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (t3 - t2)
 
-    for i in range(warmup):
-        once(tensors[i % len(tensors)])
-    parts = np.array([once(tensors[i % len(tensors)]) for i in range(runs)])
-    return {name: summarize(parts[:, k]) for k, name in enumerate(("features", "scoring", "map_head", "total"))}
+    return run
 
 
 def bench_bundle(bundle_path: str | Path, images_dir: str | Path | None, warmup: int, runs: int,
-                 threads: int) -> dict[str, Any]:
-    """A vs B timings, sizes and agreement for one PatchCore or PaDiM bundle."""
+                 threads: int, rounds: int, spinning: Sequence[bool] = (True, False)) -> dict[str, Any]:
+    """A vs B timings (for each ONNX Runtime spinning setting), sizes and agreement for one bundle."""
     from edgeinspect.bundle import Bundle
-    from edgeinspect.runtime.backends import OnnxRuntimeBackend
     from edgeinspect.train.trainer import load_model
 
     bundle = Bundle.open(bundle_path)
@@ -169,80 +173,89 @@ def bench_bundle(bundle_path: str | Path, images_dir: str | Path | None, warmup:
     paths = images_for(bundle.manifest, images_dir)
     preprocess = bundle.preprocess
     tensors = [preprocess(rgb) for rgb in load_images(paths)]
-    input_size = tuple(preprocess.input_size)
-    head = map_head(float(bundle.manifest["model"]["smoothing_sigma"]), input_size)
+    head = map_head(float(bundle.manifest["model"]["smoothing_sigma"]), tuple(preprocess.input_size))
     full_path, _ = bundle.engine("onnx")
-    full = OnnxRuntimeBackend(full_path, ("cpu",), threads)
 
     with tempfile.TemporaryDirectory(prefix="scoring_placement_") as tmp:
         features_path = export_features_onnx(load_model(bundle, "cpu"), Path(tmp) / "features.onnx",
                                              bundle.manifest["input"]["shape"])
         features_mb = features_path.stat().st_size / MB
-        features_session = ort_session(features_path, threads)
+        full = {spin: ort_session(full_path, threads, spin) for spin in spinning}
+        features = {spin: ort_session(features_path, threads, spin) for spin in spinning}
 
     # Agreement, untimed: every image once through A and through every B variant.
+    threshold = float(bundle.decision["threshold"])
+    a_session, f_session = full[spinning[0]], features[spinning[0]]
+    a_out = [a_session.run(["anomaly_map", "score"], {"image": x}) for x in tensors]
+    feats = [f_session.run(["features"], {"image": x})[0][0] for x in tensors]
     agreement = {}
-    a_out = [full.run(x) for x in tensors]
-    feats = [features_session.run(["features"], {"image": x})[0][0] for x in tensors]
     for name, scorer in scorers.items():
         b_out = [head(scorer(f)) for f in feats]
-        agreement[name] = {
-            "max_abs_score_diff": max(abs(float(a[1][0]) - b[1]) for a, b in zip(a_out, b_out, strict=True)),
-            "max_abs_map_diff": max(float(np.abs(a[0][0, 0] - b[0]).max()) for a, b in zip(a_out, b_out,
-                                                                                             strict=True)),
-            "n_images": len(tensors)}
-    threshold = float(bundle.decision["threshold"])
-    for entry in agreement.values():
-        entry["max_abs_score_diff_over_threshold"] = entry["max_abs_score_diff"] / threshold
+        pairs = list(zip(a_out, b_out, strict=True))
+        score_diff = max(abs(float(a[1][0]) - b[1]) for a, b in pairs)
+        agreement[name] = {"max_abs_score_diff": score_diff,
+                           "max_abs_score_diff_over_threshold": score_diff / threshold,
+                           "max_abs_map_diff": max(float(np.abs(a[0][0, 0] - b[0]).max()) for a, b in pairs),
+                           "n_images": len(tensors)}
 
-    def run_full(x: np.ndarray) -> None:
-        full.run(x)
+    cases: dict[str, Case] = {}
+    for spin in spinning:
+        session = full[spin]
+        cases[f"A|{spin}"] = (lambda x, s=session: s.run(["anomaly_map", "score"], {"image": x}), tensors)
+        for name, scorer in scorers.items():
+            cases[f"{name}|{spin}"] = (runtime_pipeline(features[spin], scorer, head), tensors)
+    timed = time_interleaved(cases, warmup, runs, rounds)
 
-    for i in range(warmup):
-        run_full(tensors[i % len(tensors)])
-    a_ms = []
-    for i in range(runs):
-        t0 = time.perf_counter()
-        run_full(tensors[i % len(tensors)])
-        a_ms.append(1e3 * (time.perf_counter() - t0))
-    in_graph = {"total": summarize(a_ms)}
-    runtime = {name: time_runtime_variant(features_session, scorer, head, tensors, warmup, runs)
-               for name, scorer in scorers.items()}
-    features_mean = float(np.mean([v["features"]["mean"] for v in runtime.values()]))
+    placements = []
+    for spin in spinning:
+        a_ms = summarize(timed[f"A|{spin}"][0])
+        features_mean = []
+        for name in scorers:
+            total_ms, parts = timed[f"{name}|{spin}"]
+            parts = np.asarray(parts)
+            features_mean.append(float(parts[:, 0].mean()))
+            placements.append({"placement": "B", "scorer": name, "ort_spinning": spin,
+                               "ms": {"features": summarize(parts[:, 0]), "scoring": summarize(parts[:, 1]),
+                                      "map_head": summarize(parts[:, 2]), "total": summarize(total_ms)}})
+        placements.insert(len(placements) - len(scorers), {
+            "placement": "A", "scorer": "in graph", "ort_spinning": spin, "ms": {"total": a_ms},
+            "scoring_and_head_estimate_ms": a_ms["mean"] - float(np.mean(features_mean))})
     stats_mb = sum(bundle.file(k).stat().st_size for k in stats_keys) / MB
     return {"bundle": str(bundle_path), "bundle_id": bundle.bundle_id, "family": bundle.family,
             "category": bundle.manifest["data"]["category"], "n_images": len(paths), "warmup": warmup,
-            "runs": runs, "threads": threads, "threshold": threshold,
+            "runs": runs, "rounds": rounds, "threads": threads, "threshold": threshold,
             "statistics_shapes": {k: list(bundle.load_array(k).shape) for k in stats_keys},
-            "A_in_graph_ms": in_graph,
-            "A_scoring_and_head_estimate_ms": in_graph["total"]["mean"] - features_mean,
-            "B_runtime_ms": runtime, "agreement": agreement,
+            "placements": placements, "agreement": agreement,
             "sizes_mb": {"full_onnx": full_path.stat().st_size / MB, "features_onnx": features_mb,
                          "statistics_npy": stats_mb}}
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
-    """Plain-text table: per bundle, A's total, each B variant's parts and total, and the agreement."""
-    lines = [f"{'bundle':<24}{'placement':<32}{'features':>9}{'scoring':>9}{'map head':>9}{'total':>9}"
-             f"{'p95':>8}{'max|dscore|':>13}"]
+    """Plain-text table: per bundle and spinning setting, A's total, each B variant's parts and total."""
+    lines = [f"{'bundle':<22}{'placement':<30}{'spin':>5}{'features':>9}{'scoring':>9}{'head':>7}{'total':>8}"
+             f"{'p95':>8}{'max|dscore|':>12}"]
     for r in results:
         label = f"{Path(r['bundle']).name} ({r['family']})"
-        a = r["A_in_graph_ms"]["total"]
-        est = r["A_scoring_and_head_estimate_ms"]
-        lines.append(f"{label:<24}{'A in graph (ONNX)':<32}{'':>9}{'':>9}{'':>9}{a['mean']:>9.2f}{a['p95']:>8.2f}"
-                     f"{'-':>13}")
-        lines.append(f"{'':<24}{'  of which scoring+head (est.)':<32}{'':>9}{est:>18.2f}")
-        for name, parts in r["B_runtime_ms"].items():
-            agree = r["agreement"][name]["max_abs_score_diff"]
-            lines.append(f"{'':<24}{'B runtime: ' + name:<32}{parts['features']['mean']:>9.2f}"
-                         f"{parts['scoring']['mean']:>9.2f}{parts['map_head']['mean']:>9.2f}"
-                         f"{parts['total']['mean']:>9.2f}{parts['total']['p95']:>8.2f}{agree:>13.2e}")
+        for p in r["placements"]:
+            t = p["ms"]["total"]
+            spin = "on" if p["ort_spinning"] else "off"
+            if p["placement"] == "A":
+                est = p["scoring_and_head_estimate_ms"]
+                lines.append(f"{label:<22}{'A in graph':<30}{spin:>5}{'':>9}{f'~{est:.2f}':>9}{'':>7}"
+                             f"{t['mean']:>8.2f}{t['p95']:>8.2f}{'-':>12}")
+            else:
+                ms, agree = p["ms"], r["agreement"][p["scorer"]]["max_abs_score_diff"]
+                lines.append(f"{label:<22}{'B ' + p['scorer']:<30}{spin:>5}{ms['features']['mean']:>9.2f}"
+                             f"{ms['scoring']['mean']:>9.2f}{ms['map_head']['mean']:>7.2f}{t['mean']:>8.2f}"
+                             f"{t['p95']:>8.2f}{agree:>12.2e}")
+            label = ""
+    lines.append("(A's scoring column: A total minus B's features engine, an estimate of scoring + head in the graph)")
     lines.append("")
-    lines.append(f"{'bundle':<24}{'full onnx MB':>13}{'features onnx MB':>18}{'stats .npy MB':>15}"
+    lines.append(f"{'bundle':<22}{'full onnx MB':>13}{'features onnx MB':>18}{'stats .npy MB':>15}"
                  f"{'threshold':>11}{'images':>8}")
     for r in results:
         s = r["sizes_mb"]
-        lines.append(f"{Path(r['bundle']).name + ' (' + r['family'] + ')':<24}{s['full_onnx']:>13.1f}"
+        lines.append(f"{Path(r['bundle']).name + ' (' + r['family'] + ')':<22}{s['full_onnx']:>13.1f}"
                      f"{s['features_onnx']:>18.1f}{s['statistics_npy']:>15.1f}{r['threshold']:>11.4g}"
                      f"{r['n_images']:>8}")
     return "\n".join(lines)
@@ -274,15 +287,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--images", default=None, help="folder of *.png images (default: each bundle's test images)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before each timed loop")
     parser.add_argument("--runs", type=int, default=50, help="timed calls per placement (cycling through the images)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="split the runs into this many rounds that alternate A and B (latency.time_interleaved)")
     parser.add_argument("--threads", type=int, default=2, help="threads for ONNX Runtime, FAISS, BLAS and OpenCV")
+    parser.add_argument("--spinning", choices=("both", "on", "off"), default="both",
+                        help="ONNX Runtime intra-op spinning for A and B sessions (default: time both settings)")
     parser.add_argument("--json", dest="json_out", default=None, help="write every figure and machine info here")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--runs and --threads must be >= 1 and --warmup >= 0")
 
     threads = set_threads(args.threads)
+    spinning = {"both": (True, False), "on": (True,), "off": (False,)}[args.spinning]
     info = machine_info()  # load average before the run: other processes skew timings
-    results = [bench_bundle(b, args.images, args.warmup, args.runs, args.threads) for b in args.bundles]
+    results = [bench_bundle(b, args.images, args.warmup, args.runs, args.threads, args.rounds, spinning)
+               for b in args.bundles]
     info["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     print(f"{info['cpu']} ({info['cpu_count']} CPUs), {info['platform']}; onnxruntime {info['onnxruntime']}, "
           f"faiss {info['faiss']}, numpy {info['numpy']}; ms per image (mean; p95 of the total), batch 1, "
