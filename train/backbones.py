@@ -132,6 +132,11 @@ class EfficientNetLite(nn.Module):
             self.stage_ends.append(len(blocks) - 1)
         self._blocks = nn.ModuleList(blocks)
 
+    def truncate(self, wanted: Sequence[str]) -> None:
+        """Drop the blocks after the deepest wanted stage (they are never run)."""
+        last = max(int(name.removeprefix("stage")) for name in wanted)
+        self._blocks = self._blocks[:self.stage_ends[last - 1] + 1]
+
     def forward_stages(self, x: torch.Tensor, wanted: Sequence[str]) -> dict[str, torch.Tensor]:
         """Run up to the deepest wanted stage; return {"stageK": tensor} for the wanted ones."""
         last = max(int(name.removeprefix("stage")) for name in wanted)
@@ -190,6 +195,12 @@ class _ResNetTrunk(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layers = nn.ModuleDict({f"layer{i}": getattr(net, f"layer{i}") for i in range(1, 5)})
+
+    def truncate(self, wanted: Sequence[str]) -> None:
+        """Drop the layers after the deepest wanted one (they are never run)."""
+        last = max(int(name.removeprefix("layer")) for name in wanted)
+        for i in range(last + 1, 5):
+            del self.layers[f"layer{i}"]
 
     def forward_stages(self, x: torch.Tensor, wanted: Sequence[str]) -> dict[str, torch.Tensor]:
         """Run up to the deepest wanted layer; return {"layerK": tensor} for the wanted ones."""
@@ -274,6 +285,7 @@ class FeatureExtractor(nn.Module):
                               f"it has {list(self.spec.stages)}")
         self.stages = list(stages)
         self.trunk = self.spec.build(pretrained, weights)
+        self.trunk.truncate(self.stages)
         self.trunk.eval().requires_grad_(False)
 
     def train(self, mode: bool = True) -> FeatureExtractor:
