@@ -248,15 +248,20 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def add_timing_arguments(parser: argparse.ArgumentParser, unit: str) -> None:
+    """The image and timing options both benchmarks share (``unit``: what is being alternated)."""
+    parser.add_argument("--images", default=None, help="folder of *.png images (default: each bundle's test images)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls before each timed loop")
+    parser.add_argument("--runs", type=int, default=50, help=f"timed calls per {unit} (cycling through the images)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help=f"split the runs into this many rounds that alternate the {unit}s (see time_interleaved)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n")[0])
     parser.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle directories with an ONNX engine")
-    parser.add_argument("--images", default=None, help="folder of *.png images (default: each bundle's test images)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed calls before each timed loop")
-    parser.add_argument("--runs", type=int, default=50, help="timed calls per stage (cycling through the images)")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="split the runs into this many rounds that alternate the stages (see time_interleaved)")
+    add_timing_arguments(parser, "stage")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch and ONNX Runtime intra-op threads (default: all CPUs)")
     parser.add_argument("--json", dest="json_out", default=None, help="write every figure and machine info here")

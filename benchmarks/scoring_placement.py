@@ -38,7 +38,16 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.latency import MB, Case, images_for, load_images, machine_info, summarize, time_interleaved
+from benchmarks.latency import (
+    MB,
+    Case,
+    add_timing_arguments,
+    images_for,
+    load_images,
+    machine_info,
+    summarize,
+    time_interleaved,
+)
 
 Scorer = Callable[[np.ndarray], np.ndarray]
 
@@ -284,11 +293,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scoring_placement",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("bundles", nargs="+", metavar="BUNDLE", help="PatchCore / PaDiM bundles with an ONNX engine")
-    parser.add_argument("--images", default=None, help="folder of *.png images (default: each bundle's test images)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed calls before each timed loop")
-    parser.add_argument("--runs", type=int, default=50, help="timed calls per placement (cycling through the images)")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="split the runs into this many rounds that alternate A and B (latency.time_interleaved)")
+    add_timing_arguments(parser, "placement")
     parser.add_argument("--threads", type=int, default=2, help="threads for ONNX Runtime, FAISS, BLAS and OpenCV")
     parser.add_argument("--spinning", choices=("both", "on", "off"), default="both",
                         help="ONNX Runtime intra-op spinning for A and B sessions (default: time both settings)")

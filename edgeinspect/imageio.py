@@ -21,15 +21,21 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as HxWx3 uint8 RGB; raise DataError naming the path if it cannot."""
+def _decode(path: str | Path, flags: int, what: str) -> np.ndarray:
+    """Decode an image file with OpenCV; DataError naming the path if it is missing or undecodable."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"image not found: {path}")
+        raise DataError(f"{what} not found: {path}")
     data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    image = cv2.imdecode(data, flags) if data.size else None
     if image is None:
-        raise DataError(f"cannot decode image (corrupt or not an image): {path}")
+        raise DataError(f"cannot decode {what} (corrupt or not an image): {path}")
+    return image
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB; raise DataError naming the path if it cannot."""
+    image = _decode(path, cv2.IMREAD_UNCHANGED, "image")
     if image.dtype != np.uint8:
         image = cv2.convertScaleAbs(image, alpha=255.0 / max(float(image.max()), 1.0))
     return to_rgb(image)
@@ -37,14 +43,7 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def read_mask(path: str | Path) -> np.ndarray:
     """Read a defect mask as a HxW bool array (any non-zero pixel is defect)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"mask not found: {path}")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
-    if mask is None:
-        raise DataError(f"cannot decode mask (corrupt or not an image): {path}")
-    return mask > 0
+    return _decode(path, cv2.IMREAD_GRAYSCALE, "mask") > 0
 
 
 def list_images(folder: str | Path) -> list[Path]:

@@ -56,15 +56,20 @@ def _serve(bundle: Path, camera: Path, endpoint: str, *extra: str) -> subprocess
                              "--wait-subscribers", "1", *extra], stderr=subprocess.PIPE, text=True)
 
 
-def test_every_frame_of_a_video_gets_a_verdict(patchcore_bundle: Path, test_video: Path) -> None:
+def _serve_to_end(bundle: Path, camera: Path) -> tuple[list[dict], list[dict]]:
+    """Serve a finite source to a fresh subscriber; the daemon must exit 0."""
     endpoint = free_tcp_endpoint()
     sub = _subscriber(endpoint)
-    proc = _serve(patchcore_bundle, test_video, endpoint)
+    proc = _serve(bundle, camera, endpoint)
     try:
-        verdicts, statuses = _collect(sub)
+        return _collect(sub)
     finally:
         sub.close(linger=0)
         assert proc.wait(timeout=60) == 0, proc.stderr.read()
+
+
+def test_every_frame_of_a_video_gets_a_verdict(patchcore_bundle: Path, test_video: Path) -> None:
+    verdicts, statuses = _serve_to_end(patchcore_bundle, test_video)
     n_frames = int(cv2.VideoCapture(str(test_video)).get(cv2.CAP_PROP_FRAME_COUNT))
     assert [v["seq"] for v in verdicts] == list(range(n_frames))
     assert [v["frame_index"] for v in verdicts] == list(range(n_frames))
@@ -112,14 +117,7 @@ def test_corrupt_image_in_a_folder_is_reported_and_the_rest_served(patchcore_bun
     for i, src in enumerate(sorted((synth_root / SYNTH_CATEGORY / "test" / "good").glob("*.png"))[:3]):
         (folder / f"{2 * i:02d}.png").write_bytes(src.read_bytes())
     (folder / "01.png").write_bytes(np.random.default_rng(0).bytes(300))
-    endpoint = free_tcp_endpoint()
-    sub = _subscriber(endpoint)
-    proc = _serve(patchcore_bundle, folder, endpoint)
-    try:
-        verdicts, statuses = _collect(sub)
-    finally:
-        sub.close(linger=0)
-        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    verdicts, statuses = _serve_to_end(patchcore_bundle, folder)
     assert [v["frame_name"] for v in verdicts] == ["00.png", "01.png", "02.png", "04.png"]
     assert verdicts[1]["verdict"] == "ERROR" and "01.png" in verdicts[1]["error"]
     assert all(v["verdict"] in ("OK", "NOK") for i, v in enumerate(verdicts) if i != 1)
