@@ -56,7 +56,7 @@ class Padim(AnomalyModel):
         total = None
         count = 0
         for x in tqdm(batches, desc="features", disable=not progress, unit="batch"):
-            e = self.embed(x.to(self.mean.device)).double().cpu()
+            e = self.embed(x.to(self.mean.device)).cpu().double()  # float64 on the CPU (MPS has none)
             n, d, h, w = e.shape
             e = e.reshape(n, d, h * w).permute(2, 0, 1)                       # P x N x D
             if total is None:
