@@ -1,5 +1,6 @@
 """Frame sources for the runtime: video files, image folders, single images and live cameras."""
 
+from edgeinspect.camera.reader import END, ThreadedReader
 from edgeinspect.camera.sources import (
     CaptureDeviceSource,
     Frame,
@@ -11,11 +12,13 @@ from edgeinspect.camera.sources import (
 )
 
 __all__ = [
+    "END",
     "CaptureDeviceSource",
     "Frame",
     "FrameSource",
     "ImageFolderSource",
     "SingleImageSource",
+    "ThreadedReader",
     "VideoFileSource",
     "open_source",
 ]

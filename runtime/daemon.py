@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
-from edgeinspect.camera import Frame, FrameSource, open_source
+from edgeinspect.camera import END, Frame, FrameSource, ThreadedReader, open_source
 from edgeinspect.errors import SourceError
 from edgeinspect.runtime.predictor import NOK, Predictor
 from edgeinspect.runtime.publisher import Heartbeat, VerdictPublisher
@@ -85,29 +85,35 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
           on_verdict: Callable[[dict], None] | None = None) -> ServeStats:
     """Publish one verdict per frame until the source ends or ``stop`` is set.
 
-    A heartbeat goes out on the status topic once per period and a final status when the loop
-    ends, with the source's end reason. A source failure is published as a ``failed`` status and
-    re-raised: it is never swallowed.
+    The source is read in a background thread, so a heartbeat goes out on the status topic once
+    per period even while a camera delivers no frames, and a stop request is honoured within a
+    period. A final status carries the source's end reason. A source failure is published as a
+    ``failed`` status and re-raised: it is never swallowed.
     """
     stop = stop if stop is not None else StopFlag()
     heartbeat = heartbeat or Heartbeat()
     stats = ServeStats()
     common = {"bundle_id": predictor.bundle.bundle_id, "source": source.description}
+    reader = ThreadedReader(source).start()
     try:
-        for frame in source:
-            payload = publisher.publish_verdict(verdict_fields(frame, predictor))
-            stats.count(payload["verdict"])
-            if on_verdict is not None:
-                on_verdict(payload)
+        while not stop:
+            item = reader.get(timeout=heartbeat.seconds_until_due())
+            if item is END:
+                break
+            if isinstance(item, Frame):
+                payload = publisher.publish_verdict(verdict_fields(item, predictor))
+                stats.count(payload["verdict"])
+                if on_verdict is not None:
+                    on_verdict(payload)
             if heartbeat.due():
                 publisher.publish_status({**common, "state": "running", **stats.snapshot(),
                                           "dropped": publisher.dropped})
-            if stop:
-                break
     except SourceError as exc:
         publisher.publish_status({**common, "state": "failed", "error": str(exc), **stats.snapshot(),
                                   "dropped": publisher.dropped})
         raise
+    finally:
+        reader.stop()
     reason = "stopped by signal" if stop else source.end_reason
     publisher.publish_status({**common, "state": "stopped", "end_reason": reason, **stats.snapshot(),
                               "dropped": publisher.dropped})

@@ -241,6 +241,12 @@ class Heartbeat:
         self._clock = clock
         self._last: float | None = None
 
+    def seconds_until_due(self) -> float:
+        """How long until :meth:`due` will next return True (0 if it would now)."""
+        if self._last is None:
+            return 0.0
+        return max(0.0, self._last + self.period_s - self._clock())
+
     def due(self) -> bool:
         """True if a period has passed since the last True (or on the first call)."""
         now = self._clock()

@@ -15,7 +15,12 @@ import pytest
 import zmq
 from conftest import SYNTH_CATEGORY, free_tcp_endpoint
 
-from edgeinspect.runtime.publisher import decode_message
+from edgeinspect.camera import FrameSource
+from edgeinspect.errors import SourceError
+from edgeinspect.imageio import read_image
+from edgeinspect.runtime.daemon import serve
+from edgeinspect.runtime.predictor import Predictor
+from edgeinspect.runtime.publisher import Heartbeat, VerdictPublisher, decode_message
 from edgeinspect.train.data import write_video
 
 
@@ -84,7 +89,7 @@ def test_every_frame_of_a_video_gets_a_verdict(patchcore_bundle: Path, test_vide
     final = statuses[-1]
     assert final["state"] == "stopped" and final["frames"] == n_frames
     assert "end of video" in final["end_reason"]
-    heartbeat = statuses[0]  # the first heartbeat goes out after the first frame
+    heartbeat = statuses[0]  # the first heartbeat goes out at once
     assert heartbeat["state"] == "running" and heartbeat["kind"] == "status" and heartbeat["fps"] >= 0
     assert final["ok"] + final["nok"] == n_frames and final["errors"] == 0
 
@@ -95,19 +100,21 @@ def test_sigterm_stops_cleanly_after_publishing_every_processed_frame(patchcore_
     sub = _subscriber(endpoint)
     proc = _serve(patchcore_bundle, test_video, endpoint, "--loop")
     try:
-        seen = 0
-        while seen < 10:  # let it run a little, then stop it like systemd would
+        before = []
+        while len(before) < 10:  # let it run a little, then stop it like systemd would
             assert sub.poll(60_000), "no verdict within 60 s"
-            topic, _ = decode_message(sub.recv_multipart())
-            seen += topic.startswith("verdict.")
+            topic, payload = decode_message(sub.recv_multipart())
+            if topic.startswith("verdict."):
+                before.append(payload)
         proc.send_signal(signal.SIGTERM)
-        verdicts, statuses = _collect(sub)
+        after, statuses = _collect(sub)
     finally:
         sub.close(linger=0)
         assert proc.wait(timeout=60) == 0, proc.stderr.read()
     final = statuses[-1]
     assert final["state"] == "stopped" and final["end_reason"] == "stopped by signal"
-    assert verdicts[-1]["seq"] == final["frames"] - 1  # nothing processed went unpublished
+    verdicts = before + after
+    assert [v["seq"] for v in verdicts] == list(range(final["frames"]))  # nothing processed went unpublished
 
 
 def test_corrupt_image_in_a_folder_is_reported_and_the_rest_served(patchcore_bundle: Path, synth_root: Path,
@@ -130,3 +137,64 @@ def test_missing_source_fails_with_a_clear_message(patchcore_bundle: Path, tmp_p
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "nope.avi" in proc.stderr
+
+
+class _PacedSource(FrameSource):
+    """A camera stand-in that waits before each frame, like a triggered camera on a stopped line,
+    and can fail after its frames like a camera that stays disconnected."""
+
+    def __init__(self, image: np.ndarray, delays: list[float], fail_with: str | None = None) -> None:
+        super().__init__("paced test camera")
+        self.image, self.delays, self.fail_with = image, delays, fail_with
+
+    def _items(self):
+        for delay in self.delays:
+            time.sleep(delay)
+            yield self.image, "", None
+        if self.fail_with:
+            raise SourceError(self.fail_with)
+        self.end_reason = "paced source done"
+
+    def _release(self) -> None:
+        pass
+
+
+def _serve_in_process(bundle: Path, synth_root: Path, delays: list[float],
+                      fail_with: str | None = None) -> tuple[list[tuple[str, dict]], Exception | None]:
+    image = read_image(sorted((synth_root / SYNTH_CATEGORY / "test" / "good").glob("*.png"))[0])
+    endpoint = free_tcp_endpoint()
+    error = None
+    with VerdictPublisher(endpoint, "L7", "camA") as publisher:
+        sub = _subscriber(endpoint)
+        assert publisher.wait_for_subscribers(1, timeout_s=10) == 1
+        try:
+            serve(Predictor(bundle), _PacedSource(image, delays, fail_with), publisher,
+                  heartbeat=Heartbeat(period_s=0.2))
+        except SourceError as exc:
+            error = exc
+    messages = []
+    while sub.poll(2000):
+        messages.append(decode_message(sub.recv_multipart()))
+    sub.close(linger=0)
+    return messages, error
+
+
+def test_heartbeats_keep_coming_while_the_camera_is_silent(patchcore_bundle: Path, synth_root: Path) -> None:
+    messages, error = _serve_in_process(patchcore_bundle, synth_root, delays=[0.0, 1.5])
+    assert error is None
+    topics = [topic.split(".")[0] for topic, _ in messages]
+    first, second = [i for i, t in enumerate(topics) if t == "verdict"]
+    beats_between = [p for (t, p) in messages[first + 1:second] if t.startswith("status.")]
+    assert len(beats_between) >= 4  # 1.5 s of silence, 0.2 s period
+    assert all(p["state"] == "running" and p["frames"] == 1 for p in beats_between)
+    assert messages[-1][1]["state"] == "stopped" and messages[-1][1]["end_reason"] == "paced source done"
+
+
+def test_a_failing_camera_is_published_and_raised(patchcore_bundle: Path, synth_root: Path) -> None:
+    messages, error = _serve_in_process(patchcore_bundle, synth_root, delays=[0.0],
+                                        fail_with="camera 0 disconnected: no frame after 5 reconnect attempts")
+    assert isinstance(error, SourceError)
+    verdicts = [p for t, p in messages if t.startswith("verdict.")]
+    final = messages[-1][1]
+    assert len(verdicts) == 1 and final["state"] == "failed" and "disconnected" in final["error"]
+    assert final["frames"] == 1
