@@ -62,9 +62,8 @@ def make_preprocess(family: str, config: dict[str, Any]) -> Preprocess:
 
 def build_model(family: str, model_config: dict[str, Any], input_size: Sequence[int], *,
                 pretrained: bool = True) -> AnomalyModel:
-    """Instantiate a model of ``family`` from its config section."""
-    kwargs = dict(model_config)
-    return get_model_class(family)(input_size=tuple(input_size), pretrained=pretrained, **kwargs)
+    """Instantiate a model of ``family`` from its config section (or a manifest's hyperparameters)."""
+    return get_model_class(family)(input_size=tuple(input_size), pretrained=pretrained, **model_config)
 
 
 def iterate_batches(dataset: MVTecCategory, samples: Sequence[Sample], preprocess: Preprocess,
@@ -217,7 +216,7 @@ def load_model(bundle: Bundle, device: str = "cpu") -> AnomalyModel:
     family = spec.pop("family")
     spec.pop("weights_source", None)
     input_size = spec.pop("input_size")
-    model = get_model_class(family)(input_size=tuple(input_size), pretrained=False, **spec)
+    model = build_model(family, spec, input_size, pretrained=False)
     with np.load(bundle.file("weights"), allow_pickle=False) as npz:
         model.load_state_dict({k: torch.from_numpy(npz[k]) for k in npz.files}, strict=True)
     model.load_statistics({k: bundle.load_array(k) for k in bundle.manifest["files"] if k != "weights"})
