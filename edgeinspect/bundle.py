@@ -60,6 +60,7 @@ class Bundle:
     def __init__(self, path: str | Path, manifest: dict[str, Any]):
         self.path = Path(path)
         self.manifest = manifest
+        self._verified: set[str] = set()  # files whose sha256 was checked since opening
 
     # ---------------------------------------------------------------- reading
     @classmethod
@@ -86,11 +87,14 @@ class Bundle:
         return bundle
 
     def _verify(self, entry: dict[str, Any]) -> Path:
+        """Path of a listed file, its sha256 checked once per opened bundle."""
         file = self.path / entry["file"]
         if not file.is_file():
             raise BundleError(f"bundle {self.path} is missing {entry['file']} (listed in {MANIFEST})")
-        if sha256_file(file) != entry["sha256"]:
-            raise BundleError(f"{file} does not match the sha256 in {MANIFEST}: the file was changed or corrupted")
+        if entry["file"] not in self._verified:
+            if sha256_file(file) != entry["sha256"]:
+                raise BundleError(f"{file} does not match the sha256 in {MANIFEST}: the file was changed or corrupted")
+            self._verified.add(entry["file"])
         return file
 
     @property
@@ -141,6 +145,7 @@ class Bundle:
         atomic_write_bytes(self.path / relpath, data)
         self.manifest.setdefault("files", {})[key] = {
             "file": relpath, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        self._verified.add(relpath)
 
     def add_array(self, key: str, array: np.ndarray) -> None:
         """Store a statistics array as ``stats/<key>.npy``."""
@@ -154,6 +159,7 @@ class Bundle:
         """Record an engine already written under ``engines/`` (replaces one of the same format and precision)."""
         file = self.path / entry["file"]
         entry = {**entry, "sha256": sha256_file(file), "bytes": file.stat().st_size}
+        self._verified.add(entry["file"])
         engines = [e for e in self.manifest.get("engines", [])
                    if (e["format"], e["precision"]) != (entry["format"], entry["precision"])]
         self.manifest["engines"] = [*engines, entry]

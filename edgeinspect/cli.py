@@ -20,7 +20,7 @@ from edgeinspect.errors import EdgeInspectError
 class _Group(click.Group):
     """Turns EdgeInspectError into a one-line message and exit code 1, without a traceback."""
 
-    def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's own signature
+    def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except EdgeInspectError as exc:

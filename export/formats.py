@@ -11,13 +11,18 @@ from edgeinspect.errors import ConfigError
 
 @dataclass(frozen=True)
 class EngineFormat:
-    """One exportable engine format."""
+    """One exportable engine format; the exporter is imported only when it is used."""
 
     name: str                    # --format value
     suffix: str                  # file suffix under engines/
     precisions: tuple[str, ...]  # precisions this exporter can write
     runs_here: str               # where its engine can be executed
-    exporter: Callable[..., Path]
+    load_exporter: Callable[[], Callable[..., Path]]
+
+    @property
+    def exporter(self) -> Callable[..., Path]:
+        """The function that writes this format."""
+        return self.load_exporter()
 
 
 def _onnx_exporter() -> Callable[..., Path]:
@@ -26,16 +31,14 @@ def _onnx_exporter() -> Callable[..., Path]:
     return export_onnx
 
 
-FORMATS: dict[str, tuple[str, tuple[str, ...], str, Callable[[], Callable[..., Path]]]] = {
-    # name: (suffix, precisions, where it runs, lazy import of the exporter)
-    "onnx": (".onnx", ("fp32",), "ONNX Runtime: CPU, CUDA, TensorRT and CoreML execution providers",
-             _onnx_exporter),
-}
+FORMATS: dict[str, EngineFormat] = {f.name: f for f in (
+    EngineFormat("onnx", ".onnx", ("fp32",), "ONNX Runtime: CPU, CUDA, TensorRT and CoreML execution providers",
+                 _onnx_exporter),
+)}
 
 
 def get_format(name: str) -> EngineFormat:
     """Row of the format table; ConfigError listing the choices when unknown."""
     if name not in FORMATS:
         raise ConfigError(f"unknown engine format {name!r}; choose one of {sorted(FORMATS)}")
-    suffix, precisions, runs_here, load = FORMATS[name]
-    return EngineFormat(name, suffix, precisions, runs_here, load())
+    return FORMATS[name]
