@@ -17,7 +17,7 @@ For every PatchCore or PaDiM bundle, per image at batch 1 on the same decoded im
 
 B's parts (features, scoring, map head) are timed separately and as a total. ``--runs`` timed calls
 per placement after ``--warmup`` untimed ones, in ``--rounds`` rounds that alternate A and the B
-variants (see :func:`benchmarks.latency.time_interleaved`). An untimed pass over
+variants (see :func:`edgeinspect.bench.time_interleaved`). An untimed pass over
 every image compares A and B (max |difference| of image scores and maps) to show they compute the
 same thing. ONNX Runtime intra-op threads, FAISS OpenMP threads, numpy's BLAS threads and OpenCV
 threads are all set to ``--threads``.
@@ -38,18 +38,28 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.latency import (
-    MB,
-    Case,
-    add_timing_arguments,
-    images_for,
-    load_images,
-    machine_info,
-    summarize,
-    time_interleaved,
-)
+from edgeinspect.bench import MB, Case, device_info, find_images, load_images, summarize, time_interleaved
 
 Scorer = Callable[[np.ndarray], np.ndarray]
+
+
+def images_for(manifest: dict[str, Any], images_dir: str | Path | None) -> list[Path]:
+    """The benchmark images: ``images_dir`` if given, else the bundle's own test images."""
+    data = manifest["data"]
+    folder = Path(images_dir) if images_dir else Path(data["root"]) / data["category"] / "test"
+    paths = find_images(folder)
+    if not paths:
+        raise SystemExit(f"no *.png images under {folder}")
+    return paths
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser, unit: str) -> None:
+    """The image and timing options."""
+    parser.add_argument("--images", default=None, help="folder of *.png images (default: each bundle's test images)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls before each timed loop")
+    parser.add_argument("--runs", type=int, default=50, help=f"timed calls per {unit} (cycling through the images)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help=f"split the runs into this many rounds that alternate the {unit}s (see time_interleaved)")
 
 
 # ------------------------------------------------------------------------------ features-only engine
@@ -304,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     threads = set_threads(args.threads)
     spinning = {"both": (True, False), "on": (True,), "off": (False,)}[args.spinning]
-    info = machine_info()  # load average before the run: other processes skew timings
+    info = device_info()  # load average before the run: other processes skew timings
     results = [bench_bundle(b, args.images, args.warmup, args.runs, args.threads, args.rounds, spinning)
                for b in args.bundles]
     info["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

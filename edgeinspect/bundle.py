@@ -5,7 +5,9 @@ A bundle is a directory::
     manifest.json            what the model is and how to feed it (see ARCHITECTURE.md)
     weights.npz              torch state dict as plain arrays (for re-export; no pickle)
     stats/*.npy              model statistics (PatchCore memory bank, PaDiM mean / inverse covariance)
-    engines/<name>.<ext>     exported engines (ONNX, ...), each listed in the manifest with its sha256
+    engines/<name>.<ext>     exported engines (ONNX, TensorRT plans, CoreML packages, a Triton model
+                             repository), each listed in the manifest with its sha256; an engine that
+                             is a directory is hashed over its files (see :func:`sha256_path`)
 
 Nothing in a bundle is a pickle. This module needs only numpy and the standard library, so the
 runtime can read bundles without torch.
@@ -36,6 +38,22 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_path(path: str | Path) -> str:
+    """sha256 of a file, or of a directory: the digest of its sorted ``relpath sha256`` lines."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    lines = [f"{p.relative_to(path).as_posix()} {sha256_file(p)}\n"
+             for p in sorted(path.rglob("*")) if p.is_file()]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def size_path(path: str | Path) -> int:
+    """Bytes of a file, or of every file under a directory."""
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -89,10 +107,10 @@ class Bundle:
     def _verify(self, entry: dict[str, Any]) -> Path:
         """Path of a listed file, its sha256 checked once per opened bundle."""
         file = self.path / entry["file"]
-        if not file.is_file():
+        if not file.exists():
             raise BundleError(f"bundle {self.path} is missing {entry['file']} (listed in {MANIFEST})")
         if entry["file"] not in self._verified:
-            if sha256_file(file) != entry["sha256"]:
+            if sha256_path(file) != entry["sha256"]:
                 raise BundleError(f"{file} does not match the sha256 in {MANIFEST}: the file was changed or corrupted")
             self._verified.add(entry["file"])
         return file
@@ -129,15 +147,27 @@ class Bundle:
         """Load a .npy statistics file listed under ``files`` (no pickle allowed)."""
         return np.load(self.file(key), allow_pickle=False)
 
-    def engine(self, fmt: str, precision: str | None = None) -> tuple[Path, dict[str, Any]]:
-        """(path, manifest entry) of the engine of a format (and precision); BundleError if absent."""
-        for entry in self.manifest.get("engines", []):
-            if entry["format"] == fmt and (precision is None or entry["precision"] == precision):
-                return self._verify(entry), entry
-        have = [f"{e['format']}/{e['precision']}" for e in self.manifest.get("engines", [])] or ["none"]
-        raise BundleError(f"bundle {self.path} has no {fmt} engine"
-                          f"{'' if precision is None else ' at ' + precision} (it has: {', '.join(have)}); "
-                          f"run: edgeinspect export {self.path} --format {fmt}")
+    @property
+    def engines(self) -> list[dict[str, Any]]:
+        """Manifest entries of the exported engines, in export order."""
+        return list(self.manifest.get("engines", []))
+
+    def find_engine(self, fmt: str, precision: str) -> dict[str, Any] | None:
+        """The manifest entry of the engine of ``fmt`` at ``precision``, or None."""
+        return next((e for e in self.engines if (e["format"], e["precision"]) == (fmt, precision)), None)
+
+    def engine(self, fmt: str, precision: str = "fp32") -> tuple[Path, dict[str, Any]]:
+        """(path, manifest entry) of the engine of a format and precision; BundleError if absent."""
+        entry = self.find_engine(fmt, precision)
+        if entry is not None:
+            return self._verify(entry), entry
+        have = [f"{e['format']}:{e['precision']}" for e in self.engines] or ["none"]
+        raise BundleError(f"bundle {self.path} has no {fmt}:{precision} engine (it has: {', '.join(have)}); "
+                          f"run: edgeinspect export {self.path} --format {fmt} --precision {precision}")
+
+    def engine_decision(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """The decision an engine applies: its own when export recalibrated it (INT8), else the bundle's."""
+        return entry.get("decision") or self.decision
 
     # ---------------------------------------------------------------- writing
     def add_file(self, key: str, relpath: str, data: bytes) -> None:
@@ -158,7 +188,7 @@ class Bundle:
     def set_engine(self, entry: dict[str, Any]) -> None:
         """Record an engine already written under ``engines/`` (replaces one of the same format and precision)."""
         file = self.path / entry["file"]
-        entry = {**entry, "sha256": sha256_file(file), "bytes": file.stat().st_size}
+        entry = {**entry, "sha256": sha256_path(file), "bytes": size_path(file)}
         self._verified.add(entry["file"])
         engines = [e for e in self.manifest.get("engines", [])
                    if (e["format"], e["precision"]) != (entry["format"], entry["precision"])]
@@ -171,4 +201,4 @@ class Bundle:
 
     def size_bytes(self) -> int:
         """Total size of every file in the bundle directory."""
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return size_path(self.path)

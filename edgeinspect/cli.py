@@ -132,7 +132,8 @@ def train(ctx: click.Context, family: str, data_root: str, category: str, out: s
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", "data_root", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--category", required=True)
-@click.option("--engine", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]))
+@click.option("--engine", default="torch", show_default=True,
+              help="torch, or an engine of the bundle: auto, onnx, onnx:int8, tensorrt:fp16, ...")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
               help="Torch device for --engine torch.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the metrics here.")
@@ -145,7 +146,7 @@ def evaluate(ctx: click.Context, bundle: str, data_root: str, category: str, eng
     metrics = run_evaluate(bundle, data_root, category, engine, device=device, progress=_progress(ctx))
     rows = [("image AUROC", f"{metrics['image_auroc']:.4f}"), ("pixel AUROC", f"{metrics['pixel_auroc']:.4f}"),
             ("F1 @ threshold", f"{metrics['f1']:.4f}"), ("images", str(metrics["n_images"])),
-            ("engine", engine), ("ms / image", f"{metrics['ms_per_image']:.1f}")]
+            ("engine", metrics["engine"]), ("ms / image", f"{metrics['ms_per_image']:.1f}")]
     for key, value in rows:
         click.echo(f"{key:<16}{value:>12}")
     if json_out:
@@ -155,20 +156,28 @@ def evaluate(ctx: click.Context, bundle: str, data_root: str, category: str, eng
 # ----------------------------------------------------------------------------------------- export
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--format", "fmt", default="onnx", show_default=True, help="Engine format (see the README table).")
-@click.option("--precision", default="fp32", show_default=True)
+@click.option("--format", "fmt", default="onnx", show_default=True,
+              help="Engine format: onnx, tensorrt, coreml, triton, or all (every engine this machine can build).")
+@click.option("--precision", default=None, help="fp32, fp16, int8 or all  [default: fp32; all with --format all]")
+@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="YAML file overriding configs/export.yaml (gates, INT8 calibration, TensorRT, Core ML, Triton).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one export setting.")
 @click.option("--data", "data_root", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Parity images: dataset root (default: the one recorded in the bundle).")
-@click.option("--category", default=None, help="Parity images: category (default: the bundle's).")
+              help="Check / calibration images: dataset root (default: the one recorded in the bundle).")
+@click.option("--category", default=None, help="Check / calibration images: category (default: the bundle's).")
 @click.pass_context
-def export(ctx: click.Context, bundle: str, fmt: str, precision: str, data_root: str | None,
-           category: str | None) -> None:
-    """Write an engine into BUNDLE and prove it scores like the PyTorch model."""
+def export(ctx: click.Context, bundle: str, fmt: str, precision: str | None, config_path: str | None,
+           overrides: tuple[str, ...], data_root: str | None, category: str | None) -> None:
+    """Write engines into BUNDLE, each checked against the PyTorch model. Exit 1 if one is refused."""
+    from edgeinspect.config import load_config
     from edgeinspect.export.exporter import export_bundle
 
-    path, parity = export_bundle(bundle, fmt, precision, data_root=data_root, category=category,
-                                 progress=_progress(ctx))
-    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); parity: {parity.describe()}")
+    settings = load_config("export", config_path, overrides)
+    results = export_bundle(bundle, fmt, precision or ("all" if fmt == "all" else "fp32"), settings=settings,
+                            data_root=data_root, category=category, progress=_progress(ctx))
+    for result in results:
+        click.echo(result.describe())
+    sys.exit(1 if any(r.status == "refused" for r in results) else 0)
 
 
 # ---------------------------------------------------------------------------------------- runtime
@@ -176,14 +185,17 @@ def export(ctx: click.Context, bundle: str, fmt: str, precision: str, data_root:
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--engine", default="auto", show_default=True,
+              help="Engine FORMAT[:PRECISION] (onnx, onnx:int8, tensorrt:fp16, coreml:fp16) or auto: TensorRT "
+                   "with a CUDA GPU, Core ML on macOS, else ONNX INT8, else ONNX FP32.")
 @click.option("--provider", "providers", multiple=True, default=("cpu",), show_default=True,
               help="ONNX Runtime execution provider: cpu, cuda, tensorrt (repeatable, in order).")
-def predict(bundle: str, images: tuple[str, ...], as_json: bool, providers: tuple[str, ...]) -> None:
+def predict(bundle: str, images: tuple[str, ...], as_json: bool, engine: str, providers: tuple[str, ...]) -> None:
     """Print one verdict per image. Exit code 1 if any image could not be read."""
     from edgeinspect.imageio import read_image
     from edgeinspect.runtime.predictor import Predictor
 
-    predictor = Predictor(bundle, providers=providers)
+    predictor = Predictor(bundle, engine=engine, providers=providers)
     failed = 0
     for image in images:
         try:
@@ -208,6 +220,9 @@ def predict(bundle: str, images: tuple[str, ...], as_json: bool, providers: tupl
 @click.option("--publish", default="tcp://127.0.0.1:5555", show_default=True, help="ZeroMQ endpoint to bind.")
 @click.option("--line", default="line1", show_default=True, help="Production line id (topic part).")
 @click.option("--camera-id", default="cam0", show_default=True, help="Camera id (topic part).")
+@click.option("--engine", default="auto", show_default=True,
+              help="Engine FORMAT[:PRECISION] (onnx, onnx:int8, tensorrt:fp16, coreml:fp16) or auto: TensorRT "
+                   "with a CUDA GPU, Core ML on macOS, else ONNX INT8, else ONNX FP32.")
 @click.option("--provider", "providers", multiple=True, default=("cpu",), show_default=True,
               help="ONNX Runtime execution provider: cpu, cuda, tensorrt (repeatable, in order).")
 @click.option("--wait-subscribers", default=0, show_default=True,
@@ -215,12 +230,12 @@ def predict(bundle: str, images: tuple[str, ...], as_json: bool, providers: tupl
 @click.option("--wait-timeout", default=10.0, show_default=True, help="Seconds to wait for them.")
 @click.option("--loop", is_flag=True, help="Restart a video file or folder at its end.")
 @click.option("--max-frames", default=None, type=int, help="Stop after this many frames.")
-def serve(bundle: str, camera: str, publish: str, line: str, camera_id: str, providers: tuple[str, ...],
+def serve(bundle: str, camera: str, publish: str, line: str, camera_id: str, engine: str, providers: tuple[str, ...],
           wait_subscribers: int, wait_timeout: float, loop: bool, max_frames: int | None) -> None:
     """Publish a verdict per frame on verdict.<line>.<camera-id> until the source ends or SIGINT/SIGTERM."""
     from edgeinspect.runtime.daemon import run_daemon
 
-    stats = run_daemon(bundle, camera, publish, line=line, camera_id=camera_id, providers=providers,
+    stats = run_daemon(bundle, camera, publish, line=line, camera_id=camera_id, engine=engine, providers=providers,
                        wait_subscribers=wait_subscribers, wait_timeout_s=wait_timeout, loop=loop,
                        max_frames=max_frames)
     click.echo(f"served {stats.frames} frames: {stats.ok} OK, {stats.nok} NOK, {stats.errors} errors", err=True)
@@ -262,6 +277,40 @@ def listen(connect: str, topic: str, count: int | None, timeout: float | None, u
 
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--engines", "engines", multiple=True, metavar="FORMAT[:PRECISION]",
+              help="Engines to measure (repeatable; default: every engine of the bundle).")
+@click.option("--data", "data_root", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Dataset root of the test images (default: the one recorded in the bundle).")
+@click.option("--category", default=None, help="Category of the test images (default: the bundle's).")
+@click.option("--warmup", default=5, show_default=True, help="Untimed calls per engine before timing.")
+@click.option("--runs", default=50, show_default=True, help="Timed calls per engine (cycling through the images).")
+@click.option("--rounds", default=5, show_default=True, help="Rounds that alternate the engines.")
+@click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads (default: all CPUs).")
+@click.option("--no-backbone", is_flag=True, help="Skip the backbone-alone reference rows (they need torch).")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the report here.")
+@click.option("--markdown", "markdown_out", default=None, type=click.Path(dir_okay=False),
+              help="Write the table as Markdown here.")
+def bench(bundle: str, engines: tuple[str, ...], data_root: str | None, category: str | None, warmup: int,
+          runs: int, rounds: int, threads: int | None, no_backbone: bool, json_out: str | None,
+          markdown_out: str | None) -> None:
+    """Latency, FPS, memory and accuracy of every engine of BUNDLE on this device, side by side."""
+    from edgeinspect.bench import bench as run_bench
+    from edgeinspect.bench import markdown_table
+
+    if runs < 1 or warmup < 0 or rounds < 1:
+        raise click.BadParameter("--runs and --rounds must be >= 1 and --warmup >= 0")
+    report = run_bench(bundle, engines, data_root=data_root, category=category, warmup=warmup, runs=runs,
+                       rounds=rounds, threads=threads, backbone=not no_backbone)
+    table = markdown_table(report)
+    click.echo(table)
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+    if markdown_out:
+        Path(markdown_out).write_text(table)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 def info(bundle: str) -> None:
     """Show a bundle's manifest summary and check its files."""
     from edgeinspect.bundle import Bundle
@@ -269,6 +318,6 @@ def info(bundle: str) -> None:
     b = Bundle.open(bundle)
     m = b.manifest
     _echo_json({"bundle_id": b.bundle_id, "model": m["model"], "decision": m["decision"],
-                "engines": [{k: e[k] for k in ("file", "format", "precision", "bytes", "parity")}
+                "engines": [{k: e.get(k) for k in ("file", "format", "precision", "bytes", "parity", "decision")}
                             for e in m["engines"]],
                 "metrics": m["metrics"], "size_bytes": b.size_bytes()})

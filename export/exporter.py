@@ -1,65 +1,246 @@
-"""Export a bundle's model to an engine, prove parity, and record the engine in the manifest."""
+"""Export a bundle's model to engines, check each against the PyTorch model, record it in the manifest.
+
+One flow for every row of the format table: the row's exporter writes the engine through an
+:class:`ExportJob` (which hands it the PyTorch model, source engines, calibration images and the
+gate), then the engine runs on the bundle's test images with the runtime backend of its format,
+is compared with PyTorch under the gate of its precision, and is recorded with its figures, or
+deleted and refused. A format whose backend cannot run on this machine (CoreML off macOS) is
+recorded with ``parity.status`` saying so.
+"""
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
-from edgeinspect.bundle import Bundle
-from edgeinspect.errors import ExportError
-from edgeinspect.export.formats import get_format
-from edgeinspect.export.parity import Parity, compare
-from edgeinspect.runtime.backends import OnnxRuntimeBackend
+import numpy as np
+
+from edgeinspect.bundle import Bundle, sha256_path, size_path
+from edgeinspect.errors import BundleError, ConfigError, EdgeInspectError, ExportError
+from edgeinspect.export.formats import FORMATS, PRECISIONS, EngineFormat, get_format
+from edgeinspect.export.parity import Gate, Parity, compare
+from edgeinspect.runtime.backends import backend_class
 from edgeinspect.train.data import MVTecCategory
 from edgeinspect.train.evaluate import infer_engine
-from edgeinspect.train.trainer import infer, load_model
+from edgeinspect.train.models import AnomalyModel
+from edgeinspect.train.trainer import calibrate, infer, load_model, split_for_calibration
 
 log = logging.getLogger(__name__)
 
-# Allowed max |delta| of map and score relative to the threshold, per precision.
-PARITY_TOLERANCE = {"fp32": 1e-3}
+
+class CannotBuildHere(ExportError):
+    """The engine cannot be built on this machine (no GPU, wrong platform); not a failure of the model."""
+
+
+@dataclass
+class ExportResult:
+    """What happened to one (format, precision): written, skipped (cannot build here) or refused."""
+
+    format: str
+    precision: str
+    status: str                 # "written", "skipped" or "refused"
+    detail: str                 # path and parity, or the reason
+    path: Path | None = None
+    parity: Parity | None = None
+
+    def describe(self) -> str:
+        """One line for people."""
+        return f"{self.format}:{self.precision} {self.status}: {self.detail}"
+
+
+@dataclass
+class ExportJob:
+    """Everything an exporter may need, built lazily and shared by the engines of one export run."""
+
+    bundle: Bundle
+    dataset: MVTecCategory
+    settings: dict[str, Any]
+    progress: bool = True
+    _checked: dict[tuple[str, str, str], tuple[Parity, dict[str, Any] | None, float]] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------- what exporters use
+    @cached_property
+    def model(self) -> AnomalyModel:
+        """The bundle's PyTorch model, on the CPU, in eval mode."""
+        return load_model(self.bundle, "cpu")
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The fixed NCHW input shape of every engine."""
+        return tuple(self.bundle.manifest["input"]["shape"])
+
+    @property
+    def output_names(self) -> list[str]:
+        """Engine output names, in order."""
+        return list(self.bundle.manifest["outputs"])
+
+    def metadata(self, fmt: str, precision: str) -> dict[str, Any]:
+        """What every engine carries inside its file, so a bare engine still says what it is."""
+        m = self.bundle.manifest
+        return {"bundle_id": self.bundle.bundle_id, "family": self.bundle.family, "format": fmt,
+                "precision": precision, "input": m["input"], "outputs": m["outputs"], "preprocess": m["preprocess"],
+                "decision": self.bundle.decision, "edgeinspect_version": m["edgeinspect_version"]}
+
+    def low_precision_prefixes(self) -> tuple[str, ...]:
+        """ONNX node-name prefixes of the submodules that may run in FP16/INT8 (the rest stays float)."""
+        return tuple(f"/{name}/" for name in self.model.low_precision_modules)
+
+    def source_engine(self, fmt: str, precision: str) -> Path:
+        """Path of another engine of this bundle (exported first, with its own gate, when absent)."""
+        entry = self.bundle.find_engine(fmt, precision)
+        if entry is None:
+            result = export_engine(self, get_format(fmt), precision)
+            if result.status != "written":
+                raise ExportError(f"needs the {fmt}:{precision} engine, which was {result.status}: {result.detail}")
+            entry = self.bundle.find_engine(fmt, precision)
+        return self.bundle.path / entry["file"]
+
+    @cached_property
+    def calibration_split(self) -> tuple[list, list, bool]:
+        """Training's (fit images, threshold images, labelled) split, reproduced from the manifest config."""
+        return split_for_calibration(self.dataset, self.bundle.manifest["config"]["train"])
+
+    def calibration_inputs(self, count: int) -> list[np.ndarray]:
+        """``count`` preprocessed good fit images, spread evenly over the fit split (INT8 calibration)."""
+        fit = self.calibration_split[0]
+        picks = [fit[int(i * len(fit) / min(count, len(fit)))] for i in range(min(count, len(fit)))]
+        return [self.bundle.preprocess(self.dataset.load_image(s)) for s in picks]
+
+    @cached_property
+    def test_samples(self) -> list:
+        """The test images every engine is checked on."""
+        return self.dataset.test_samples()
+
+    @cached_property
+    def reference(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """PyTorch maps, scores and ms per image on the test images."""
+        return infer(self.model, self.dataset, self.test_samples, self.bundle.preprocess, batch_size=1,
+                     progress=self.progress)
+
+    def run_engine(self, fmt: str, path: Path, samples: list) -> tuple[np.ndarray, np.ndarray, float]:
+        """Maps, scores and ms per image of an engine file on ``samples``, through its runtime backend."""
+        backend = backend_class(fmt)(path, output_names=self.output_names)
+        return infer_engine(backend, self.dataset, samples, self.bundle.preprocess, self.progress)
+
+    def check(self, fmt: str, precision: str, path: Path) -> tuple[Parity, dict[str, Any] | None, float]:
+        """Run the engine on the test images and apply the gate of ``precision``.
+
+        INT8 engines get their own decision, calibrated like training's on the same images (quantized
+        features move every score); returns (parity, that decision or None, engine ms per image).
+        """
+        key = (fmt, precision, sha256_path(path))
+        if key in self._checked:  # an exporter that retries (INT8) already checked this very file
+            return self._checked[key]
+        decision = None
+        if precision == "int8":
+            _, calib, labelled = self.calibration_split
+            _, calib_scores, _ = self.run_engine(fmt, path, calib)
+            decision = calibrate(calib, calib_scores, labelled, self.bundle.manifest["config"]["decision"])
+        maps, scores, ms = self.run_engine(fmt, path, self.test_samples)
+        labels = np.array([s.label for s in self.test_samples])
+        ref_maps, ref_scores, _ = self.reference
+        threshold = self.bundle.decision["threshold"]
+        parity = compare((ref_maps, ref_scores), (maps, scores), labels, threshold,
+                         (decision or self.bundle.decision)["threshold"], Gate.from_config(self.settings[precision]))
+        self._checked[key] = parity, decision, ms
+        return self._checked[key]
+
+
+# ------------------------------------------------------------------------------------------ the flow
+def export_engine(job: ExportJob, engine_format: EngineFormat, precision: str) -> ExportResult:
+    """Write, check and record one engine; a refused engine is deleted, an existing one kept until then."""
+    fmt = engine_format.name
+    if precision not in engine_format.precisions:
+        raise ConfigError(f"{fmt} export supports precision {list(engine_format.precisions)}, not {precision!r}")
+    rel = engine_format.relpath(precision)
+    final = job.bundle.path / rel
+    tmp = final.with_name(f".tmp-{final.name}")  # keeps the suffix: some writers insist on it
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    _remove(tmp)
+    t0 = time.perf_counter()
+    try:
+        extra = engine_format.load_exporter()(job, precision, tmp)
+    except ImportError as exc:
+        _remove(tmp)
+        return ExportResult(fmt, precision, "skipped", f"{exc}; install {engine_format.needs}")
+    except EdgeInspectError as exc:
+        _remove(tmp)
+        status = "skipped" if isinstance(exc, CannotBuildHere) else "refused"
+        return ExportResult(fmt, precision, status, str(exc))
+    except BaseException:
+        _remove(tmp)
+        raise
+    export_seconds = time.perf_counter() - t0
+
+    entry: dict[str, Any] = {"file": rel, "format": fmt, "precision": precision, "runs_on": engine_format.runs_on,
+                             "input": job.bundle.manifest["input"], "export_seconds": round(export_seconds, 2),
+                             **extra}
+    parity = None
+    if "parity" not in entry:  # formats that wrap a checked engine (Triton) bring that engine's parity
+        reason = backend_class(fmt).unavailable_reason()
+        if reason:
+            entry["parity"] = {"status": "not run", "reason": reason}
+        else:
+            parity, decision, ms = job.check(fmt, precision, tmp)
+            if not parity.passed:
+                _remove(tmp)
+                return ExportResult(fmt, precision, "refused", f"gate failed: {parity.describe()}", parity=parity)
+            entry["parity"] = {"status": "passed", **parity.to_dict()}
+            entry["ms_per_image"] = {"torch_cpu": round(job.reference[2], 2), "engine": round(ms, 2)}
+            if decision:
+                entry["decision"] = decision
+    _remove(final)
+    tmp.rename(final)
+    job.bundle.set_engine(entry)
+    job.bundle.save()
+    size = size_path(final) / 1e6
+    detail = f"{final} ({size:.1f} MB); " + (parity.describe() if parity else
+                                              f"parity {entry['parity'].get('reason') or entry['parity']['status']}")
+    log.info("%s:%s written: %s", fmt, precision, detail)
+    return ExportResult(fmt, precision, "written", detail, final, parity)
 
 
 def export_bundle(bundle_path: str | Path, fmt: str = "onnx", precision: str = "fp32", *,
-                  data_root: str | Path | None = None, category: str | None = None,
-                  progress: bool = True) -> tuple[Path, Parity]:
-    """Write the engine, check it against PyTorch on the bundle's test images, record it.
+                  settings: dict[str, Any] | None = None, data_root: str | Path | None = None,
+                  category: str | None = None, progress: bool = True) -> list[ExportResult]:
+    """Export ``fmt`` (a format or ``all``) at ``precision`` (a precision or ``all``); one result per engine.
 
-    The images come from the dataset recorded in the manifest unless ``data_root``/``category``
-    are given. An engine whose parity fails is deleted and ExportError carries the figures.
+    The check images come from the dataset recorded in the manifest unless ``data_root``/``category``
+    are given. Raises ExportError when a single requested engine is refused or cannot be built.
     """
+    from edgeinspect.config import load_config
+
     bundle = Bundle.open(bundle_path)
-    engine_format = get_format(fmt)
-    if precision not in engine_format.precisions:
-        raise ExportError(f"{fmt} export supports precision {list(engine_format.precisions)}, not {precision!r}")
+    formats = list(FORMATS.values()) if fmt == "all" else [get_format(fmt)]
+    if precision != "all" and precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)} or all")
     data = bundle.manifest["data"]
-    dataset = MVTecCategory(data_root or data["root"], category or data["category"])
-    samples = dataset.test_samples()
+    root = Path(data_root or data["root"])
+    if not root.is_dir():
+        raise BundleError(f"the bundle's dataset {root} is not here; give --data ROOT [--category CAT] for "
+                          f"the images the engine is checked and calibrated on")
+    job = ExportJob(bundle, MVTecCategory(root, category or data["category"]),
+                    settings if settings is not None else load_config("export"), progress)
+    results = []
+    for engine_format in formats:
+        for p in (engine_format.precisions if precision == "all" else (precision,)):
+            done = bundle.find_engine(engine_format.name, p) if fmt == "all" else None
+            results.append(ExportResult(engine_format.name, p, "written", f"{bundle.path / done['file']} (kept)",
+                                        bundle.path / done["file"]) if done else
+                           export_engine(job, engine_format, p))
+    if len(results) == 1 and results[0].status != "written":
+        raise (CannotBuildHere if results[0].status == "skipped" else ExportError)(results[0].describe())
+    return results
 
-    model = load_model(bundle, "cpu")
-    rel = f"engines/model_{precision}{engine_format.suffix}"
-    path = bundle.path / rel
-    metadata = {"bundle_id": bundle.bundle_id, "family": bundle.family, "precision": precision,
-                "preprocess": bundle.manifest["preprocess"], "decision": bundle.decision,
-                "edgeinspect_version": bundle.manifest["edgeinspect_version"]}
-    t0 = time.perf_counter()
-    engine_format.exporter(model, path, tuple(bundle.manifest["input"]["shape"]), metadata)
-    export_seconds = time.perf_counter() - t0
 
-    preprocess = bundle.preprocess
-    torch_maps, torch_scores, torch_ms = infer(model, dataset, samples, preprocess, batch_size=1, progress=progress)
-    backend = OnnxRuntimeBackend(path)
-    engine_maps, engine_scores, engine_ms = infer_engine(backend, dataset, samples, preprocess, progress)
-    parity = compare(torch_maps, torch_scores, engine_maps, engine_scores, bundle.decision["threshold"],
-                     PARITY_TOLERANCE[precision])
-    if not parity.passed:
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
         path.unlink(missing_ok=True)
-        raise ExportError(f"{fmt}/{precision} engine refused, parity failed: {parity.describe()}")
-    bundle.set_engine({"file": rel, "format": fmt, "precision": precision, "runs_on": engine_format.runs_here,
-                       "input": bundle.manifest["input"], "parity": parity.to_dict(),
-                       "export_seconds": round(export_seconds, 2),
-                       "ms_per_image": {"torch_cpu": round(torch_ms, 2), "engine_cpu": round(engine_ms, 2)}})
-    bundle.save()
-    log.info("%s/%s engine written to %s; parity %s", fmt, precision, path, parity.describe())
-    return path, parity
+

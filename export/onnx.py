@@ -1,46 +1,178 @@
-"""ONNX engine: export of the full model graph (features, scoring, map head) with metadata."""
+"""ONNX engines: FP32 from the PyTorch graph, FP16 and INT8 (QDQ) from the FP32 engine.
+
+Every file is ``onnx.checker`` clean, has a fixed input shape, and carries the bundle metadata
+as ``metadata_props`` (values that are not strings as JSON, as Ultralytics does).
+"""
 
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import onnx
 import torch
 
 from edgeinspect.errors import ExportError
 
+if TYPE_CHECKING:
+    from edgeinspect.export.exporter import ExportJob
+
 OPSET = 17
 
 
-def export_onnx(model: torch.nn.Module, path: str | Path, input_shape: tuple[int, int, int, int],
-                metadata: dict[str, object]) -> Path:
-    """Write ``model`` as an ONNX file with a fixed input shape, check it and embed ``metadata``.
+def export_onnx(job: ExportJob, precision: str, path: Path) -> dict[str, Any]:
+    """Write the ONNX engine at ``precision`` to ``path``; returns extra manifest fields."""
+    metadata = job.metadata("onnx", precision)
+    if precision == "fp32":
+        write_fp32(job.model, path, job.input_shape, job.output_names)
+        extra: dict[str, Any] = {"opset": OPSET}
+    elif precision == "fp16":
+        extra = write_fp16(job.source_engine("onnx", "fp32"), path, job.low_precision_prefixes())
+    else:
+        extra = write_int8(job, path)
+    add_metadata(path, metadata)
+    return extra
 
-    Inputs/outputs are named ``image`` -> ``anomaly_map``, ``score``. Metadata values that are
-    not strings are stored as JSON, as Ultralytics does, so any consumer of the bare .onnx file
-    can still tell what it is.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+
+def write_fp32(model: torch.nn.Module, path: Path, input_shape: tuple[int, ...], output_names: list[str]) -> None:
+    """Trace ``model`` to ONNX, fold constants with ONNX Runtime's basic (portable) optimizations, check it."""
+    import onnxruntime as ort
+
     model = model.eval().cpu()
-    dummy = torch.zeros(input_shape, dtype=torch.float32)
-    tmp = path.with_name(f".{path.name}.tmp")
+    with tempfile.TemporaryDirectory() as tmp:
+        traced = Path(tmp) / "traced.onnx"
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (torch.zeros(input_shape),), str(traced), input_names=["image"],
+                                  output_names=output_names, opset_version=OPSET, dynamo=False,
+                                  do_constant_folding=True)
+        except RuntimeError as exc:
+            raise ExportError(f"ONNX export of the PyTorch model failed: {exc}") from exc
+        # The traced graph computes "SAME" paddings from shapes at run time; basic optimizations fold
+        # them (and other constant subgraphs) into plain Pad/Conv nodes, valid for every provider.
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(path)
+        ort.InferenceSession(str(traced), options, providers=["CPUExecutionProvider"])
+    check(path)
+
+
+def write_fp16(source: Path, path: Path, low_precision_prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """FP16 weights and compute for the feature extractor; statistics and map head stay FP32, as do I/O."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(source))
+    keep = float_nodes(model, low_precision_prefixes)
+    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
+    drop_cast_round_trips(converted.graph)
+    sort_topologically(converted.graph)  # the converter appends the input casts after their consumers
+    onnx.save(converted, str(path))
+    check(path)
+    return {"kept_float": len(keep)}
+
+
+def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
+    """Static QDQ quantization of the extractor, retried with the most sensitive nodes kept in float."""
+    from edgeinspect.export.quantize import quantize_qdq, rank_sensitive_nodes
+
+    cfg = job.settings["int8"]
+    source = job.source_engine("onnx", "fp32")
+    model = onnx.load(str(source))
+    keep = float_nodes(model, job.low_precision_prefixes())
+    inputs = job.calibration_inputs(int(cfg["calibration_images"]))
+    moved: list[str] = []
+    attempts = []
+    for attempt in range(int(cfg["exclusion_rounds"]) + 1):
+        quantize_qdq(source, path, inputs, keep + moved, cfg["calibration_method"], bool(cfg["per_channel"]))
+        parity, _, _ = job.check("onnx", "int8", path)
+        attempts.append(parity.describe())
+        if parity.passed:
+            break
+        if attempt < int(cfg["exclusion_rounds"]):
+            candidates = [n.name for n in model.graph.node if n.name not in keep + moved]
+            moved += rank_sensitive_nodes(source, path, inputs[:8], candidates)[:int(cfg["exclude_per_round"])]
+    else:
+        raise ExportError(f"onnx:int8 engine refused after {len(attempts)} attempts (last with {len(moved)} "
+                          f"sensitive nodes in float): " + " | ".join(attempts))
+    check(path)
+    return {"int8": {"calibration_images": len(inputs), "calibration_method": cfg["calibration_method"],
+                     "per_channel": bool(cfg["per_channel"]), "attempts": len(attempts), "moved_to_float": moved,
+                     "statistics_nodes_in_float": len(keep)}}
+
+
+def drop_cast_round_trips(graph: onnx.GraphProto) -> None:
+    """Remove FP32 -> FP16 -> FP32 cast pairs the converter puts between two float32 nodes.
+
+    Without this, every tensor between two kept-float nodes (Mahalanobis sums, the anomaly map) is
+    rounded to FP16 on the way, and values above 65504 become infinity.
+    """
+    to = {n.name: next((a.i for a in n.attribute if a.name == "to"), None) for n in graph.node if n.op_type == "Cast"}
+    by_output = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    rename: dict[str, str] = {}
+    for node in graph.node:
+        source = by_output.get(node.input[0]) if node.op_type == "Cast" and node.input else None
+        if (to.get(node.name) == onnx.TensorProto.FLOAT and source is not None
+                and to.get(source.name) == onnx.TensorProto.FLOAT16):
+            if node.output[0] in outputs:  # a graph output keeps its name: pass the float32 tensor through
+                node.op_type, node.input[0] = "Identity", source.input[0]
+                del node.attribute[:]
+            else:
+                rename[node.output[0]] = source.input[0]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+    used = {i for n in graph.node for i in n.input} | outputs
+    keep = [n for n in graph.node if n.output[0] not in rename and (n.op_type != "Cast" or n.output[0] in used)]
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def sort_topologically(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs (stable otherwise)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ExportError(f"graph has a cycle or dangling inputs at {pending[0].name!r}")
+        for node in ready:
+            available.update(node.output)
+        ordered += ready
+        done = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in done]
+    copies = [onnx.NodeProto.FromString(n.SerializeToString()) for n in ordered]
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def float_nodes(model: onnx.ModelProto, low_precision_prefixes: tuple[str, ...]) -> list[str]:
+    """Names of the nodes outside the low-precision submodules: they stay in float."""
+    return [n.name for n in model.graph.node if not n.name.startswith(low_precision_prefixes)]
+
+
+def check(path: Path) -> None:
+    """``onnx.checker`` full check; ExportError naming the file otherwise."""
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (dummy,), str(tmp), input_names=["image"],
-                              output_names=["anomaly_map", "score"], opset_version=OPSET, dynamo=False,
-                              do_constant_folding=True)
-        proto = onnx.load(str(tmp))
-        onnx.checker.check_model(proto, full_check=True)
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-        onnx.save(proto, str(tmp))
-        tmp.replace(path)
-    except (RuntimeError, onnx.checker.ValidationError, OSError) as exc:
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"ONNX export to {path} failed: {exc}") from exc
-    return path
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{path} fails the ONNX checker: {exc}") from exc
+
+
+def add_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    """Store ``metadata`` in the file's ``metadata_props`` (JSON for non-strings)."""
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.save(proto, str(path))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file, as stored."""
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}

@@ -70,7 +70,7 @@ class StopFlag:
 def verdict_fields(frame: Frame, predictor: Predictor) -> dict:
     """Run the predictor on one frame and build the verdict body (publisher adds the envelope)."""
     body: dict = {"frame_index": frame.index, "frame_name": frame.name, "capture_ts": frame.capture_ts,
-                  "bundle_id": predictor.bundle.bundle_id}
+                  "bundle_id": predictor.bundle.bundle_id, "engine": predictor.engine}
     if frame.image is None:
         return {**body, "verdict": ERROR, "error": frame.error, "score": None, "threshold": 0.5,
                 "regions": [], "latency_ms": {}}
@@ -93,7 +93,7 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
     stop = stop if stop is not None else StopFlag()
     heartbeat = heartbeat or Heartbeat()
     stats = ServeStats()
-    common = {"bundle_id": predictor.bundle.bundle_id, "source": source.description}
+    common = {"bundle_id": predictor.bundle.bundle_id, "engine": predictor.engine, "source": source.description}
     reader = ThreadedReader(source).start()
     try:
         while not stop:
@@ -123,11 +123,11 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
 
 
 def run_daemon(bundle: str, camera: str, endpoint: str, *, line: str = "line1", camera_id: str = "cam0",
-               providers: tuple[str, ...] = ("cpu",), wait_subscribers: int = 0, wait_timeout_s: float = 10.0,
-               loop: bool = False, max_frames: int | None = None,
+               engine: str = "auto", providers: tuple[str, ...] = ("cpu",), wait_subscribers: int = 0,
+               wait_timeout_s: float = 10.0, loop: bool = False, max_frames: int | None = None,
                on_verdict: Callable[[dict], None] | None = None) -> ServeStats:
     """Open bundle, source and publisher; serve until the source ends or SIGINT/SIGTERM."""
-    predictor = Predictor(bundle, providers=providers)
+    predictor = Predictor(bundle, engine=engine, providers=providers)
     stop = StopFlag()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):

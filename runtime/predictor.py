@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeinspect.bundle import Bundle
-from edgeinspect.errors import ConfigError
-from edgeinspect.runtime.backends import OnnxRuntimeBackend
+from edgeinspect.runtime.backends import open_engine
 from edgeinspect.runtime.postprocess import Region, find_regions, normalize
 
 OK, NOK = "OK", "NOK"
@@ -39,15 +38,13 @@ class Prediction:
 class Predictor:
     """Loads a bundle's engine once; :meth:`predict` is the per-frame hot path."""
 
-    def __init__(self, bundle: str | Path | Bundle, *, engine_format: str = "onnx",
+    def __init__(self, bundle: str | Path | Bundle, *, engine: str = "auto",
                  providers: tuple[str, ...] = ("cpu",), threads: int | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-        if engine_format != "onnx":
-            raise ConfigError(f"engine format {engine_format!r} has no runtime backend yet; use onnx")
-        path, self.engine_entry = self.bundle.engine(engine_format)
-        self.backend = OnnxRuntimeBackend(path, providers, threads)
+        self.engine_entry, self.backend = open_engine(self.bundle, engine, providers, threads)
+        self.engine = f"{self.engine_entry['format']}:{self.engine_entry['precision']}"
         self.preprocess = self.bundle.preprocess
-        decision = self.bundle.decision
+        decision = self.bundle.engine_decision(self.engine_entry)
         self.threshold = float(decision["threshold"])
         self.normalization = decision["normalization"]
         self.min_region_area = int(decision["min_region_area"])

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from edgeinspect.bundle import Bundle
+from edgeinspect.config import load_config
 from edgeinspect.errors import BundleError, ExportError
-from edgeinspect.export import exporter
 from edgeinspect.export.exporter import export_bundle
 from edgeinspect.runtime.backends import OnnxRuntimeBackend
 from edgeinspect.train.trainer import load_model
@@ -30,6 +30,7 @@ def test_manifest_has_the_contract(patchcore_bundle: Path) -> None:
     engine = m["engines"][0]
     assert engine["format"] == "onnx" and engine["precision"] == "fp32" and len(engine["sha256"]) == 64
     assert engine["parity"]["passed"] and engine["parity"]["verdict_agreement"] == 1.0
+    assert engine["parity"]["status"] == "passed" and engine["parity"]["gate"]["tolerance"] == 1e-3
 
 
 def test_bundle_holds_no_pickles(patchcore_bundle: Path, padim_bundle: Path) -> None:
@@ -99,17 +100,18 @@ def test_onnx_matches_torch_on_a_random_input(patchcore_bundle: Path) -> None:
 def test_padim_exports_with_parity(padim_bundle: Path, tmp_path: Path) -> None:
     copy = tmp_path / "padim"
     shutil.copytree(padim_bundle, copy)
-    path, parity = export_bundle(copy, "onnx", progress=False)
-    assert path.is_file() and parity.passed and parity.verdict_agreement == 1.0
-    assert parity.max_rel_score_delta < 1e-3
+    [result] = export_bundle(copy, "onnx", progress=False)
+    assert result.status == "written" and result.path.is_file()
+    assert result.parity.passed and result.parity.verdict_agreement == 1.0
+    assert result.parity.max_rel_score_delta < 1e-3
 
 
-def test_failed_parity_refuses_the_engine(padim_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+def test_failed_parity_refuses_the_engine(padim_bundle: Path, tmp_path: Path) -> None:
     copy = tmp_path / "padim"
     shutil.copytree(padim_bundle, copy)
-    monkeypatch.setitem(exporter.PARITY_TOLERANCE, "fp32", 0.0)  # no float engine can be bit-exact
-    with pytest.raises(ExportError, match="parity failed: .*max \\|d map\\|"):
-        export_bundle(copy, "onnx", progress=False)
+    settings = load_config("export", overrides=["fp32.tolerance=0.0"])  # no float engine can be bit-exact
+    with pytest.raises(ExportError, match="gate failed: .*max \\|d map\\|.*tolerance 0"):
+        export_bundle(copy, "onnx", settings=settings, progress=False)
     assert not list((copy / "engines").glob("*.onnx"))
     assert Bundle.open(copy).manifest["engines"] == []
 
@@ -119,5 +121,5 @@ def test_unknown_format_and_precision(patchcore_bundle: Path) -> None:
 
     with pytest.raises(ConfigError, match="unknown engine format"):
         export_bundle(patchcore_bundle, "tflite", progress=False)
-    with pytest.raises(ExportError, match="precision"):
-        export_bundle(patchcore_bundle, "onnx", "int8", progress=False)
+    with pytest.raises(ConfigError, match="unknown precision"):
+        export_bundle(patchcore_bundle, "onnx", "int4", progress=False)

@@ -61,11 +61,11 @@ def _serve(bundle: Path, camera: Path, endpoint: str, *extra: str) -> subprocess
                              "--wait-subscribers", "1", *extra], stderr=subprocess.PIPE, text=True)
 
 
-def _serve_to_end(bundle: Path, camera: Path) -> tuple[list[dict], list[dict]]:
+def _serve_to_end(bundle: Path, camera: Path, *extra: str) -> tuple[list[dict], list[dict]]:
     """Serve a finite source to a fresh subscriber; the daemon must exit 0."""
     endpoint = free_tcp_endpoint()
     sub = _subscriber(endpoint)
-    proc = _serve(bundle, camera, endpoint)
+    proc = _serve(bundle, camera, endpoint, *extra)
     try:
         return _collect(sub)
     finally:
@@ -82,6 +82,7 @@ def test_every_frame_of_a_video_gets_a_verdict(patchcore_bundle: Path, test_vide
     for v in verdicts:
         assert v["schema"] == 1 and v["line"] == "L7" and v["camera"] == "camA"
         assert v["bundle_id"] == manifest["bundle_id"] and v["verdict"] in ("OK", "NOK")
+        assert v["engine"] == "onnx:fp32"  # --engine auto: the only engine of this bundle
         assert v["capture_ts"] <= v["publish_ts"] and v["threshold"] == 0.5
         assert {"preprocess", "inference", "postprocess", "total"} <= set(v["latency_ms"])
     # the lossless video gives the same verdicts as the PNG files it was made from

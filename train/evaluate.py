@@ -5,25 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
 
 from edgeinspect.bundle import Bundle
-from edgeinspect.errors import ConfigError
 from edgeinspect.preprocess import Preprocess
+from edgeinspect.runtime.backends import Backend, open_engine
 from edgeinspect.train.data import MVTecCategory, Sample
 from edgeinspect.train.trainer import infer, load_model, test_metrics
-
-
-class Backend(Protocol):
-    """Anything with the runtime backends' ``run`` method."""
-
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-ENGINES = ("torch", "onnx")
 
 
 def infer_engine(backend: Backend, dataset: MVTecCategory, samples: Sequence[Sample], preprocess: Preprocess,
@@ -42,20 +32,23 @@ def infer_engine(backend: Backend, dataset: MVTecCategory, samples: Sequence[Sam
 
 def evaluate(bundle_path: str | Path, data_root: str | Path, category: str, engine: str = "torch", *,
              device: str = "cpu", progress: bool = True) -> dict:
-    """Image AUROC, pixel AUROC, F1 at the bundle threshold and ms per image (model/engine only)."""
-    if engine not in ENGINES:
-        raise ConfigError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
+    """Image AUROC, pixel AUROC, F1 at the threshold and ms per image (model/engine only).
+
+    ``engine`` is ``torch`` or an engine selector (``onnx``, ``onnx:int8``, ``auto``...); an engine is
+    judged at its own threshold (INT8 engines are recalibrated at export).
+    """
     bundle = Bundle.open(bundle_path)
     dataset = MVTecCategory(data_root, category)
     samples = dataset.test_samples()
     preprocess = bundle.preprocess
     if engine == "torch":
         maps, scores, ms = infer(load_model(bundle, device), dataset, samples, preprocess, progress=progress)
+        decision = bundle.decision
     else:
-        from edgeinspect.runtime.backends import OnnxRuntimeBackend
-
-        path, _ = bundle.engine(engine)
-        maps, scores, ms = infer_engine(OnnxRuntimeBackend(path), dataset, samples, preprocess, progress)
-    metrics = test_metrics(dataset, samples, preprocess, maps, scores, bundle.decision["threshold"])
+        entry, backend = open_engine(bundle, engine)
+        maps, scores, ms = infer_engine(backend, dataset, samples, preprocess, progress)
+        decision = bundle.engine_decision(entry)
+        engine = f"{entry['format']}:{entry['precision']}"
+    metrics = test_metrics(dataset, samples, preprocess, maps, scores, decision["threshold"])
     return {**metrics, "engine": engine, "ms_per_image": ms, "bundle_id": bundle.bundle_id,
             "category": category, "data_root": str(Path(data_root).resolve())}

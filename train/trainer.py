@@ -105,6 +105,27 @@ def split_holdout(samples: Sequence[Sample], fraction: float, minimum: int) -> t
     return fit, hold
 
 
+def split_for_calibration(dataset: MVTecCategory, train_cfg: dict[str, Any]
+                          ) -> tuple[list[Sample], list[Sample], bool]:
+    """(images to fit, images to set the threshold on, whether the latter are a labelled val split).
+
+    Deterministic, so an export can recalibrate an engine on exactly the images training used.
+    """
+    val = dataset.val_samples()
+    if val:
+        return dataset.train_samples(), val, True
+    fit, holdout = split_holdout(dataset.train_samples(), train_cfg["holdout_fraction"], train_cfg["min_holdout"])
+    return fit, holdout, False
+
+
+def calibrate(samples: Sequence[Sample], scores: np.ndarray, labelled: bool, decision_cfg: dict[str, Any]
+              ) -> dict[str, Any]:
+    """The decision (threshold, normalisation) from the scores of :func:`split_for_calibration`'s images."""
+    labels = np.array([s.label for s in samples])
+    return decide(scores[labels == 0], decision_cfg, val_labels=labels if labelled else None,
+                  val_scores=scores if labelled else None)
+
+
 def decide(good_scores: np.ndarray, decision_cfg: dict[str, Any], *, val_labels: np.ndarray | None = None,
            val_scores: np.ndarray | None = None) -> dict[str, Any]:
     """Threshold and score normalisation for the bundle.
@@ -157,24 +178,17 @@ def train(family: str, data_root: str | Path, category: str, out: str | Path, co
     dataset = MVTecCategory(data_root, category)
     preprocess = make_preprocess(family, config)
     tcfg = config["train"]
-    val = dataset.val_samples()
-    if val:
-        fit_samples, holdout = dataset.train_samples(), []
-    else:
-        fit_samples, holdout = split_holdout(dataset.train_samples(), tcfg["holdout_fraction"], tcfg["min_holdout"])
-    log.info("fitting %s on %d good images (%d held out for calibration, %d labelled val images)",
-             family, len(fit_samples), len(holdout), len(val))
+    fit_samples, calib, labelled = split_for_calibration(dataset, tcfg)
+    log.info("fitting %s on %d good images (%d %s images for the threshold)", family, len(fit_samples),
+             len(calib), "labelled val" if labelled else "held-out good")
 
     model = build_model(family, config["model"], preprocess.input_size).to(dev)
     t0 = time.perf_counter()
     model.fit(iterate_batches(dataset, fit_samples, preprocess, tcfg["batch_size"]), progress=progress)
     fit_seconds = time.perf_counter() - t0
 
-    calib = val or holdout
     _, calib_scores, _ = infer(model, dataset, calib, preprocess, progress=progress)
-    calib_labels = np.array([s.label for s in calib])
-    decision = decide(calib_scores[calib_labels == 0], config["decision"],
-                      val_labels=calib_labels if val else None, val_scores=calib_scores if val else None)
+    decision = calibrate(calib, calib_scores, labelled, config["decision"])
 
     test = dataset.test_samples()
     maps, scores, ms = infer(model, dataset, test, preprocess, progress=progress)

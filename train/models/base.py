@@ -42,6 +42,9 @@ class AnomalyModel(nn.Module):
     """Base class: subclasses implement :meth:`fit`, :meth:`patch_scores` and the statistics I/O."""
 
     family: str = ""
+    # Submodules whose operations may run in FP16/INT8 engines; everything else (the statistics,
+    # nearest-neighbour / Mahalanobis scoring and the map head) stays in float32.
+    low_precision_modules: tuple[str, ...] = ("extractor",)
 
     def __init__(self, backbone: str, stages: Sequence[str], input_size: tuple[int, int],
                  smoothing_sigma: float, *, pretrained: bool = True, weights: str | None = None):

@@ -1,7 +1,4 @@
-"""Engine backends: run an exported engine on a preprocessed NCHW float32 tensor.
-
-Every backend returns ``(anomaly_map N x 1 x H x W, score N)`` as float32 numpy arrays.
-"""
+"""ONNX Runtime backend: any ONNX engine (FP32, FP16, INT8 QDQ) on the CPU, CUDA, TensorRT or CoreML providers."""
 
 from __future__ import annotations
 
@@ -22,7 +19,8 @@ ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
 class OnnxRuntimeBackend:
     """An ONNX Runtime session on the requested execution providers (CPU always last)."""
 
-    def __init__(self, path: str | Path, providers: tuple[str, ...] = ("cpu",), threads: int | None = None):
+    def __init__(self, path: str | Path, *, output_names: list[str] | None = None,
+                 providers: tuple[str, ...] = ("cpu",), threads: int | None = None):
         import onnxruntime as ort
 
         unknown = [p for p in providers if p not in ORT_PROVIDERS]
@@ -45,10 +43,20 @@ class OnnxRuntimeBackend:
             raise BundleError(f"ONNX Runtime cannot load engine {path}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
         self.input_shape = tuple(self.session.get_inputs()[0].shape)
+        self.output_names = output_names or [o.name for o in self.session.get_outputs()]
         self.providers = self.session.get_providers()
+        self.description = f"ONNX Runtime {ort.__version__} on {', '.join(self.providers)}"
         log.info("ONNX Runtime engine %s on %s", path, self.providers)
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this backend cannot run here, or None."""
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "onnxruntime is not installed (pip install edgeinspect[runtime])"
+        return None
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         """Run one preprocessed batch whose shape matches the engine's fixed input shape."""
-        amap, score = self.session.run(["anomaly_map", "score"], {self.input_name: x})
-        return amap, score
+        return tuple(self.session.run(self.output_names, {self.input_name: x}))

@@ -1,0 +1,320 @@
+"""``edgeinspect bench``: one row per engine of a bundle, measured side by side on this device.
+
+For each engine: whether it runs here (or why not), size, image AUROC and OK/NOK agreement with the
+FP32 engine on the test split, latency of the engine alone and of the whole runtime path
+(``Predictor.predict``: preprocess of a decoded frame + engine + post-processing), FPS and the peak
+RSS of a torch-free runtime process. Two reference rows time the frozen backbone alone as its own
+ONNX graph (FP32 and INT8): the floor the anomaly engines are measured against (``x_backbone``).
+
+Timings are batch 1, ``--warmup`` untimed calls then ``--runs`` timed calls per case, split into
+``--rounds`` rounds that alternate the cases (:func:`time_interleaved`), so drifts of a shared
+machine hit every row alike. This module imports only the standard library and numpy at the top,
+so the RSS child process can import it without torch.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MB = 1e6  # sizes are reported in decimal megabytes
+ROW_KEYS = ("format", "precision", "status", "size_mb", "image_auroc", "verdict_agreement", "engine_p50_ms",
+            "runtime_p50_ms", "runtime_p90_ms", "runtime_p99_ms", "fps", "peak_rss_mb", "x_backbone")
+
+
+# ------------------------------------------------------------------------------------ timing helpers
+def find_images(folder: str | Path) -> list[Path]:
+    """Every ``*.png`` under ``folder`` (recursively), sorted; mask files (``*_mask.png``) are skipped."""
+    return sorted(p for p in Path(folder).rglob("*.png") if p.is_file() and not p.stem.endswith("_mask"))
+
+
+def load_images(paths: Sequence[Path]) -> list[np.ndarray]:
+    """Decode image files to HxWx3 uint8 RGB arrays (done once, outside any timing)."""
+    from edgeinspect.imageio import read_image
+
+    return [read_image(p) for p in paths]
+
+
+def summarize(ms: Sequence[float]) -> dict[str, float]:
+    """Mean, p50, p90, p95, p99, min and max of a list of milliseconds."""
+    a = np.asarray(ms, np.float64)
+    pct = {f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 95, 99)}
+    return {"mean": float(a.mean()), **pct, "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
+
+
+Case = tuple[Callable[[Any], Any], Sequence[Any]]
+
+
+def time_interleaved(cases: dict[str, Case], warmup: int, runs: int, rounds: int
+                     ) -> dict[str, tuple[list[float], list[Any]]]:
+    """Time several ``(fn, inputs)`` cases in alternating rounds; per case the ms and return value of each call.
+
+    Each case first gets ``warmup`` untimed calls. Then ``runs`` timed calls per case are split into
+    ``rounds`` rounds; in every round each case runs its share back to back (after one untimed call
+    that re-warms its caches and thread pools), so slow drifts of the machine hit all cases alike
+    while each case still runs as it would on its own. Call ``i`` of a case gets
+    ``inputs[i % len(inputs)]``, so every case sees the same images in the same order.
+    """
+    rounds = max(1, min(rounds, runs))
+    out: dict[str, tuple[list[float], list[Any]]] = {name: ([], []) for name in cases}
+    for fn, inputs in cases.values():
+        for i in range(warmup):
+            fn(inputs[i % len(inputs)])
+    for r in range(rounds):
+        start, stop = r * runs // rounds, (r + 1) * runs // rounds
+        for name, (fn, inputs) in cases.items():
+            if r:
+                fn(inputs[start % len(inputs)])
+            ms, results = out[name]
+            for i in range(start, stop):
+                item = inputs[i % len(inputs)]
+                t0 = time.perf_counter()
+                result = fn(item)
+                ms.append(1e3 * (time.perf_counter() - t0))
+                results.append(result)
+    return out
+
+
+# ------------------------------------------------------------------------------------ the device
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (Linux), sysctl (macOS), else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        proc = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        if proc.returncode == 0:
+            return proc.stdout.strip()
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    """The CPU features that decide INT8/FP16 speed (AVX2, AVX-512, VNNI, AMX, NEON...), where listed."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "fma",
+              "asimd", "asimddp", "fphp", "i8mm")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return ["arm64"] if platform.machine() == "arm64" else []
+
+
+def gpu_name() -> str | None:
+    """The NVIDIA GPU(s) nvidia-smi reports, or None."""
+    try:
+        proc = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip().replace("\n", "; ") or None
+
+
+def device_info() -> dict[str, Any]:
+    """Platform, CPU (model, feature flags, cores), GPU and library versions (missing ones are None)."""
+    info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu_model(),
+                            "cpu_flags": cpu_flags(), "cpu_count": os.cpu_count(), "gpu": gpu_name(),
+                            "python": platform.python_version(), "numpy": np.__version__,
+                            "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    for name in ("onnxruntime", "torch", "cv2", "faiss", "tensorrt", "coremltools"):
+        try:
+            module = __import__(name)
+            info[name] = getattr(module, "__version__", "unknown")
+        except ImportError:
+            info[name] = None
+    return info
+
+
+def device_slug(info: dict[str, Any]) -> str:
+    """A file name for this device's results, e.g. ``x86_64-amd-epyc-2cpu``."""
+    cpu = "".join(c if c.isalnum() else "-" for c in info["cpu"].lower()).strip("-")
+    while "--" in cpu:
+        cpu = cpu.replace("--", "-")
+    gpu = "-" + "".join(c if c.isalnum() else "-" for c in info["gpu"].split(",")[0].lower()) if info["gpu"] else ""
+    return f"{info['machine']}-{cpu}-{info['cpu_count']}cpu{gpu}"
+
+
+# ----------------------------------------------------------------------------------- RSS child process
+def maxrss_mb() -> float:
+    """Peak resident set size of this process in MB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / MB if sys.platform == "darwin" else rss * 1024 / MB
+
+
+def rss_child(bundle_path: str, engine: str, image_paths: Sequence[str], threads: int | None, runs: int
+              ) -> dict[str, Any]:
+    """Run in a fresh interpreter: load the runtime Predictor, predict ``runs`` times, report peak RSS."""
+    start = maxrss_mb()
+    from edgeinspect.imageio import read_image
+    from edgeinspect.runtime.predictor import Predictor
+
+    predictor = Predictor(bundle_path, engine=engine, threads=threads)
+    for i in range(runs):  # images are read one at a time, as a camera delivers them
+        predictor.predict(read_image(image_paths[i % len(image_paths)]))
+    return {"rss_start_mb": start, "peak_rss_mb": maxrss_mb(), "torch_imported": "torch" in sys.modules}
+
+
+def measure_rss(bundle_path: Path, engine: str, image_paths: Sequence[Path], threads: int | None, runs: int
+                ) -> dict[str, Any]:
+    """Peak RSS of the runtime alone, measured in a child interpreter without torch."""
+    args = json.dumps([str(bundle_path), engine, [str(p) for p in image_paths], threads, runs])
+    code = ("import json, sys; from edgeinspect.bench import rss_child; "
+            "print(json.dumps(rss_child(*json.loads(sys.argv[1]))))")
+    # Linux carries ru_maxrss over execve, so a child exec'd straight from this (torch-sized) process would
+    # report at least our peak. A small shell in between forks the interpreter from its own small image.
+    proc = subprocess.run(["/bin/sh", "-c", '"$0" "$@"; exit $?', sys.executable, "-c", code, args],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"RSS child process failed ({proc.returncode}):\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------ backbone alone
+def backbone_engines(bundle: Any, workdir: Path, calibration: list[np.ndarray]) -> dict[str, Path]:
+    """The bundle's frozen feature extractor as FP32 and INT8 ONNX graphs (what every engine builds on)."""
+    import torch
+
+    from edgeinspect.export.onnx import write_fp32
+    from edgeinspect.export.quantize import quantize_qdq
+    from edgeinspect.train.trainer import load_model
+
+    class Backbone(torch.nn.Module):
+        def __init__(self, extractor: torch.nn.Module):
+            super().__init__()
+            self.extractor = extractor
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            return self.extractor(x)
+
+    model = load_model(bundle, "cpu")
+    fp32, int8 = workdir / "backbone_fp32.onnx", workdir / "backbone_int8.onnx"
+    write_fp32(Backbone(model.extractor), fp32, tuple(bundle.manifest["input"]["shape"]),
+               list(model.extractor.stages))
+    quantize_qdq(fp32, int8, calibration, [], "minmax", True)
+    return {"fp32": fp32, "int8": int8}
+
+
+# ------------------------------------------------------------------------------------------- bench
+def bench(bundle_path: str | Path, engines: Sequence[str] = (), *, data_root: str | Path | None = None,
+          category: str | None = None, warmup: int = 5, runs: int = 50, rounds: int = 5, threads: int | None = None,
+          backbone: bool = True, rss: bool = True) -> dict[str, Any]:
+    """``{"device": {...}, "rows": [...]}`` for the bundle's engines (or the ``engines`` selectors)."""
+    from edgeinspect.bundle import Bundle, size_path
+    from edgeinspect.runtime.backends import OnnxRuntimeBackend, backend_class, parse_selector
+    from edgeinspect.runtime.predictor import Predictor
+    from edgeinspect.train.metrics import image_auroc
+
+    info = device_info()
+    bundle = Bundle.open(bundle_path)
+    data = bundle.manifest["data"]
+    test_dir = Path(data_root or data["root"]) / (category or data["category"]) / "test"
+    paths = find_images(test_dir)
+    if not paths:
+        from edgeinspect.errors import DataError
+
+        raise DataError(f"no test images under {test_dir}; give --data ROOT --category CAT")
+    labels = np.array([p.parent.name != "good" for p in paths])
+    images = load_images(paths)
+    tensors = [bundle.preprocess(rgb) for rgb in images]
+    selected = [parse_selector(s) for s in engines] or [(e["format"], e["precision"]) for e in bundle.engines]
+
+    rows: list[dict[str, Any]] = []
+    cases: dict[str, Case] = {}
+    predictors: dict[str, Any] = {}
+    for fmt, precision in selected:
+        row: dict[str, Any] = {"format": fmt, "precision": precision, "status": "ok"}
+        entry = bundle.find_engine(fmt, precision)
+        rows.append(row)
+        if entry is None:
+            row["status"] = "not in the bundle (edgeinspect export)"
+            continue
+        row["size_mb"] = round(size_path(bundle.path / entry["file"]) / MB, 2)
+        try:
+            reason = backend_class(fmt).unavailable_reason()
+        except Exception as exc:  # a format without runtime backend (Triton)
+            reason = str(exc)
+        if reason:
+            row["status"] = reason
+            continue
+        key = f"{fmt}:{precision}"
+        predictor = predictors[key] = Predictor(bundle, engine=key, threads=threads)
+        cases[f"engine|{key}"] = (predictor.backend.run, tensors)
+        cases[f"runtime|{key}"] = (predictor.predict, images)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if backbone:
+            for precision, path in backbone_engines(bundle, Path(tmp), tensors[:16]).items():
+                rows.append({"format": "backbone alone", "precision": precision, "status": "ok",
+                             "size_mb": round(path.stat().st_size / MB, 2)})
+                cases[f"engine|backbone:{precision}"] = (OnnxRuntimeBackend(path, threads=threads).run, tensors)
+        timed = time_interleaved(cases, warmup, runs, rounds)
+
+    reference = None
+    if "onnx:fp32" in predictors:
+        reference = [predictors["onnx:fp32"].predict(rgb) for rgb in images]
+    for row in rows:
+        key = f"{row['format']}:{row['precision']}"
+        if row["format"] == "backbone alone":
+            row["engine_p50_ms"] = round(summarize(timed[f"engine|backbone:{row['precision']}"][0])["p50"], 2)
+            continue
+        if key not in predictors:
+            continue
+        predictions = [predictors[key].predict(rgb) for rgb in images]
+        row["image_auroc"] = round(image_auroc(labels, np.array([p.raw_score for p in predictions])), 4)
+        if reference is not None:
+            row["verdict_agreement"] = round(float(np.mean([a.verdict == b.verdict
+                                                            for a, b in zip(predictions, reference, strict=True)])), 4)
+        engine_ms, runtime_ms = summarize(timed[f"engine|{key}"][0]), summarize(timed[f"runtime|{key}"][0])
+        row.update({"engine_p50_ms": round(engine_ms["p50"], 2), "runtime_p50_ms": round(runtime_ms["p50"], 2),
+                    "runtime_p90_ms": round(runtime_ms["p90"], 2), "runtime_p99_ms": round(runtime_ms["p99"], 2),
+                    "fps": round(1e3 / runtime_ms["mean"], 1)})
+        if rss:
+            row["peak_rss_mb"] = round(measure_rss(bundle.path, key, paths, threads, warmup + runs)["peak_rss_mb"], 1)
+    floor = next((r["engine_p50_ms"] for r in rows if r["format"] == "backbone alone" and r["precision"] == "fp32"),
+                 None)
+    for row in rows:
+        if floor and "runtime_p50_ms" in row:
+            row["x_backbone"] = round(row["runtime_p50_ms"] / floor, 2)
+        elif floor and row["format"] == "backbone alone":
+            row["x_backbone"] = round(row["engine_p50_ms"] / floor, 2)
+    del timed, predictors
+    gc.collect()
+    info["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return {"device": info, "bundle": {"path": str(bundle.path), "bundle_id": bundle.bundle_id,
+                                       "family": bundle.family, "category": category or data["category"],
+                                       "n_images": len(paths), "threads": threads or os.cpu_count(),
+                                       "warmup": warmup, "runs": runs, "rounds": rounds},
+            "rows": rows}
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The rows as a Markdown table, headed by the device and the bundle."""
+    d, b = report["device"], report["bundle"]
+    head = (f"{b['bundle_id']} ({b['family']}, {b['category']}, {b['n_images']} test images); {d['cpu']} "
+            f"({d['cpu_count']} CPUs; {', '.join(d['cpu_flags']) or 'no listed SIMD flags'}), "
+            f"GPU: {d['gpu'] or 'none'}; "
+            f"onnxruntime {d['onnxruntime']}; batch 1, {b['threads']} threads, {b['runs']} runs after "
+            f"{b['warmup']} warm-up in {b['rounds']} rounds")
+    lines = [head, "", "| " + " | ".join(ROW_KEYS) + " |", "|" + "---|" * len(ROW_KEYS)]
+    for row in report["rows"]:
+        lines.append("| " + " | ".join("-" if row.get(k) is None else str(row[k]) for k in ROW_KEYS) + " |")
+    return "\n".join(lines) + "\n"

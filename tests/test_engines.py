@@ -1,0 +1,226 @@
+"""Every row of the format table that can run here: FP16/INT8 ONNX with their gates, Core ML, Triton,
+TensorRT's refusal paths, metadata inside each engine, and engine selection in the runtime."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import SYNTH_CATEGORY
+from test_daemon import _serve_to_end
+
+from edgeinspect.bundle import Bundle
+from edgeinspect.config import load_config
+from edgeinspect.errors import BundleError, ConfigError, ExportError
+from edgeinspect.export.exporter import CannotBuildHere, export_bundle
+from edgeinspect.export.onnx import read_metadata
+from edgeinspect.imageio import read_image
+from edgeinspect.runtime.backends import TensorRTBackend, select_engine
+from edgeinspect.runtime.backends.tensorrt import check_plan_version, pack_plan, unpack_plan
+from edgeinspect.runtime.predictor import Predictor
+
+# A gate any INT8 engine meets, for the tests that need an INT8 engine to exist; the default gate
+# (configs/export.yaml) is exercised by test_int8_gate_refuses_and_retries and on real data.
+LENIENT_INT8 = ["int8.min_verdict_agreement=0.0", "int8.max_auroc_drop=1.0", "int8.exclusion_rounds=0",
+                "int8.calibration_images=16"]
+
+
+@pytest.fixture(scope="module")
+def all_engines(patchcore_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    """A copy of the PatchCore bundle after `export --format all` (INT8 under a lenient gate)."""
+    copy = tmp_path_factory.mktemp("engines") / "patchcore"
+    shutil.copytree(patchcore_bundle, copy)
+    results = export_bundle(copy, "all", "all", settings=load_config("export", overrides=LENIENT_INT8),
+                            progress=False)
+    return copy, results
+
+
+def _status(results: list) -> dict[str, str]:
+    return {f"{r.format}:{r.precision}": r.status for r in results}
+
+
+def test_export_all_writes_what_this_machine_can_build(all_engines: tuple[Path, list]) -> None:
+    bundle_path, results = all_engines
+    status = _status(results)
+    for key in ("onnx:fp32", "onnx:fp16", "onnx:int8", "triton:fp32", "triton:fp16", "triton:int8"):
+        assert status[key] == "written", key
+    reason = TensorRTBackend.unavailable_reason()
+    for precision in ("fp32", "fp16", "int8"):
+        if reason:  # no GPU here: TensorRT says why instead of building
+            assert status[f"tensorrt:{precision}"] == "skipped"
+            assert any("TensorRT" in r.detail and "GPU" in r.detail for r in results if r.format == "tensorrt")
+        assert status[f"coreml:{precision}"] == "written"
+    bundle = Bundle.open(bundle_path)  # every recorded engine (files and directories) matches its sha256
+    recorded = {f"{e['format']}:{e['precision']}" for e in bundle.engines}
+    assert recorded == {k for k, v in status.items() if v == "written"}
+    for entry in bundle.engines:
+        assert entry["bytes"] > 0 and len(entry["sha256"]) == 64
+        assert entry["parity"]["status"].startswith(("passed", "not run"))
+
+
+def test_fp16_engine_meets_its_documented_gate(all_engines: tuple[Path, list]) -> None:
+    bundle = Bundle.open(all_engines[0])
+    path, entry = bundle.engine("onnx", "fp16")
+    gate = load_config("export")["fp16"]
+    assert entry["parity"]["gate"]["tolerance"] == gate["tolerance"]
+    assert entry["parity"]["max_rel_score_delta"] <= gate["tolerance"]
+    assert entry["parity"]["verdict_agreement"] >= gate["min_verdict_agreement"]
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    fp16_weights = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert fp16_weights, "the feature extractor's weights are FP16"
+    # inputs and outputs stay FP32; the statistics (memory bank) stay FP32 too
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in model.graph.output)
+    bank_rows = int(np.load(bundle.file("memory_bank")).shape[0])
+    assert any(i.data_type == onnx.TensorProto.FLOAT and bank_rows in i.dims for i in model.graph.initializer)
+
+
+def test_int8_engine_is_qdq_with_its_own_calibrated_decision(all_engines: tuple[Path, list]) -> None:
+    bundle = Bundle.open(all_engines[0])
+    path, entry = bundle.engine("onnx", "int8")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert entry["int8"]["calibration_images"] == 16 and entry["int8"]["per_channel"] is True
+    assert entry["int8"]["statistics_nodes_in_float"] > 0
+    decision = entry["decision"]
+    assert decision["calibration"]["source"] == bundle.decision["calibration"]["source"]
+    assert decision["calibration"]["n_images"] == bundle.decision["calibration"]["n_images"]
+    assert bundle.engine_decision(entry) is decision
+    predictor = Predictor(bundle, engine="onnx:int8")
+    assert predictor.threshold == decision["threshold"] and predictor.engine == "onnx:int8"
+
+
+def test_int8_gate_refuses_and_retries(padim_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "padim"
+    shutil.copytree(padim_bundle, copy)
+    before = (copy / "manifest.json").read_bytes()
+    impossible = load_config("export", overrides=["int8.max_auroc_drop=-1.0", "int8.exclusion_rounds=1",
+                                                  "int8.exclude_per_round=2", "int8.calibration_images=8"])
+    results = export_bundle(copy, "onnx", "all", settings=impossible, progress=False)
+    status = _status(results)
+    assert status == {"onnx:fp32": "written", "onnx:fp16": "written", "onnx:int8": "refused"}
+    detail = next(r.detail for r in results if r.precision == "int8")
+    assert "after 2 attempts (last with 2 sensitive nodes in float)" in detail
+    assert "image AUROC drop" in detail and "> -1" in detail
+    assert not (copy / "engines" / "model_int8.onnx").exists()
+    assert not list((copy / "engines").glob(".tmp-*"))
+    assert Bundle.open(copy).find_engine("onnx", "int8") is None
+    assert (copy / "manifest.json").read_bytes() != before  # fp32 and fp16 were recorded
+    with pytest.raises(ExportError, match="onnx:int8 refused"):
+        export_bundle(copy, "onnx", "int8", settings=impossible, progress=False)
+
+
+def test_metadata_travels_inside_every_engine(all_engines: tuple[Path, list]) -> None:
+    bundle = Bundle.open(all_engines[0])
+    for precision in ("fp32", "fp16", "int8"):
+        meta = read_metadata(bundle.engine("onnx", precision)[0])
+        assert meta["bundle_id"] == bundle.bundle_id and meta["precision"] == precision
+        assert json.loads(meta["decision"]) == bundle.decision
+    coremltools = pytest.importorskip("coremltools")
+    for precision in ("fp32", "fp16", "int8"):
+        path, _ = bundle.engine("coreml", precision)
+        spec = coremltools.utils.load_spec(str(path))
+        meta = dict(spec.description.metadata.userDefined)
+        assert meta["bundle_id"] == bundle.bundle_id and meta["precision"] == precision
+        assert json.loads(meta["preprocess"]) == bundle.manifest["preprocess"]
+        assert [i.name for i in spec.description.input] == ["image"]
+        assert list(spec.description.input[0].type.multiArrayType.shape) == [1, 3, 224, 224]
+        assert [o.name for o in spec.description.output] == ["anomaly_map", "score"]
+    plan = pack_plan({"tensorrt_version": "10.0.1", "bundle_id": bundle.bundle_id}, b"PLAN")
+    assert unpack_plan(plan) == ({"tensorrt_version": "10.0.1", "bundle_id": bundle.bundle_id}, b"PLAN")
+
+
+def test_coreml_prediction_needs_macos(all_engines: tuple[Path, list]) -> None:
+    bundle = Bundle.open(all_engines[0])
+    entry = bundle.find_engine("coreml", "fp16")
+    if sys.platform != "darwin":
+        assert "macOS" in entry["parity"]["reason"]
+        with pytest.raises(ConfigError, match="only on macOS"):
+            Predictor(bundle, engine="coreml:fp16")
+        pytest.skip("Core ML prediction runs only on macOS; conversion and spec are checked above")
+    assert entry["parity"]["passed"]
+
+
+def test_triton_config_parses_with_tritons_protobuf(all_engines: tuple[Path, list]) -> None:
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from google.protobuf import text_format
+
+    bundle = Bundle.open(all_engines[0])
+    for precision in ("fp32", "int8"):
+        repo, entry = bundle.engine("triton", precision)
+        config = text_format.Parse((repo / entry["model_name"] / "config.pbtxt").read_text(),
+                                   model_config_pb2.ModelConfig())
+        model_file = repo / entry["model_name"] / "1" / "model.onnx"
+        source, source_entry = bundle.engine("onnx", precision)
+        assert model_file.read_bytes() == source.read_bytes()
+        assert config.name == entry["model_name"] and config.platform == "onnxruntime_onnx"
+        assert config.max_batch_size == 0 and config.instance_group[0].count == 1
+        graph = onnx.load(str(model_file)).graph
+        for tensors, declared in ((graph.input, config.input), (graph.output, config.output)):
+            assert [t.name for t in tensors] == [d.name for d in declared]
+            for t, d in zip(tensors, declared, strict=True):
+                assert [x.dim_value for x in t.type.tensor_type.shape.dim] == list(d.dims)
+                assert d.data_type == model_config_pb2.TYPE_FP32
+        assert config.parameters["bundle_id"].string_value == bundle.bundle_id
+        assert entry["parity"]["passed"] == source_entry["parity"]["passed"]
+
+
+def test_tensorrt_refuses_without_gpu_and_refuses_foreign_plans(patchcore_bundle: Path, tmp_path: Path) -> None:
+    header, _ = unpack_plan(pack_plan({"tensorrt_version": "8.6.1", "gpu": "Orin (sm_87)", "precision": "int8"},
+                                      b"\x00" * 16))
+    with pytest.raises(BundleError, match="built with TensorRT 8.6.1 on Orin.*has TensorRT 10.3.0.*re-export"):
+        check_plan_version(header, "10.3.0", "model_int8.engine")
+    check_plan_version(header, "8.6.1", "model_int8.engine")  # same version: accepted
+    with pytest.raises(BundleError, match="not an edgeinspect TensorRT plan"):
+        unpack_plan(b"\x10\x00\x00\x00not json at all!", "bad.engine")
+    reason = TensorRTBackend.unavailable_reason()
+    if reason is None:
+        pytest.skip("TensorRT and a GPU are present: the build path runs instead (see the README)")
+    copy = tmp_path / "b"
+    shutil.copytree(patchcore_bundle, copy)
+    with pytest.raises(CannotBuildHere, match="TensorRT engines are built on the GPU that runs them"):
+        export_bundle(copy, "tensorrt", "fp16", progress=False)
+    with pytest.raises(ConfigError, match="cannot run TensorRT engine"):
+        TensorRTBackend(copy / "engines" / "model_fp16.engine")
+
+
+def test_engine_selection(all_engines: tuple[Path, list], patchcore_bundle: Path) -> None:
+    bundle = Bundle.open(all_engines[0])
+    auto = select_engine(bundle, "auto")  # no GPU, not macOS: ONNX INT8 (its gate passed)
+    if TensorRTBackend.unavailable_reason() and sys.platform != "darwin":
+        assert (auto["format"], auto["precision"]) == ("onnx", "int8")
+    assert select_engine(bundle, "onnx")["precision"] == "fp32"
+    assert select_engine(bundle, "onnx:fp16")["precision"] == "fp16"
+    assert select_engine(Bundle.open(patchcore_bundle), "auto")["precision"] == "fp32"  # only FP32 there
+    with pytest.raises(BundleError, match="no tensorrt:fp16 engine.*--format tensorrt --precision fp16"):
+        select_engine(bundle, "tensorrt:fp16")
+    with pytest.raises(ConfigError, match="no runtime backend"):
+        select_engine(bundle, "tflite")
+
+
+def test_predict_takes_an_engine_selector(all_engines: tuple[Path, list], synth_root: Path) -> None:
+    bundle = all_engines[0]
+    image = sorted((synth_root / SYNTH_CATEGORY / "test" / "good").glob("*.png"))[0]
+    proc = subprocess.run([sys.executable, "-m", "edgeinspect", "predict", str(bundle), str(image), "--json",
+                           "--engine", "onnx:int8"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "engine onnx:int8" in proc.stderr
+    result = json.loads(proc.stdout)
+    int8 = Predictor(bundle, engine="onnx:int8").predict(read_image(image))
+    assert result["raw_score"] == pytest.approx(int8.raw_score, rel=1e-5)
+    assert result["raw_threshold"] == pytest.approx(Bundle.open(bundle).find_engine("onnx", "int8")
+                                                    ["decision"]["threshold"], rel=1e-6)
+
+
+def test_serve_runs_the_selected_engine(all_engines: tuple[Path, list], synth_root: Path) -> None:
+    folder = synth_root / SYNTH_CATEGORY / "test" / "crack"
+    verdicts, statuses = _serve_to_end(all_engines[0], folder, "--engine", "onnx:int8")
+    assert len(verdicts) == len(list(folder.glob("*.png"))) and {v["engine"] for v in verdicts} == {"onnx:int8"}
+    assert statuses[-1]["engine"] == "onnx:int8" and statuses[-1]["state"] == "stopped"
