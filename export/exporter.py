@@ -10,6 +10,7 @@ recorded with ``parity.status`` saying so.
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import time
@@ -28,7 +29,7 @@ from edgeinspect.runtime.backends import backend_class
 from edgeinspect.train.data import MVTecCategory
 from edgeinspect.train.evaluate import infer_engine
 from edgeinspect.train.models import AnomalyModel
-from edgeinspect.train.trainer import calibrate, infer, load_model, split_for_calibration
+from edgeinspect.train.trainer import calibrate, infer, iterate_batches, load_model, split_for_calibration
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,26 @@ class ExportJob:
         fit = self.calibration_split[0]
         picks = [fit[int(i * len(fit) / min(count, len(fit)))] for i in range(min(count, len(fit)))]
         return [self.bundle.preprocess(self.dataset.load_image(s)) for s in picks]
+
+    def refit_on_engine(self, engine: Path) -> AnomalyModel:
+        """A copy of the model with its statistics fit on the features ``engine`` computes.
+
+        The low-precision modules are stood in for by that part of the ONNX engine (run with ONNX
+        Runtime) while ``fit`` runs on training's fit images, so the memory bank / Gaussians describe
+        the quantized features the engine will see on the line, not the FP32 ones.
+        """
+        from edgeinspect.export.onnx import OnnxSubgraph
+
+        model = copy.deepcopy(self.model)
+        example = self.calibration_inputs(1)[0]
+        for name in model.low_precision_modules:
+            setattr(model, name, OnnxSubgraph(engine, f"/{name}/", getattr(self.model, name), example))
+        fit = self.calibration_split[0]
+        batch_size = int(self.bundle.manifest["config"]["train"]["batch_size"])
+        model.fit(iterate_batches(self.dataset, fit, self.bundle.preprocess, batch_size), progress=self.progress)
+        for name in model.low_precision_modules:
+            setattr(model, name, getattr(self.model, name))
+        return model
 
     @cached_property
     def test_samples(self) -> list:

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
 import torch
 
@@ -76,18 +77,27 @@ def write_fp16(source: Path, path: Path, low_precision_prefixes: tuple[str, ...]
 
 
 def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
-    """Static QDQ quantization of the extractor, retried with the most sensitive nodes kept in float."""
+    """Static QDQ quantization of the extractor, its statistics refit on the quantized features,
+    retried with the most sensitive nodes kept in float."""
     from edgeinspect.export.quantize import quantize_qdq, rank_sensitive_nodes
 
     cfg = job.settings["int8"]
     source = job.source_engine("onnx", "fp32")
     model = onnx.load(str(source))
     keep = float_nodes(model, job.low_precision_prefixes())
+    keep += boundary_producers(model, keep)
     inputs = job.calibration_inputs(int(cfg["calibration_images"]))
+    refit = bool(cfg["refit_statistics"]) and job.model.fit_is_statistics
     moved: list[str] = []
     attempts = []
     for attempt in range(int(cfg["exclusion_rounds"]) + 1):
         quantize_qdq(source, path, inputs, keep + moved, cfg["calibration_method"], bool(cfg["per_channel"]))
+        if refit:  # same calibration, same extractor quantization: only the float statistics change
+            with tempfile.TemporaryDirectory() as tmp:
+                refit_source = Path(tmp) / "refit.onnx"
+                write_fp32(job.refit_on_engine(path), refit_source, job.input_shape, job.output_names)
+                quantize_qdq(refit_source, path, inputs, keep + moved, cfg["calibration_method"],
+                             bool(cfg["per_channel"]))
         parity, _, _ = job.check("onnx", "int8", path)
         attempts.append(parity.describe())
         if parity.passed:
@@ -100,8 +110,62 @@ def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
                           f"sensitive nodes in float): " + " | ".join(attempts))
     check(path)
     return {"int8": {"calibration_images": len(inputs), "calibration_method": cfg["calibration_method"],
-                     "per_channel": bool(cfg["per_channel"]), "attempts": len(attempts), "moved_to_float": moved,
+                     "per_channel": bool(cfg["per_channel"]), "statistics_refit_on_int8_features": refit,
+                     "attempts": len(attempts), "moved_to_float": moved,
                      "statistics_nodes_in_float": len(keep)}}
+
+
+class OnnxSubgraph(torch.nn.Module):
+    """Stands in for a submodule of the PyTorch model: runs the nodes of an ONNX engine under
+    ``prefix`` (from the input to the tensors the rest of the graph reads) with ONNX Runtime.
+
+    Outputs come in the submodule's own order, matched on ``example`` by shape and value.
+    """
+
+    def __init__(self, engine: Path, prefix: str, module: torch.nn.Module, example: Any):
+        import onnxruntime as ort
+
+        super().__init__()
+        model = onnx.load(str(engine))
+        # the quantizer's Q/DQ nodes belong to the nodes they quantize, whatever their names
+        outside = [n for n in model.graph.node
+                   if not n.name.startswith(prefix) and n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
+        made_inside = {o for n in model.graph.node if n not in outside for o in n.output}
+        boundary = list(dict.fromkeys(i for n in outside for i in n.input if i in made_inside))
+        needed, nodes = set(boundary), []
+        for node in reversed(model.graph.node):  # the nodes the boundary tensors depend on
+            if needed & set(node.output):
+                nodes.append(node)
+                needed.update(node.input)
+        del model.graph.node[:], model.graph.output[:]
+        model.graph.node.extend(reversed(nodes))
+        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in boundary)
+        initializers = [t for t in model.graph.initializer if t.name in needed]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(initializers)
+        self._session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        self._input = model.graph.input[0].name
+        with torch.no_grad():
+            reference = module(torch.from_numpy(example))
+        self._single = isinstance(reference, torch.Tensor)
+        wanted = _as_list(reference)
+        got = self._session.run(None, {self._input: example})
+        self._order = []
+        for ref in wanted:
+            candidates = [k for k, g in enumerate(got) if g.shape == tuple(ref.shape) and k not in self._order]
+            if not candidates:
+                raise ExportError(f"the engine has no tensor under {prefix} shaped like {tuple(ref.shape)}")
+            self._order.append(min(candidates, key=lambda k: float(abs(got[k] - ref.numpy()).mean())))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The engine's tensors for each image of ``x`` (the engine has batch size 1), batched."""
+        runs = [self._session.run(None, {self._input: xi[None].cpu().numpy()}) for xi in x]
+        outs = [torch.from_numpy(np.concatenate([r[k] for r in runs])).to(x.device) for k in self._order]
+        return outs[0] if self._single else outs
+
+
+def _as_list(value: Any) -> list[torch.Tensor]:
+    return [value] if isinstance(value, torch.Tensor) else list(value)
 
 
 def drop_cast_round_trips(graph: onnx.GraphProto) -> None:
@@ -153,6 +217,14 @@ def sort_topologically(graph: onnx.GraphProto) -> None:
 def float_nodes(model: onnx.ModelProto, low_precision_prefixes: tuple[str, ...]) -> list[str]:
     """Names of the nodes outside the low-precision submodules: they stay in float."""
     return [n.name for n in model.graph.node if not n.name.startswith(low_precision_prefixes)]
+
+
+def boundary_producers(model: onnx.ModelProto, float_names: list[str]) -> list[str]:
+    """Low-precision nodes whose outputs feed the float part: they stay float too, so the features the
+    statistics see are not rounded to 8 bits (Mahalanobis distances amplify that rounding)."""
+    floats = set(float_names)
+    consumed = {i for n in model.graph.node if n.name in floats for i in n.input}
+    return [n.name for n in model.graph.node if n.name not in floats and consumed & set(n.output)]
 
 
 def check(path: Path) -> None:

@@ -17,11 +17,14 @@ class Gate:
     tolerance: float | None      # max |d map| and |d score| relative to the threshold; None: not required
     min_verdict_agreement: float  # fraction of test images with the same OK/NOK
     max_auroc_drop: float | None  # allowed image-AUROC loss against the PyTorch model; None: not required
+    borderline_band: float = 0.0  # images PyTorch scores within this fraction of its threshold are not
+    #                               counted in the agreement (any perturbation that size flips them)
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> Gate:
         """Build from a precision's section of the export config."""
-        return cls(section.get("tolerance"), float(section["min_verdict_agreement"]), section.get("max_auroc_drop"))
+        return cls(section.get("tolerance"), float(section["min_verdict_agreement"]), section.get("max_auroc_drop"),
+                   float(section.get("borderline_band") or 0.0))
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,11 @@ class Parity:
     max_abs_map_delta: float
     max_abs_score_delta: float
     max_rel_score_delta: float   # relative to the decision threshold
-    verdict_agreement: float     # fraction of images with the same OK/NOK (each at its own threshold)
+    verdict_agreement: float     # same OK/NOK (each at its own threshold), over the images outside the band
+    n_borderline: int            # images within the gate's borderline band, not counted above
+    verdict_agreement_all: float  # same OK/NOK over all images
+    flips_to_correct: int        # images whose verdict differs and the engine's matches the label
+    flips_to_wrong: int          # images whose verdict differs and PyTorch's matches the label
     reference_auroc: float       # image AUROC of the PyTorch model on these images
     image_auroc: float           # image AUROC of the engine
     gate: dict[str, Any]
@@ -51,7 +58,9 @@ class Parity:
         """One line for people."""
         line = (f"{self.n_images} images: max |d map| {self.max_abs_map_delta:.3g}, max |d score| "
                 f"{self.max_abs_score_delta:.3g} ({self.max_rel_score_delta:.3g} of the threshold), "
-                f"verdict agreement {100 * self.verdict_agreement:.1f}%, image AUROC {self.image_auroc:.4f} "
+                f"verdict agreement {100 * self.verdict_agreement:.1f}% ({100 * self.verdict_agreement_all:.1f}% "
+                f"with the {self.n_borderline} borderline; flips {self.flips_to_correct} to correct, "
+                f"{self.flips_to_wrong} to wrong), image AUROC {self.image_auroc:.4f} "
                 f"(PyTorch {self.reference_auroc:.4f})")
         return line + (f"; failed: {', '.join(self.failures)}" if self.failures else "")
 
@@ -66,8 +75,11 @@ def compare(reference: tuple[np.ndarray, np.ndarray], engine: tuple[np.ndarray, 
         maps, scores = np.nan_to_num(maps, posinf=big, neginf=-big), np.nan_to_num(scores, posinf=big, neginf=-big)
     map_delta = float(np.abs(ref_maps - maps).max())
     score_delta = float(np.abs(ref_scores - scores).max())
-    agreement = float(np.mean((ref_scores > reference_threshold) == (scores > engine_threshold)))
     scale = max(abs(reference_threshold), 1e-12)
+    ref_nok, nok = ref_scores > reference_threshold, scores > engine_threshold
+    clear = np.abs(ref_scores - reference_threshold) > gate.borderline_band * scale
+    agreement = float(np.mean(ref_nok[clear] == nok[clear])) if clear.any() else 1.0
+    flips = ref_nok != nok
     ref_auroc, auroc = image_auroc(labels, ref_scores), image_auroc(labels, scores)
     failures = [] if finite else ["the engine outputs NaN or infinity"]
     if gate.tolerance is not None and max(map_delta, score_delta) > gate.tolerance * scale:
@@ -77,5 +89,6 @@ def compare(reference: tuple[np.ndarray, np.ndarray], engine: tuple[np.ndarray, 
         failures.append(f"verdict agreement {100 * agreement:.1f}% < {100 * gate.min_verdict_agreement:g}%")
     if gate.max_auroc_drop is not None and ref_auroc - auroc > gate.max_auroc_drop:
         failures.append(f"image AUROC drop {ref_auroc - auroc:.4f} > {gate.max_auroc_drop:g}")
-    return Parity(len(scores), map_delta, score_delta, score_delta / scale, agreement, ref_auroc, auroc,
-                  asdict(gate), failures)
+    return Parity(len(scores), map_delta, score_delta, score_delta / scale, agreement, int((~clear).sum()),
+                  float(np.mean(~flips)), int((flips & (nok == labels.astype(bool))).sum()),
+                  int((flips & (ref_nok == labels.astype(bool))).sum()), ref_auroc, auroc, asdict(gate), failures)

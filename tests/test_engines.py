@@ -12,18 +12,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from conftest import SYNTH_CATEGORY
 from test_daemon import _serve_to_end
 
 from edgeinspect.bundle import Bundle
 from edgeinspect.config import load_config
 from edgeinspect.errors import BundleError, ConfigError, ExportError
-from edgeinspect.export.exporter import CannotBuildHere, export_bundle
-from edgeinspect.export.onnx import read_metadata
+from edgeinspect.export.exporter import CannotBuildHere, ExportJob, export_bundle
+from edgeinspect.export.onnx import OnnxSubgraph, read_metadata
+from edgeinspect.export.parity import Gate, compare
 from edgeinspect.imageio import read_image
 from edgeinspect.runtime.backends import TensorRTBackend, select_engine
 from edgeinspect.runtime.backends.tensorrt import check_plan_version, pack_plan, unpack_plan
 from edgeinspect.runtime.predictor import Predictor
+from edgeinspect.train.data import MVTecCategory
 
 # A gate any INT8 engine meets, for the tests that need an INT8 engine to exist; the default gate
 # (configs/export.yaml) is exercised by test_int8_gate_refuses_and_retries and on real data.
@@ -89,12 +92,56 @@ def test_int8_engine_is_qdq_with_its_own_calibrated_decision(all_engines: tuple[
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert entry["int8"]["calibration_images"] == 16 and entry["int8"]["per_channel"] is True
     assert entry["int8"]["statistics_nodes_in_float"] > 0
+    # the memory bank inside the engine was refit on the engine's own INT8 features
+    assert entry["int8"]["statistics_refit_on_int8_features"] is True
+    bank = np.load(bundle.file("memory_bank"))
+    engine_banks = [onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
+                    if i.data_type == onnx.TensorProto.FLOAT and int(np.prod(i.dims)) == bank.size]
+    assert engine_banks and not any(np.allclose(np.sort(b, axis=None), np.sort(bank, axis=None)) for b in engine_banks)
     decision = entry["decision"]
     assert decision["calibration"]["source"] == bundle.decision["calibration"]["source"]
     assert decision["calibration"]["n_images"] == bundle.decision["calibration"]["n_images"]
     assert bundle.engine_decision(entry) is decision
     predictor = Predictor(bundle, engine="onnx:int8")
     assert predictor.threshold == decision["threshold"] and predictor.engine == "onnx:int8"
+
+
+def test_statistics_refit_on_the_fp32_engine_reproduce_training(padim_bundle: Path, tmp_path: Path) -> None:
+    """The refit mechanism itself: the FP32 engine's extractor stands in for PyTorch's, and refitting
+    on its features gives back the statistics training wrote (INT8 refits the same way on its own)."""
+    shutil.copytree(padim_bundle, tmp_path / "padim")
+    export_bundle(tmp_path / "padim", "onnx", "fp32", progress=False)
+    bundle = Bundle.open(tmp_path / "padim")
+    job = ExportJob(bundle, MVTecCategory(bundle.manifest["data"]["root"], SYNTH_CATEGORY), load_config("export"),
+                    progress=False)
+    path, _ = bundle.engine("onnx", "fp32")
+    example = job.calibration_inputs(1)[0]
+    stand_in = OnnxSubgraph(path, "/extractor/", job.model.extractor, example)
+    with torch.no_grad():
+        reference = job.model.extractor(torch.from_numpy(example))
+    ours = stand_in(torch.from_numpy(np.concatenate([example, example])))
+    assert [tuple(o.shape[1:]) for o in ours] == [tuple(r.shape[1:]) for r in reference]
+    assert max(float((o[1:] - r).abs().max()) for o, r in zip(ours, reference, strict=True)) < 1e-3
+    refit = job.refit_on_engine(path)
+    assert refit.extractor is job.model.extractor  # the PyTorch extractor is back for tracing
+    np.testing.assert_allclose(refit.mean.numpy(), bundle.load_array("padim_mean"), rtol=1e-3, atol=1e-4)
+    inv_cov = bundle.load_array("padim_inv_cov")
+    assert np.abs(refit.inv_cov.numpy() - inv_cov).max() < 1e-2 * np.abs(inv_cov).max()
+
+
+def test_gate_leaves_out_borderline_images_and_splits_flips() -> None:
+    labels = np.array([0, 0, 1, 1])
+    reference = np.array([0.5, 0.999, 2.0, 0.9])  # threshold 1: image 1 is borderline, image 3 a missed defect
+    engine = np.array([0.5, 1.001, 2.0, 1.2])     # flips: image 1 (to wrong) and image 3 (to correct)
+    maps = np.zeros((4, 2, 2))
+    parity = compare((maps, reference), (maps, engine), labels, 1.0, 1.0,
+                     Gate(None, 0.99, None, borderline_band=0.02))
+    assert parity.n_borderline == 1 and parity.verdict_agreement == pytest.approx(2 / 3)
+    assert parity.verdict_agreement_all == 0.5
+    assert (parity.flips_to_correct, parity.flips_to_wrong) == (1, 1)
+    assert not parity.passed and "verdict agreement 66.7% < 99%" in parity.failures[0]
+    strict = compare((maps, reference), (maps, engine), labels, 1.0, 1.0, Gate(None, 0.5, None))
+    assert strict.n_borderline == 0 and strict.verdict_agreement == 0.5 and strict.passed
 
 
 def test_int8_gate_refuses_and_retries(padim_bundle: Path, tmp_path: Path) -> None:

@@ -45,6 +45,9 @@ class AnomalyModel(nn.Module):
     # Submodules whose operations may run in FP16/INT8 engines; everything else (the statistics,
     # nearest-neighbour / Mahalanobis scoring and the map head) stays in float32.
     low_precision_modules: tuple[str, ...] = ("extractor",)
+    # fit() only gathers statistics over the outputs of the frozen low-precision modules, so an INT8
+    # engine can have them refit on its own (quantized) features in seconds, without training.
+    fit_is_statistics: bool = True
 
     def __init__(self, backbone: str, stages: Sequence[str], input_size: tuple[int, int],
                  smoothing_sigma: float, *, pretrained: bool = True, weights: str | None = None):
