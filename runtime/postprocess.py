@@ -32,6 +32,8 @@ def normalize(raw: np.ndarray | float, normalization: dict) -> np.ndarray | floa
 def find_regions(anomaly_map: np.ndarray, threshold: float, min_area: int, normalization: dict,
                  preprocess: Preprocess, frame_hw: tuple[int, int]) -> list[Region]:
     """Boxes of the 8-connected regions of ``anomaly_map > threshold``, largest first."""
+    if float(anomaly_map.max()) <= threshold:  # the usual good part: no labelling to do
+        return []
     binary = (anomaly_map > threshold).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
     regions = []

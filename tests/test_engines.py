@@ -95,9 +95,12 @@ def test_int8_engine_is_qdq_with_its_own_calibrated_decision(all_engines: tuple[
     # the memory bank inside the engine was refit on the engine's own INT8 features
     assert entry["int8"]["statistics_refit_on_int8_features"] is True
     bank = np.load(bundle.file("memory_bank"))
-    engine_banks = [onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
-                    if i.data_type == onnx.TensorProto.FLOAT and int(np.prod(i.dims)) == bank.size]
-    assert engine_banks and not any(np.allclose(np.sort(b, axis=None), np.sort(bank, axis=None)) for b in engine_banks)
+    rows, dim = bank.shape
+    engine_banks = [a if a.shape[0] == rows else a.T for a in (onnx.numpy_helper.to_array(i) for i in
+                    onnx.load(str(path)).graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
+                    if a.ndim == 2 and rows in a.shape]
+    assert engine_banks and all(b.shape[1] >= dim for b in engine_banks)
+    assert not any(np.allclose(b[:, :dim], bank, atol=1e-3) for b in engine_banks)
     decision = entry["decision"]
     assert decision["calibration"]["source"] == bundle.decision["calibration"]["source"]
     assert decision["calibration"]["n_images"] == bundle.decision["calibration"]["n_images"]

@@ -17,25 +17,40 @@ from torch import nn
 from edgeinspect.train.backbones import FeatureExtractor
 
 
-class GaussianBlur(nn.Module):
-    """Separable Gaussian smoothing of a N1HW map with reflect padding (ONNX-exportable)."""
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian of radius ``round(4 sigma)`` (at least 1)."""
+    radius = max(1, int(4.0 * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    return kernel / kernel.sum()
 
-    def __init__(self, sigma: float):
+
+def upsample_blur_matrix(n_in: int, n_out: int, sigma: float) -> torch.Tensor:
+    """``n_out x n_in`` matrix of one axis of the map head: bilinear upsampling (align_corners False)
+    followed by Gaussian smoothing with reflect padding. Both are linear and separable, so the 2-D
+    head is ``rows @ patch_map @ cols.T``, computed exactly (to float rounding) by two small MatMuls."""
+    basis = torch.eye(n_in, dtype=torch.float64).reshape(n_in, 1, n_in, 1)
+    up = F.interpolate(basis, size=(n_out, 1), mode="bilinear", align_corners=False)
+    if sigma > 0:
+        kernel = gaussian_kernel(sigma)
+        r = kernel.numel() // 2
+        up = F.conv2d(F.pad(up, (0, 0, r, r), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return up.reshape(n_in, n_out).T.float().contiguous()
+
+
+class MapHead(nn.Module):
+    """Patch-score grid N x 1 x h x w -> anomaly map N x 1 x H x W: bilinear upsampling then Gaussian
+    smoothing (reflect borders), as one matrix product per axis (no Resize/Pad/Conv in the engine)."""
+
+    def __init__(self, grid: tuple[int, int], out_size: tuple[int, int], sigma: float):
         super().__init__()
-        radius = max(1, int(4.0 * sigma + 0.5))
-        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-        kernel = torch.exp(-(x**2) / (2 * sigma**2))
-        self.register_buffer("kernel", (kernel / kernel.sum()).view(1, 1, 1, -1), persistent=False)
-        self.radius = radius
-        self.enabled = sigma > 0
+        self.register_buffer("rows", upsample_blur_matrix(grid[0], out_size[0], sigma), persistent=False)
+        self.register_buffer("cols_t", upsample_blur_matrix(grid[1], out_size[1], sigma).T.contiguous(),
+                             persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Blur along width then height."""
-        if not self.enabled:
-            return x
-        r = self.radius
-        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), self.kernel)
-        return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), self.kernel.transpose(2, 3))
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        """rows @ scores @ cols^T over the last two axes."""
+        return torch.matmul(torch.matmul(self.rows, scores), self.cols_t)
 
 
 class AnomalyModel(nn.Module):
@@ -54,7 +69,9 @@ class AnomalyModel(nn.Module):
         super().__init__()
         self.extractor = FeatureExtractor(backbone, stages, pretrained=pretrained, weights=weights)
         self.input_size = tuple(input_size)
-        self.blur = GaussianBlur(smoothing_sigma)
+        with torch.no_grad():  # the patch grid: the finest stage, where every family's scores live
+            grid = tuple(self.extractor(torch.zeros(1, 3, *self.input_size))[0].shape[-2:])
+        self.head = MapHead(grid, self.input_size, smoothing_sigma)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embeddings N x D x h x w (subclasses choose how stage features are combined)."""
@@ -83,7 +100,7 @@ class AnomalyModel(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images N x 3 x H x W -> (anomaly map N x 1 x H x W, image score N)."""
         scores = self.patch_scores(self.embed(x))
-        amap = self.blur(F.interpolate(scores, size=self.input_size, mode="bilinear", align_corners=False))
+        amap = self.head(scores)
         return amap, amap.flatten(1).amax(dim=1)
 
 

@@ -61,18 +61,23 @@ class PatchCore(AnomalyModel):
         self.seed = seed
         dim = sum(self.extractor.channels())
         self.register_buffer("memory_bank", torch.zeros(0, dim), persistent=False)
-        self.register_buffer("memory_sq_norm", torch.zeros(0), persistent=False)
+        # the bank transposed, with each entry's squared norm as an extra row (see patch_scores)
+        self.register_buffer("bank_with_norms", torch.zeros(dim + 1, 0), persistent=False)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Locally aware patch features N x D x h x w at the finest stage's resolution."""
         return aggregate_stages(self.extractor(x), self.neighbourhood)
 
     def patch_scores(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Euclidean distance of every patch to its nearest memory-bank entry."""
+        """Euclidean distance of every patch to its nearest memory-bank entry.
+
+        min_j |p - b_j|^2 = |p|^2 + min_j (|b_j|^2 - 2 p.b_j): one MatMul of [-2p, 1] against the bank
+        with its norms appended, then a min; no elementwise pass over the patches x bank matrix.
+        """
         n, d, h, w = embedding.shape
         patches = embedding.permute(0, 2, 3, 1).reshape(-1, d)
-        sq = (patches * patches).sum(1, keepdim=True) - 2.0 * patches @ self.memory_bank.T
-        nearest = (sq + self.memory_sq_norm[None, :]).amin(dim=1)
+        scaled = torch.cat([-2.0 * patches, torch.ones_like(patches[:, :1])], dim=1)
+        nearest = (scaled @ self.bank_with_norms).amin(dim=1) + (patches * patches).sum(1)
         return nearest.clamp_min(0.0).sqrt().reshape(n, 1, h, w)
 
     @torch.no_grad()
@@ -90,7 +95,8 @@ class PatchCore(AnomalyModel):
     def _set_bank(self, bank: torch.Tensor) -> None:
         device = self.memory_bank.device
         self.memory_bank = bank.to(device=device, dtype=torch.float32).contiguous()
-        self.memory_sq_norm = (self.memory_bank**2).sum(1)
+        norms = (self.memory_bank.double() ** 2).sum(1).float()
+        self.bank_with_norms = torch.cat([self.memory_bank.T, norms[None]]).contiguous()
 
     def statistics(self) -> dict[str, np.ndarray]:
         """The memory bank, M x D float32."""
