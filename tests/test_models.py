@@ -37,6 +37,12 @@ def test_greedy_coreset_covers_better_than_random() -> None:
     assert coverage(idx) < 0.5 * coverage(random_idx)
     assert set(range(4000, 4005)) <= set(idx.tolist())  # every outlier kept
 
+    # in chunks (composable coreset): the same number of distinct picks, outliers kept, coverage close
+    chunked = greedy_coreset(points, 100, projection_dim=16, progress=False, chunk_size=1000)
+    assert len(chunked) == 100 and len(set(chunked.tolist())) == 100
+    assert set(range(4000, 4005)) <= set(chunked.tolist())
+    assert coverage(chunked) < 1.5 * coverage(idx) < 0.75 * coverage(random_idx)
+
 
 def _manifest(bundle: Path) -> dict:
     return json.loads((bundle / "manifest.json").read_text())

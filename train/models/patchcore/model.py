@@ -4,6 +4,7 @@ and nearest-neighbour scoring."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -13,11 +14,15 @@ from edgeinspect.train.models.base import AnomalyModel, aggregate_stages
 
 
 def greedy_coreset(features: torch.Tensor, n_select: int, projection_dim: int, seed: int = 0,
-                   progress: bool = True) -> torch.Tensor:
+                   progress: bool = True, chunk_size: int = 0) -> torch.Tensor:
     """Indices of an approximate k-center greedy coreset of ``features`` (N x D).
 
     Distances are computed on a Gaussian random projection to ``projection_dim`` dimensions
-    (Johnson-Lindenstrauss); each step updates the min-distance vector in preallocated buffers.
+    (Johnson-Lindenstrauss). With ``chunk_size > 0`` the patches are split at random into chunks of
+    at most that many, each chunk gets its share of the picks by its own greedy pass, and the union
+    is the coreset (a composable coreset: the union of k-center coresets of the parts covers the
+    whole). The cost is then linear in N instead of quadratic (every pick scans one chunk, not all
+    patches), and a chunk's working set stays in the CPU cache.
     """
     n = features.shape[0]
     n_select = max(1, min(n_select, n))
@@ -27,19 +32,34 @@ def greedy_coreset(features: torch.Tensor, n_select: int, projection_dim: int, s
         reduced = features @ proj.to(features.dtype)
     else:
         reduced = features
-    reduced = reduced.contiguous()
-    sq_norm = (reduced * reduced).sum(1)
-    min_dist = torch.full((n,), float("inf"), dtype=reduced.dtype)
+    n_chunks = -(-n // chunk_size) if chunk_size > 0 else 1
+    chunks = torch.randperm(n, generator=gen).tensor_split(n_chunks) if n_chunks > 1 else [torch.arange(n)]
+    # each chunk's share of the picks, rounded so that they add up to n_select
+    bounds = [0, *(round(n_select * end / n) for end in accumulate(len(c) for c in chunks))]
+    shares = [max(1, b - a) for a, b in zip(bounds, bounds[1:], strict=False)]
+    picks = []
+    with tqdm(total=sum(shares), desc="coreset", disable=not progress, unit="pt", mininterval=1.0) as bar:
+        for chunk, share in zip(chunks, shares, strict=True):
+            picks.append(chunk[_greedy(reduced[chunk].contiguous(), min(share, len(chunk)), gen, bar)])
+    return torch.cat(picks)
+
+
+def _greedy(points: torch.Tensor, n_select: int, gen: torch.Generator, bar: tqdm) -> torch.Tensor:
+    """Plain k-center greedy over ``points``: each pick is the point farthest from all picks so far."""
+    n = points.shape[0]
+    sq_norm = (points * points).sum(1)
+    min_dist = torch.full((n,), float("inf"), dtype=points.dtype)
     dist = torch.empty_like(min_dist)
     selected = torch.empty(n_select, dtype=torch.long)
     idx = int(torch.randint(n, (1,), generator=gen))
-    for step in tqdm(range(n_select), desc="coreset", disable=not progress, unit="pt", mininterval=1.0):
+    for step in range(n_select):
         selected[step] = idx
         # ||f - c||^2 = ||f||^2 - 2 f.c + ||c||^2, written into `dist` without allocating
-        torch.addmv(sq_norm, reduced, reduced[idx], alpha=-2.0, out=dist)
+        torch.addmv(sq_norm, points, points[idx], alpha=-2.0, out=dist)
         dist.add_(sq_norm[idx])
         torch.minimum(min_dist, dist, out=min_dist)
         idx = int(torch.argmax(min_dist))
+        bar.update()
     return selected
 
 
@@ -50,13 +70,14 @@ class PatchCore(AnomalyModel):
 
     def __init__(self, backbone: str = "efficientnet_lite0", stages: Sequence[str] = ("stage3", "stage5"),
                  input_size: Sequence[int] = (224, 224), *, neighbourhood: int = 3, coreset_ratio: float = 0.1,
-                 projection_dim: int = 64, smoothing_sigma: float = 4.0, seed: int = 0,
-                 pretrained: bool = True, weights: str | None = None):
+                 projection_dim: int = 64, coreset_chunk: int = 20000, smoothing_sigma: float = 4.0,
+                 seed: int = 0, pretrained: bool = True, weights: str | None = None):
         super().__init__(backbone, stages, tuple(input_size), smoothing_sigma, pretrained=pretrained,
                          weights=weights)
         self.neighbourhood = neighbourhood
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
+        self.coreset_chunk = coreset_chunk
         self.smoothing_sigma = smoothing_sigma
         self.seed = seed
         dim = sum(self.extractor.channels())
@@ -89,7 +110,7 @@ class PatchCore(AnomalyModel):
             chunks.append(e.permute(0, 2, 3, 1).reshape(-1, e.shape[1]).cpu())
         features = torch.cat(chunks)
         n_keep = int(round(self.coreset_ratio * features.shape[0]))
-        idx = greedy_coreset(features, n_keep, self.projection_dim, self.seed, progress)
+        idx = greedy_coreset(features, n_keep, self.projection_dim, self.seed, progress, self.coreset_chunk)
         self._set_bank(features[idx])
 
     def _set_bank(self, bank: torch.Tensor) -> None:
@@ -111,4 +132,5 @@ class PatchCore(AnomalyModel):
         return {"backbone": self.extractor.spec.name, "stages": self.extractor.stages,
                 "input_size": list(self.input_size), "neighbourhood": self.neighbourhood,
                 "coreset_ratio": self.coreset_ratio, "projection_dim": self.projection_dim,
+                "coreset_chunk": self.coreset_chunk,
                 "smoothing_sigma": self.smoothing_sigma, "seed": self.seed}
