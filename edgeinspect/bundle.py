@@ -240,6 +240,13 @@ class Bundle:
         text = json.dumps(self.manifest, indent=2, sort_keys=False, allow_nan=False)
         atomic_write_bytes(self.path / MANIFEST, (text + "\n").encode())
 
+    def staged_copy(self, staged: Path) -> Bundle:
+        """A copy of this bundle in ``staged`` (from :func:`staging_dir`), its checked files known as checked."""
+        shutil.copytree(self.path, staged, symlinks=True, dirs_exist_ok=True)
+        copy = Bundle(staged, json.loads(json.dumps(self.manifest)))
+        copy._verified = set(self._verified)
+        return copy
+
     def size_bytes(self) -> int:
         """Total size of every file in the bundle directory."""
         return size_path(self.path)

@@ -252,9 +252,7 @@ def export_bundle(bundle_path: str | Path, fmt: str = "onnx", precision: str = "
     dataset = MVTecCategory(root, category or data["category"])
     staged = staging_dir(target)
     try:
-        shutil.copytree(target, staged, symlinks=True, dirs_exist_ok=True)
-        bundle = Bundle(staged, copy.deepcopy(original.manifest))
-        bundle._verified = set(original._verified)  # the copy of files just checked
+        bundle = original.staged_copy(staged)
         results = _export_all(ExportJob(bundle, dataset, settings, progress), formats, precision, fmt == "all")
         if bundle.manifest != original.manifest:
             swap_in(staged, target)

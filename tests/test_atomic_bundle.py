@@ -76,6 +76,19 @@ def test_a_reader_sees_the_old_or_the_new_bundle_never_a_mix(tmp_path: Path) -> 
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no staging or old copies left
 
 
+def test_without_an_atomic_exchange_the_old_bundle_is_renamed_aside(tmp_path: Path, monkeypatch) -> None:
+    import edgeinspect.bundle as bundle_module
+
+    monkeypatch.setattr(bundle_module, "_exchange", lambda a, b: False)
+    target = tmp_path / "bundle"
+    for tag in ("v0", "v1"):
+        staged = staging_dir(target)
+        _fake_bundle(staged, tag)
+        swap_in(staged, target)
+    assert Bundle.open(target).bundle_id == "v1"
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
 def test_leftovers_of_a_killed_writer_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
     target = tmp_path / "b"
     dead = tmp_path / ".b.partial-999999999-dead"   # no such pid
