@@ -268,6 +268,12 @@ def _stale(path: Path) -> bool:
     return False
 
 
+def bundle_target(path: str | Path) -> Path:
+    """The directory a writer replaces: where a symlinked bundle path points, else the path itself."""
+    path = Path(path)
+    return path.resolve() if path.is_symlink() else path
+
+
 def staging_dir(target: str | Path) -> Path:
     """A new empty sibling ``.<name>.partial-<pid>-<token>`` of ``target`` to build a bundle in.
 

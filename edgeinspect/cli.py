@@ -381,7 +381,8 @@ def info(bundle: str) -> None:
 
     b = Bundle.open(bundle)
     m = b.manifest
-    _echo_json({"bundle_id": b.bundle_id, "model": m["model"], "decision": m["decision"],
+    _echo_json({"bundle_id": b.bundle_id, "model": m["model"], "input_images": m.get("input_images"),
+                "decision": m["decision"],
                 "engines": [{k: e.get(k) for k in ("file", "format", "precision", "bytes", "parity", "decision")}
                             for e in m["engines"]],
                 "metrics": m["metrics"], "size_bytes": b.size_bytes()})

@@ -28,7 +28,7 @@ def _decode(path: str | Path, flags: int, what: str) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{what} not found: {path}")
     try:
-        data = np.fromfile(str(path), dtype=np.uint8)
+        data = np.frombuffer(path.read_bytes(), dtype=np.uint8)
     except OSError as exc:
         raise DataError(f"cannot read {what} {path}: {exc.strerror}") from None
     image = cv2.imdecode(data, flags) if data.size else None

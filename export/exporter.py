@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeinspect.bundle import Bundle, sha256_path, size_path, staging_dir, swap_in
+from edgeinspect.bundle import Bundle, bundle_target, sha256_path, size_path, staging_dir, swap_in
 from edgeinspect.errors import BundleError, ConfigError, EdgeInspectError, ExportError
 from edgeinspect.export.formats import FORMATS, PRECISIONS, EngineFormat, get_format
 from edgeinspect.export.parity import Gate, Parity, compare
@@ -237,7 +237,7 @@ def export_bundle(bundle_path: str | Path, fmt: str = "onnx", precision: str = "
     from edgeinspect.config import load_config, validate
     from edgeinspect.train.models import get_model_class
 
-    target = Path(bundle_path)
+    target = bundle_target(bundle_path)
     original = Bundle.open(target)
     get_model_class(original.family)  # a bundle of a family this edgeinspect does not know: fail first
     formats = list(FORMATS.values()) if fmt == "all" else [get_format(fmt)]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from conftest import SYNTH_CATEGORY
 
-from edgeinspect.bundle import MANIFEST, Bundle, staging_dir, swap_in
+from edgeinspect.bundle import MANIFEST, Bundle, bundle_target, staging_dir, swap_in
 from edgeinspect.errors import BundleError
 
 
@@ -185,3 +185,17 @@ def test_export_writes_beside_and_swaps(padim_bundle: Path, tmp_path: Path) -> N
     assert str(bundle) in result.detail and ".partial-" not in result.detail
     assert Bundle.open(bundle).find_engine("onnx", "fp32") is not None
     assert [p.name for p in tmp_path.iterdir()] == ["p"]
+
+
+def test_a_symlinked_bundle_is_replaced_where_it_points(tmp_path: Path) -> None:
+    real, link = tmp_path / "v1", tmp_path / "current"
+    staged = staging_dir(real)
+    _fake_bundle(staged, "old")
+    swap_in(staged, real)
+    link.symlink_to(real)
+    target = bundle_target(link)
+    staged = staging_dir(target)
+    _fake_bundle(staged, "new")
+    swap_in(staged, target)
+    assert link.is_symlink() and Bundle.open(link).bundle_id == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v1"]

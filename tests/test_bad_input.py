@@ -95,6 +95,13 @@ def _dataset(train_good: str) -> Callable[[Path, Path], None]:
     return setup
 
 
+def _link(rel: str, to: str) -> Callable[[Path, Path], None]:
+    """A link to a file that exists but cannot be read (/proc/self/mem: EIO at offset 0, also for root)."""
+    def setup(ws: Path, _bundle: Path) -> None:
+        (ws / rel).symlink_to(to)
+    return setup
+
+
 def _symlink_loop(rel: str) -> Callable[[Path, Path], None]:
     def setup(ws: Path, _bundle: Path) -> None:
         (ws / rel).symlink_to(ws / rel)
@@ -264,6 +271,11 @@ CASES = [
     Case("predict_missing_file", "predict {bundle} {ws}/nope.png", 1, r"nope\.png: ERROR image not found"),
     Case("predict_symlink_loop", "predict {bundle} {ws}/loop.png", 1, r"loop\.png: ERROR image not found",
          _symlink_loop("loop.png")),
+    Case("predict_unreadable_file", "predict {bundle} {ws}/unreadable.png", 1,
+         r"unreadable\.png: ERROR cannot read image .*unreadable\.png: Input/output error",
+         _link("unreadable.png", "/proc/self/mem")),
+    Case("config_unreadable_file", f"{TRAIN} --config {{ws}}/unreadable.yaml", 1,
+         r"cannot read config file .*unreadable\.yaml: Input/output error", _link("unreadable.yaml", "/proc/self/mem")),
     Case("predict_grayscale_on_colour_model", "predict {bundle} {ws}/gray.png", 1,
          r"gray\.png: ERROR frame is grayscale; the model was trained on 256x256 8-bit colour images; pass --frames "
          r"convert", _image("gray.png", RGB[..., 0])),

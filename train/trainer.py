@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from edgeinspect import __version__
-from edgeinspect.bundle import MANIFEST, Bundle, staging_dir, swap_in
+from edgeinspect.bundle import MANIFEST, Bundle, bundle_target, staging_dir, swap_in
 from edgeinspect.config import validate
 from edgeinspect.errors import BundleError, ConfigError, DataError
 from edgeinspect.frames import FrameSpec
@@ -202,7 +202,7 @@ def train(family: str, data_root: str | Path, category: str, out: str | Path, co
     The bundle is built in a temporary sibling of ``out`` and renamed into place only when complete;
     an existing bundle at ``out`` is refused unless ``overwrite``, then replaced atomically.
     """
-    out = Path(out)
+    out = bundle_target(out)
     check_out(out, overwrite)
     config = validate(family, config)
     dev = resolve_device(device)
