@@ -19,8 +19,9 @@ from urllib.parse import urlsplit, urlunsplit
 import cv2
 import numpy as np
 
-from edgeinspect.errors import DataError, SourceError
-from edgeinspect.imageio import IMAGE_SUFFIXES, list_images, read_image, to_rgb
+from edgeinspect.errors import DataError, FrameError, SourceError
+from edgeinspect.frames import FrameCheck
+from edgeinspect.imageio import IMAGE_SUFFIXES, list_images, read_raw
 
 if TYPE_CHECKING:
     from typing import Self  # only for type checkers: typing.Self is Python 3.11+, the runtime supports 3.10
@@ -29,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 MAX_RECONNECT_DELAY_S = 10.0
 
-# (image or None, name, error) as produced by a source before it is stamped into a Frame.
-_Item = tuple[np.ndarray | None, str, str | None]
+# (image or None, name, error, conversions) as produced by a source before it is stamped into a Frame.
+_Item = tuple[np.ndarray | None, str, str | None, tuple[str, ...]]
 
 
 @dataclass
@@ -42,20 +43,31 @@ class Frame:
     capture_ts: float
     name: str = ""
     error: str | None = None
+    conversions: tuple[str, ...] = ()  # what was done to the decoded frame to make it RGB uint8
 
 
 class FrameSource(ABC):
     """An iterable of :class:`Frame` (iterated once) and a context manager; ``close()`` is idempotent."""
 
-    def __init__(self, description: str, *, max_frames: int | None = None) -> None:
+    def __init__(self, description: str, *, max_frames: int | None = None, check: FrameCheck | None = None) -> None:
         if max_frames is not None and max_frames < 0:
             raise ValueError(f"max_frames must be >= 0, got {max_frames}")
         self.description = description
+        self.check = check or FrameCheck(None, min_side=1)  # without a bundle: any image, made RGB
         self.max_frames = max_frames
         self.end_reason: str | None = None
         self.frames_read = 0
         self._closed = False
         self._iterated = False
+
+    def _checked(self, raw: np.ndarray, name: str) -> _Item:
+        """A decoded frame through the frame check: RGB and conversions, or None and the reason."""
+        try:
+            rgb, notes = self.check(raw)
+        except FrameError as exc:
+            logger.warning("%s: %s%s", self.description, f"{name}: " if name else "", exc)
+            return None, name, str(exc), ()
+        return rgb, name, None, tuple(notes)
 
     @abstractmethod
     def _items(self) -> Iterator[_Item]:
@@ -78,8 +90,8 @@ class FrameSource(ABC):
             self.end_reason = "max_frames=0 reached"
             return
         try:
-            for image, name, error in self._items():
-                frame = Frame(self.frames_read, image, time.time(), name, error)
+            for image, name, error, conversions in self._items():
+                frame = Frame(self.frames_read, image, time.time(), name, error, conversions)
                 self.frames_read += 1
                 yield frame
                 if self.max_frames is not None and self.frames_read >= self.max_frames:
@@ -111,9 +123,10 @@ class FrameSource(ABC):
 class VideoFileSource(FrameSource):
     """Frames of a video file (RGB); with ``loop`` it restarts at the end and indices keep increasing."""
 
-    def __init__(self, path: str | Path, *, loop: bool = False, max_frames: int | None = None) -> None:
+    def __init__(self, path: str | Path, *, loop: bool = False, max_frames: int | None = None,
+                 check: FrameCheck | None = None) -> None:
         self.path = Path(path)
-        super().__init__(f"video file {self.path}", max_frames=max_frames)
+        super().__init__(f"video file {self.path}", max_frames=max_frames, check=check)
         self.loop = loop
         self._capture = self._open()
         count = self._capture.get(cv2.CAP_PROP_FRAME_COUNT)
@@ -137,7 +150,7 @@ class VideoFileSource(FrameSource):
                 if not ok or image is None:
                     break
                 in_pass += 1
-                yield to_rgb(image), "", None
+                yield self._checked(image, "")
             if self._closed:
                 return
             if self.expected_frames is not None and in_pass < self.expected_frames:
@@ -163,9 +176,10 @@ class VideoFileSource(FrameSource):
 class ImageFolderSource(FrameSource):
     """The images of a folder sorted by name; an unreadable image yields a frame with ``image=None``."""
 
-    def __init__(self, folder: str | Path, *, loop: bool = False, max_frames: int | None = None) -> None:
+    def __init__(self, folder: str | Path, *, loop: bool = False, max_frames: int | None = None,
+                 check: FrameCheck | None = None) -> None:
         self.folder = Path(folder)
-        super().__init__(f"image folder {self.folder}", max_frames=max_frames)
+        super().__init__(f"image folder {self.folder}", max_frames=max_frames, check=check)
         self.loop = loop
         if not self.folder.is_dir():
             raise SourceError(f"image folder not found: {self.folder}")
@@ -180,13 +194,13 @@ class ImageFolderSource(FrameSource):
                 if self._closed:
                     return
                 try:
-                    image = read_image(path)
+                    raw = read_raw(path)
                 except DataError as exc:
                     logger.warning("%s: %s", self.description, exc)
-                    yield None, path.name, str(exc)
+                    yield None, path.name, str(exc), ()
                     continue
                 decoded += 1
-                yield image, path.name, None
+                yield self._checked(raw, path.name)
             failed = len(self.paths) - decoded
             if decoded == 0:
                 self.end_reason = f"none of the {len(self.paths)} images in {self.folder} could be read"
@@ -203,19 +217,21 @@ class ImageFolderSource(FrameSource):
 class SingleImageSource(FrameSource):
     """One image file as one frame (repeated forever with ``loop``)."""
 
-    def __init__(self, path: str | Path, *, loop: bool = False, max_frames: int | None = None) -> None:
+    def __init__(self, path: str | Path, *, loop: bool = False, max_frames: int | None = None,
+                 check: FrameCheck | None = None) -> None:
         self.path = Path(path)
-        super().__init__(f"image file {self.path}", max_frames=max_frames)
+        super().__init__(f"image file {self.path}", max_frames=max_frames, check=check)
         self.loop = loop
         try:
-            self._image = read_image(self.path)
+            self._item = self._checked(read_raw(self.path), self.path.name)
         except DataError as exc:
             raise SourceError(str(exc)) from exc
 
     def _items(self) -> Iterator[_Item]:
-        yield self._image.copy(), self.path.name, None
+        image, name, error, conversions = self._item
+        yield (None if image is None else image.copy()), name, error, conversions
         while self.loop and not self._closed:
-            yield self._image.copy(), self.path.name, None
+            yield (None if image is None else image.copy()), name, error, conversions
         if not self._closed:
             self.end_reason = f"{self.description} read"
 
@@ -239,11 +255,12 @@ class CaptureDeviceSource(FrameSource):
         reconnect_attempts: int = 5,
         reconnect_delay_s: float = 1.0,
         timeout_s: float = 10.0,
+        check: FrameCheck | None = None,
     ) -> None:
         if reconnect_attempts < 0:
             raise ValueError(f"reconnect_attempts must be >= 0, got {reconnect_attempts}")
         self.device = device
-        super().__init__(f"camera {_describe_device(device)}", max_frames=max_frames)
+        super().__init__(f"camera {_describe_device(device)}", max_frames=max_frames, check=check)
         self.reconnect_attempts = reconnect_attempts
         self.reconnect_delay_s = reconnect_delay_s
         self.timeout_s = timeout_s
@@ -273,7 +290,7 @@ class CaptureDeviceSource(FrameSource):
             ok, image = self._capture.read() if self._capture is not None else (False, None)
             if ok and image is not None:
                 failures = 0
-                yield to_rgb(image), "", None
+                yield self._checked(image, "")
                 continue
             if self._closed:
                 return
@@ -344,18 +361,20 @@ def open_source(
     reconnect_attempts: int = 5,
     reconnect_delay_s: float = 1.0,
     timeout_s: float = 10.0,
+    check: FrameCheck | None = None,
 ) -> FrameSource:
     """Open a folder, image file, video file, device index, stream URL or GStreamer pipeline.
 
-    ``loop`` applies to files and folders; the reconnect and timeout options to live cameras.
+    ``loop`` applies to files and folders; the reconnect and timeout options to live cameras;
+    ``check`` (the bundle's frame limits) turns each decoded frame into RGB or refuses it.
     """
     path = Path(spec)
     if path.is_dir():
-        return ImageFolderSource(path, loop=loop, max_frames=max_frames)
+        return ImageFolderSource(path, loop=loop, max_frames=max_frames, check=check)
     if path.is_file():
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            return SingleImageSource(path, loop=loop, max_frames=max_frames)
-        return VideoFileSource(path, loop=loop, max_frames=max_frames)
+            return SingleImageSource(path, loop=loop, max_frames=max_frames, check=check)
+        return VideoFileSource(path, loop=loop, max_frames=max_frames, check=check)
     device: int | str
     if spec.isascii() and spec.isdigit():
         device = int(spec)
@@ -373,4 +392,5 @@ def open_source(
         reconnect_attempts=reconnect_attempts,
         reconnect_delay_s=reconnect_delay_s,
         timeout_s=timeout_s,
+        check=check,
     )

@@ -15,9 +15,16 @@ runtime can read bundles without torch.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import hashlib
 import json
+import logging
 import os
+import secrets
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,10 +32,13 @@ from typing import Any
 import numpy as np
 
 from edgeinspect.errors import BundleError
+from edgeinspect.manifest import check_manifest
 from edgeinspect.preprocess import Preprocess
 
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+OPEN_ATTEMPTS = 3  # Bundle.open retries when the bundle was swapped while it was being read
+
+log = logging.getLogger(__name__)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -72,6 +82,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def _dir_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a directory: changes when a bundle is swapped in at ``path``."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class Bundle:
     """A model bundle directory and its manifest."""
 
@@ -79,30 +98,52 @@ class Bundle:
         self.path = Path(path)
         self.manifest = manifest
         self._verified: set[str] = set()  # files whose sha256 was checked since opening
+        self._dir_id = _dir_id(self.path)
 
     # ---------------------------------------------------------------- reading
     @classmethod
     def open(cls, path: str | Path, *, verify: bool = True) -> Bundle:
-        """Open a bundle; with ``verify`` check every listed file exists and matches its sha256."""
+        """Open a bundle; with ``verify`` check every listed file exists and matches its sha256.
+
+        A bundle replaced (``train --overwrite``, ``export``) while it is being read is read again,
+        so what is returned is the old or the new bundle, never a mix of both.
+        """
         path = Path(path)
+        for attempt in range(OPEN_ATTEMPTS):
+            before = _dir_id(path)
+            try:
+                bundle = cls._read(path, verify)
+            except (BundleError, OSError):
+                if _dir_id(path) == before or attempt == OPEN_ATTEMPTS - 1:
+                    raise
+                continue
+            if bundle._dir_id == before and not bundle.replaced():
+                return bundle
+        raise BundleError(f"bundle {path} kept changing while it was read ({OPEN_ATTEMPTS} attempts); "
+                          f"wait for the writer (train / export) to finish")
+
+    @classmethod
+    def _read(cls, path: Path, verify: bool) -> Bundle:
         manifest_path = path / MANIFEST
         if not path.is_dir():
             raise BundleError(f"bundle not found: {path} is not a directory")
         if not manifest_path.is_file():
             raise BundleError(f"bundle {path} has no {MANIFEST}")
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from exc
-        version = manifest.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise BundleError(f"{manifest_path}: schema_version {version!r} is not supported "
-                              f"(this edgeinspect reads {SCHEMA_VERSION})")
+            manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise BundleError(f"{manifest_path} is not valid JSON ({' '.join(str(exc).split())}); "
+                              f"the bundle is damaged: train or copy it again") from None
+        check_manifest(manifest, manifest_path)
         bundle = cls(path, manifest)
         if verify:
             for entry in [*manifest.get("files", {}).values(), *manifest.get("engines", [])]:
                 bundle._verify(entry)
         return bundle
+
+    def replaced(self) -> bool:
+        """Whether another bundle was swapped in at this path since this one was opened."""
+        return _dir_id(self.path) != self._dir_id
 
     def _verify(self, entry: dict[str, Any]) -> Path:
         """Path of a listed file, its sha256 checked once per opened bundle."""
@@ -199,6 +240,111 @@ class Bundle:
         text = json.dumps(self.manifest, indent=2, sort_keys=False, allow_nan=False)
         atomic_write_bytes(self.path / MANIFEST, (text + "\n").encode())
 
+    def staged_copy(self, staged: Path) -> Bundle:
+        """A copy of this bundle in ``staged`` (from :func:`staging_dir`), its checked files known as checked."""
+        shutil.copytree(self.path, staged, symlinks=True, dirs_exist_ok=True)
+        copy = Bundle(staged, json.loads(json.dumps(self.manifest)))
+        copy._verified = set(self._verified)
+        return copy
+
     def size_bytes(self) -> int:
         """Total size of every file in the bundle directory."""
         return size_path(self.path)
+
+
+# -------------------------------------------------------------------- whole-bundle replacement
+def _stale(path: Path) -> bool:
+    """Whether a staging sibling's writer (its pid is in the name) is no longer running."""
+    try:
+        pid = int(path.name.rsplit(".", 1)[-1].split("-")[1])
+    except (IndexError, ValueError):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def bundle_target(path: str | Path) -> Path:
+    """The directory a writer replaces: where a symlinked bundle path points, else the path itself."""
+    path = Path(path)
+    return path.resolve() if path.is_symlink() else path
+
+
+def staging_dir(target: str | Path) -> Path:
+    """A new empty sibling ``.<name>.partial-<pid>-<token>`` of ``target`` to build a bundle in.
+
+    Siblings left by a writer that was killed (kill -9, power loss) are removed first, with a log line.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*-*-*"):
+        if leftover.is_dir() and leftover.name.rsplit(".", 1)[-1].split("-")[0] in ("partial", "old") \
+                and _stale(leftover):
+            log.warning("removing %s, left by an interrupted train / export", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+    staged = target.parent / f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    staged.mkdir()
+    return staged
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE, macOS renamex_np RENAME_SWAP).
+
+    False where the system or file system cannot; OSError on a real failure.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return False
+    if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
+        at_fdcwd, rename_exchange = -100, 2
+        rc = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    elif sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+        rc = libc.renamex_np(os.fsencode(a), os.fsencode(b), 0x2)  # RENAME_SWAP
+    else:
+        return False
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def swap_in(staged: Path, target: str | Path) -> None:
+    """Put the complete bundle ``staged`` at ``target``; an existing bundle there is replaced atomically.
+
+    With an atomic exchange a reader sees the old or the new directory at every instant. Without one
+    (other systems, some network file systems) the old bundle is renamed aside first, so for a moment
+    ``target`` does not exist; :meth:`Bundle.open` retries in that case.
+    """
+    target = Path(target)
+    for path in (*staged.rglob("*"), staged):  # on disk before the rename makes them the bundle
+        _fsync(path)
+    if not target.exists():
+        os.rename(staged, target)
+    elif _exchange(staged, target):
+        shutil.rmtree(staged)  # now the old bundle
+    else:
+        aside = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(target, aside)
+        os.rename(staged, target)
+        shutil.rmtree(aside)
+    _fsync(target.parent)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

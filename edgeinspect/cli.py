@@ -18,13 +18,31 @@ from edgeinspect.errors import EdgeInspectError
 
 
 class _Group(click.Group):
-    """Turns EdgeInspectError into a one-line message and exit code 1, without a traceback."""
+    """Expected failures (EdgeInspectError, OSError) become one line and exit code 1, usage errors one line
+    and exit code 2; ``--debug`` shows the traceback instead."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except EdgeInspectError as exc:
-            raise click.ClickException(str(exc)) from exc
+        except click.UsageError as exc:  # exit 2, on one line: the usage hint becomes a pointer to --help
+            if exc.ctx is not None and not ctx.find_root().params.get("debug"):
+                exc.message = f"{exc.message}; see `{exc.ctx.command_path} --help`"
+                exc.ctx = None
+            raise
+        except (EdgeInspectError, OSError) as exc:
+            if ctx.find_root().params.get("debug"):
+                raise
+            raise click.ClickException(one_line(exc)) from exc
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of an expected failure on one line (an OSError names its file and what to check)."""
+    if isinstance(exc, OSError) and not isinstance(exc, EdgeInspectError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        text = f"{exc.strerror or exc}{where}; check the path, its permissions and the free disk space"
+    else:
+        text = str(exc)
+    return " ".join(text.split())
 
 
 def _progress(ctx: click.Context) -> bool:
@@ -39,7 +57,8 @@ def _echo_json(data: dict) -> None:
 @click.version_option(__version__, prog_name="edgeinspect")
 @click.option("--quiet", "-q", is_flag=True, help="Hide progress bars and info logs.")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
-def main(quiet: bool, verbose: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an error instead of its one-line message.")
+def main(quiet: bool, verbose: bool, debug: bool) -> None:
     """Industrial visual inspection: train anomaly models, export engines, serve verdicts."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -86,6 +105,33 @@ def data_video(images: tuple[str, ...], out: str, fps: float) -> None:
     click.echo(f"wrote {out}: {len(paths)} frames at {fps:g} fps")
 
 
+# ----------------------------------------------------------------------------------------- config
+@main.group(cls=_Group)
+def config() -> None:
+    """Configurations: the effective values with their comments, and their JSON Schema."""
+
+
+@config.command("show")
+@click.argument("name", metavar="FAMILY|export")
+@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="YAML file over the defaults (as for train / export).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one key.")
+def config_show(name: str, config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Print the effective configuration as commented YAML (the defaults' comments, the effective values)."""
+    from edgeinspect.config import load_config, show
+
+    click.echo(show(name, load_config(name, config_path, overrides)), nl=False)
+
+
+@config.command("schema")
+@click.argument("name", metavar="FAMILY|export")
+def config_schema(name: str) -> None:
+    """Print the JSON Schema of a configuration (for editors and forms)."""
+    from edgeinspect.config import schema_for
+
+    _echo_json(schema_for(name).model_json_schema())
+
+
 # ------------------------------------------------------------------------------------------ train
 @main.command()
 def backbones() -> None:
@@ -99,11 +145,12 @@ def backbones() -> None:
 
 
 @main.command()
-@click.argument("family", type=click.Choice(["patchcore", "padim"]))
+@click.argument("family")
 @click.option("--data", "data_root", required=True, type=click.Path(exists=True, file_okay=False),
               help="Dataset root in the MVTec layout.")
 @click.option("--category", required=True, help="Category folder under the root.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out (atomically).")
 @click.option("--backbone", default=None, help="Override model.backbone (see `edgeinspect backbones`).")
 @click.option("--weights", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Backbone weights file (for torchvision backbones without internet).")
@@ -112,16 +159,21 @@ def backbones() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
 @click.pass_context
-def train(ctx: click.Context, family: str, data_root: str, category: str, out: str, backbone: str | None,
-          weights: str | None, config_path: str | None, overrides: tuple[str, ...], device: str) -> None:
-    """Train FAMILY on good images and write a model bundle (threshold included)."""
+def train(ctx: click.Context, family: str, data_root: str, category: str, out: str, overwrite: bool,
+          backbone: str | None, weights: str | None, config_path: str | None, overrides: tuple[str, ...],
+          device: str) -> None:
+    """Train FAMILY (patchcore, padim) on good images and write a model bundle (threshold included)."""
     from edgeinspect.config import load_config
+    from edgeinspect.train.models import MODELS
     from edgeinspect.train.trainer import train as run_train
 
+    if family not in MODELS:
+        raise click.BadParameter(f"{family!r} is not one of {', '.join(MODELS)}", param_hint="FAMILY")
     extra = [f"model.backbone={backbone}"] if backbone else []
     extra += [f"model.weights={weights}"] if weights else []
     config = load_config(family, config_path, [*overrides, *extra])
-    bundle = run_train(family, data_root, category, out, config, device=device, progress=_progress(ctx))
+    bundle = run_train(family, data_root, category, out, config, device=device, progress=_progress(ctx),
+                       overwrite=overwrite)
     m = bundle.manifest["metrics"]
     click.echo(f"bundle {bundle.path} ({bundle.bundle_id}): image AUROC {m['image_auroc']:.4f}, "
                f"pixel AUROC {m['pixel_auroc']:.4f}, F1 {m['f1']:.4f} on {m['n_images']} test images; "
@@ -181,6 +233,11 @@ def export(ctx: click.Context, bundle: str, fmt: str, precision: str | None, con
 
 
 # ---------------------------------------------------------------------------------------- runtime
+FRAMES_OPTION = click.option(
+    "--frames", type=click.Choice(["strict", "convert"]), default="strict", show_default=True,
+    help="strict: a frame unlike the training images (size, channels, bit depth) gets an ERROR verdict; "
+         "convert: convert it and judge it (recorded in the verdict).")
+
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path())
@@ -190,26 +247,32 @@ def export(ctx: click.Context, bundle: str, fmt: str, precision: str | None, con
                    "with a CUDA GPU, Core ML on macOS, else ONNX INT8, else ONNX FP32.")
 @click.option("--provider", "providers", multiple=True, default=("cpu",), show_default=True,
               help="ONNX Runtime execution provider: cpu, cuda, tensorrt (repeatable, in order).")
-def predict(bundle: str, images: tuple[str, ...], as_json: bool, engine: str, providers: tuple[str, ...]) -> None:
-    """Print one verdict per image. Exit code 1 if any image could not be read."""
-    from edgeinspect.imageio import read_image
+@FRAMES_OPTION
+def predict(bundle: str, images: tuple[str, ...], as_json: bool, engine: str, providers: tuple[str, ...],
+            frames: str) -> None:
+    """Print one verdict per image. Exit code 1 if any image could not be read or was refused."""
+    from edgeinspect.imageio import read_raw
     from edgeinspect.runtime.predictor import Predictor
 
-    predictor = Predictor(bundle, engine=engine, providers=providers)
+    predictor = Predictor(bundle, engine=engine, providers=providers, convert_frames=frames == "convert")
     failed = 0
     for image in images:
+        shown = image.encode("utf-8", "backslashreplace").decode()  # names that are not UTF-8 still print
         try:
-            result = {"image": image, **predictor.predict(read_image(image)).to_dict()}
+            rgb, conversions = predictor.check(read_raw(image))
+            result = {"image": shown, **predictor.predict(rgb).to_dict(),
+                      **({"conversions": conversions} if conversions else {})}
         except EdgeInspectError as exc:
             failed += 1
-            result = {"image": image, "verdict": "ERROR", "error": str(exc)}
+            result = {"image": shown, "verdict": "ERROR", "error": one_line(exc)}
         if as_json:
             click.echo(json.dumps(result))
         elif result["verdict"] == "ERROR":
-            click.echo(f"{image}: ERROR {result['error']}")
+            click.echo(f"{shown}: ERROR {result['error'].encode('utf-8', 'backslashreplace').decode()}")
         else:
-            click.echo(f"{image}: {result['verdict']} score {result['score']:.3f} "
-                       f"({len(result['regions'])} region(s))")
+            notes = f"; converted: {', '.join(result['conversions'])}" if "conversions" in result else ""
+            click.echo(f"{shown}: {result['verdict']} score {result['score']:.3f} "
+                       f"({len(result['regions'])} region(s)){notes}")
     sys.exit(1 if failed else 0)
 
 
@@ -229,15 +292,16 @@ def predict(bundle: str, images: tuple[str, ...], as_json: bool, engine: str, pr
               help="Wait for this many subscribers to the verdict topic before the first frame.")
 @click.option("--wait-timeout", default=10.0, show_default=True, help="Seconds to wait for them.")
 @click.option("--loop", is_flag=True, help="Restart a video file or folder at its end.")
-@click.option("--max-frames", default=None, type=int, help="Stop after this many frames.")
+@click.option("--max-frames", default=None, type=click.IntRange(min=0), help="Stop after this many frames.")
+@FRAMES_OPTION
 def serve(bundle: str, camera: str, publish: str, line: str, camera_id: str, engine: str, providers: tuple[str, ...],
-          wait_subscribers: int, wait_timeout: float, loop: bool, max_frames: int | None) -> None:
+          wait_subscribers: int, wait_timeout: float, loop: bool, max_frames: int | None, frames: str) -> None:
     """Publish a verdict per frame on verdict.<line>.<camera-id> until the source ends or SIGINT/SIGTERM."""
     from edgeinspect.runtime.daemon import run_daemon
 
     stats = run_daemon(bundle, camera, publish, line=line, camera_id=camera_id, engine=engine, providers=providers,
                        wait_subscribers=wait_subscribers, wait_timeout_s=wait_timeout, loop=loop,
-                       max_frames=max_frames)
+                       max_frames=max_frames, convert_frames=frames == "convert")
     click.echo(f"served {stats.frames} frames: {stats.ok} OK, {stats.nok} NOK, {stats.errors} errors", err=True)
 
 
@@ -317,7 +381,8 @@ def info(bundle: str) -> None:
 
     b = Bundle.open(bundle)
     m = b.manifest
-    _echo_json({"bundle_id": b.bundle_id, "model": m["model"], "decision": m["decision"],
+    _echo_json({"bundle_id": b.bundle_id, "model": m["model"], "input_images": m.get("input_images"),
+                "decision": m["decision"],
                 "engines": [{k: e.get(k) for k in ("file", "format", "precision", "bytes", "parity", "decision")}
                             for e in m["engines"]],
                 "metrics": m["metrics"], "size_bytes": b.size_bytes()})

@@ -32,7 +32,8 @@ def main() -> int:
     t_start = time.perf_counter()
     data, bundle, video = OUT / "data", OUT / "bundle_patchcore", OUT / "washer_test.avi"
     _run("data", "synth", "--out", str(data), "--category", "washer", "--seed", "0")
-    _run("train", "patchcore", "--data", str(data), "--category", "washer", "--out", str(bundle), "--device", "cpu")
+    _run("train", "patchcore", "--data", str(data), "--category", "washer", "--out", str(bundle), "--overwrite",
+         "--device", "cpu")
     _run("export", str(bundle), "--format", "onnx")
     _run("data", "video", str(data / "washer" / "test"), "--out", str(video), "--fps", "10")
 

@@ -13,6 +13,10 @@ class DataError(EdgeInspectError):
     """A dataset folder, image or mask is missing, empty or unreadable."""
 
 
+class FrameError(DataError):
+    """A frame that is not like the training images (size, channels, bit depth) or not an image at all."""
+
+
 class BundleError(EdgeInspectError):
     """A model bundle is missing a file, fails its checksum or has an unknown schema."""
 

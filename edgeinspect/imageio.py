@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 
 from edgeinspect.errors import DataError
+from edgeinspect.frames import to_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -26,19 +27,24 @@ def _decode(path: str | Path, flags: int, what: str) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} not found: {path}")
-    data = np.fromfile(str(path), dtype=np.uint8)
+    try:
+        data = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    except OSError as exc:
+        raise DataError(f"cannot read {what} {path}: {exc.strerror}") from None
     image = cv2.imdecode(data, flags) if data.size else None
     if image is None:
         raise DataError(f"cannot decode {what} (corrupt or not an image): {path}")
     return image
 
 
+def read_raw(path: str | Path) -> np.ndarray:
+    """Decode an image file as it is stored (gray, BGR or BGRA, 8/16-bit); DataError naming the path."""
+    return _decode(path, cv2.IMREAD_UNCHANGED, "image")
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as HxWx3 uint8 RGB; raise DataError naming the path if it cannot."""
-    image = _decode(path, cv2.IMREAD_UNCHANGED, "image")
-    if image.dtype != np.uint8:
-        image = cv2.convertScaleAbs(image, alpha=255.0 / max(float(image.max()), 1.0))
-    return to_rgb(image)
+    return to_rgb(to_uint8(read_raw(path)))
 
 
 def read_mask(path: str | Path) -> np.ndarray:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeinspect.bundle import Bundle, sha256_path, size_path
+from edgeinspect.bundle import Bundle, bundle_target, sha256_path, size_path, staging_dir, swap_in
 from edgeinspect.errors import BundleError, ConfigError, EdgeInspectError, ExportError
 from edgeinspect.export.formats import FORMATS, PRECISIONS, EngineFormat, get_format
 from edgeinspect.export.parity import Gate, Parity, compare
@@ -234,28 +234,52 @@ def export_bundle(bundle_path: str | Path, fmt: str = "onnx", precision: str = "
     The check images come from the dataset recorded in the manifest unless ``data_root``/``category``
     are given. Raises ExportError when a single requested engine is refused or cannot be built.
     """
-    from edgeinspect.config import load_config
+    from edgeinspect.config import load_config, validate
+    from edgeinspect.train.models import get_model_class
 
-    bundle = Bundle.open(bundle_path)
+    target = bundle_target(bundle_path)
+    original = Bundle.open(target)
+    get_model_class(original.family)  # a bundle of a family this edgeinspect does not know: fail first
     formats = list(FORMATS.values()) if fmt == "all" else [get_format(fmt)]
     if precision != "all" and precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)} or all")
-    data = bundle.manifest["data"]
-    root = Path(data_root or data["root"])
-    if not root.is_dir():
+    settings = validate("export", settings) if settings is not None else load_config("export")
+    data = original.manifest.get("data") or {}
+    root = Path(data_root or data.get("root", ""))
+    if not root.is_dir() or not (category or data.get("category")):
         raise BundleError(f"the bundle's dataset {root} is not here; give --data ROOT [--category CAT] for "
                           f"the images the engine is checked and calibrated on")
-    job = ExportJob(bundle, MVTecCategory(root, category or data["category"]),
-                    settings if settings is not None else load_config("export"), progress)
+    dataset = MVTecCategory(root, category or data["category"])
+    staged = staging_dir(target)
+    try:
+        bundle = original.staged_copy(staged)
+        results = _export_all(ExportJob(bundle, dataset, settings, progress), formats, precision, fmt == "all")
+        if bundle.manifest != original.manifest:
+            swap_in(staged, target)
+    except EdgeInspectError as exc:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise type(exc)(str(exc).replace(str(staged), str(target))) from exc
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    shutil.rmtree(staged, ignore_errors=True)  # nothing new was written: the copy goes
+    for result in results:  # reported where the engines live now
+        result.detail = result.detail.replace(str(staged), str(target))
+        result.path = target / result.path.relative_to(staged) if result.path else None
+    if len(results) == 1 and results[0].status != "written":
+        raise (CannotBuildHere if results[0].status == "skipped" else ExportError)(results[0].describe())
+    return results
+
+
+def _export_all(job: ExportJob, formats: list[EngineFormat], precision: str, keep: bool) -> list[ExportResult]:
+    """Export every requested (format, precision) into the job's bundle; ``keep`` engines already there."""
     results = []
     for engine_format in formats:
         for p in (engine_format.precisions if precision == "all" else (precision,)):
-            done = bundle.find_engine(engine_format.name, p) if fmt == "all" else None
-            results.append(ExportResult(engine_format.name, p, "written", f"{bundle.path / done['file']} (kept)",
-                                        bundle.path / done["file"]) if done else
+            done = job.bundle.find_engine(engine_format.name, p) if keep else None
+            path = job.bundle.path / done["file"] if done else None
+            results.append(ExportResult(engine_format.name, p, "written", f"{path} (kept)", path) if done else
                            export_engine(job, engine_format, p))
-    if len(results) == 1 and results[0].status != "written":
-        raise (CannotBuildHere if results[0].status == "skipped" else ExportError)(results[0].describe())
     return results
 
 

@@ -76,6 +76,8 @@ def verdict_fields(frame: Frame, predictor: Predictor) -> dict:
                 "regions": [], "latency_ms": {}}
     prediction = predictor.predict(frame.image)
     body.update(prediction.to_dict())
+    if frame.conversions:
+        body["conversions"] = list(frame.conversions)
     body["latency_ms"]["total"] = round(1000.0 * (time.time() - frame.capture_ts), 3)
     return body
 
@@ -125,9 +127,12 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
 def run_daemon(bundle: str, camera: str, endpoint: str, *, line: str = "line1", camera_id: str = "cam0",
                engine: str = "auto", providers: tuple[str, ...] = ("cpu",), wait_subscribers: int = 0,
                wait_timeout_s: float = 10.0, loop: bool = False, max_frames: int | None = None,
-               on_verdict: Callable[[dict], None] | None = None) -> ServeStats:
-    """Open bundle, source and publisher; serve until the source ends or SIGINT/SIGTERM."""
-    predictor = Predictor(bundle, engine=engine, providers=providers)
+               on_verdict: Callable[[dict], None] | None = None, convert_frames: bool = False) -> ServeStats:
+    """Open bundle, source and publisher; serve until the source ends or SIGINT/SIGTERM.
+
+    Frames unlike the training images get an ERROR verdict (``convert_frames``: converted and judged).
+    """
+    predictor = Predictor(bundle, engine=engine, providers=providers, convert_frames=convert_frames)
     stop = StopFlag()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -138,5 +143,5 @@ def run_daemon(bundle: str, camera: str, endpoint: str, *, line: str = "line1", 
             if seen < wait_subscribers:
                 log.warning("only %d of %d subscribers connected within %.1f s; starting anyway",
                             seen, wait_subscribers, wait_timeout_s)
-        with open_source(camera, loop=loop, max_frames=max_frames) as source:
+        with open_source(camera, loop=loop, max_frames=max_frames, check=predictor.check) as source:
             return serve(predictor, source, publisher, stop=stop, on_verdict=on_verdict)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeinspect.bundle import Bundle
+from edgeinspect.bundle import OPEN_ATTEMPTS, Bundle
+from edgeinspect.frames import FrameCheck, FrameSpec
 from edgeinspect.runtime.backends import open_engine
 from edgeinspect.runtime.postprocess import Region, find_regions, normalize
 
@@ -39,9 +40,14 @@ class Predictor:
     """Loads a bundle's engine once; :meth:`predict` is the per-frame hot path."""
 
     def __init__(self, bundle: str | Path | Bundle, *, engine: str = "auto",
-                 providers: tuple[str, ...] = ("cpu",), threads: int | None = None):
-        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-        self.engine_entry, self.backend = open_engine(self.bundle, engine, providers, threads)
+                 providers: tuple[str, ...] = ("cpu",), threads: int | None = None, convert_frames: bool = False):
+        for _ in range(OPEN_ATTEMPTS):  # a bundle swapped in while its engine loads is opened again
+            self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+            self.engine_entry, self.backend = open_engine(self.bundle, engine, providers, threads)
+            if isinstance(bundle, Bundle) or not self.bundle.replaced():
+                break
+        spec = self.bundle.manifest.get("input_images")
+        self.check = FrameCheck(FrameSpec.from_dict(spec) if spec else None, convert=convert_frames)
         self.engine = f"{self.engine_entry['format']}:{self.engine_entry['precision']}"
         self.preprocess = self.bundle.preprocess
         decision = self.bundle.engine_decision(self.engine_entry)

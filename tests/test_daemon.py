@@ -151,7 +151,7 @@ class _PacedSource(FrameSource):
     def _items(self):
         for delay in self.delays:
             time.sleep(delay)
-            yield self.image, "", None
+            yield self.image, "", None, ()
         if self.fail_with:
             raise SourceError(self.fail_with)
         self.end_reason = "paced source done"

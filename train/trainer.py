@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
@@ -16,8 +17,12 @@ import torch
 from tqdm import tqdm
 
 from edgeinspect import __version__
-from edgeinspect.bundle import SCHEMA_VERSION, Bundle
-from edgeinspect.errors import ConfigError, DataError
+from edgeinspect.bundle import MANIFEST, Bundle, bundle_target, staging_dir, swap_in
+from edgeinspect.config import validate
+from edgeinspect.errors import BundleError, ConfigError, DataError
+from edgeinspect.frames import FrameSpec
+from edgeinspect.imageio import read_raw
+from edgeinspect.manifest import SCHEMA_VERSION
 from edgeinspect.preprocess import Preprocess
 from edgeinspect.train.backbones import get_backbone_spec
 from edgeinspect.train.data import MVTecCategory, Sample
@@ -170,15 +175,57 @@ def _npz_bytes(state: dict[str, torch.Tensor]) -> bytes:
     return buf.getvalue()
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that would lose something: an existing bundle (unless ``overwrite``), other files."""
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"--out {out} is a file, not a bundle folder; choose a folder path")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / MANIFEST).is_file():
+        raise BundleError(f"--out {out} exists and is not a bundle (it has no {MANIFEST}); choose a new or "
+                          f"empty folder (--overwrite replaces bundles only)")
+    if not overwrite:
+        raise BundleError(f"--out {out} is already a bundle; pass --overwrite to replace it (atomically: the old "
+                          f"one stays until the new one is complete), or choose another --out")
+
+
+def training_image_spec(samples: Sequence[Sample], count: int = 16) -> FrameSpec:
+    """Size, channels and bit depth of up to ``count`` training images spread over ``samples``, as stored."""
+    picks = samples[::max(1, len(samples) // count)][:count]
+    return FrameSpec.of(read_raw(s.image_path) for s in picks)
+
+
 def train(family: str, data_root: str | Path, category: str, out: str | Path, config: dict[str, Any], *,
-          device: str = "auto", progress: bool = True) -> Bundle:
-    """Fit a model on ``<data_root>/<category>/train/good``, calibrate, evaluate and write a bundle."""
-    torch.manual_seed(config["model"].get("seed", 0))
+          device: str = "auto", progress: bool = True, overwrite: bool = False) -> Bundle:
+    """Fit a model on ``<data_root>/<category>/train/good``, calibrate, evaluate and write a bundle.
+
+    The bundle is built in a temporary sibling of ``out`` and renamed into place only when complete;
+    an existing bundle at ``out`` is refused unless ``overwrite``, then replaced atomically.
+    """
+    out = bundle_target(out)
+    check_out(out, overwrite)
+    config = validate(family, config)
     dev = resolve_device(device)
     dataset = MVTecCategory(data_root, category)
+    split = split_for_calibration(dataset, config["train"])
+    dataset.test_samples()  # a missing or empty test split fails here, not after the fit
+    staged = staging_dir(out)
+    try:
+        bundle = _train_into(staged, family, data_root, dataset, split, config, dev, progress)
+        swap_in(staged, out)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return Bundle(out, bundle.manifest)
+
+
+def _train_into(out: Path, family: str, data_root: str | Path, dataset: MVTecCategory,
+                split: tuple[list[Sample], list[Sample], bool], config: dict[str, Any], dev: torch.device,
+                progress: bool) -> Bundle:
+    torch.manual_seed(config["model"].get("seed", 0))
     preprocess = make_preprocess(family, config)
     tcfg = config["train"]
-    fit_samples, calib, labelled = split_for_calibration(dataset, tcfg)
+    fit_samples, calib, labelled = split
     log.info("fitting %s on %d good images (%d %s images for the threshold)", family, len(fit_samples),
              len(calib), "labelled val" if labelled else "held-out good")
 
@@ -197,8 +244,6 @@ def train(family: str, data_root: str | Path, category: str, out: str | Path, co
 
     stats = model.statistics()
     digest = hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes() for v in stats.values())).hexdigest()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     bundle = Bundle(out, {
         "schema_version": SCHEMA_VERSION,
         "bundle_id": f"{family}-{config['model']['backbone']}-{digest[:12]}",
@@ -207,6 +252,7 @@ def train(family: str, data_root: str | Path, category: str, out: str | Path, co
         "model": {"family": family, **model.hyperparameters(),
                   "weights_source": config["model"].get("weights") or model.extractor.spec.weights_source},
         "preprocess": preprocess.to_dict(),
+        "input_images": training_image_spec(fit_samples).to_dict(),
         "input": {"name": "image", "shape": [1, 3, *preprocess.input_size], "dtype": "float32"},
         "outputs": {"anomaly_map": [1, 1, *preprocess.input_size], "score": [1]},
         "decision": decision,

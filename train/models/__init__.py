@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from edgeinspect.errors import ConfigError
+from edgeinspect.schema import Section, family_config
 from edgeinspect.train.models.base import AnomalyModel
 from edgeinspect.train.models.padim import Padim
 from edgeinspect.train.models.patchcore import PatchCore
@@ -18,4 +19,9 @@ def get_model_class(family: str) -> type[AnomalyModel]:
         raise ConfigError(f"unknown model family {family!r}; choose one of {sorted(MODELS)}") from None
 
 
-__all__ = ["MODELS", "AnomalyModel", "PatchCore", "Padim", "get_model_class"]
+def config_schema(family: str) -> type[Section]:
+    """The whole configuration schema of a family: its own ``model`` section and the shared ones."""
+    return family_config(get_model_class(family).config_section)
+
+
+__all__ = ["MODELS", "AnomalyModel", "PatchCore", "Padim", "config_schema", "get_model_class"]

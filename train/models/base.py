@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeinspect.schema import Section
 from edgeinspect.train.backbones import FeatureExtractor
 
 
@@ -57,6 +58,8 @@ class AnomalyModel(nn.Module):
     """Base class: subclasses implement :meth:`fit`, :meth:`patch_scores` and the statistics I/O."""
 
     family: str = ""
+    # The family's ``model`` config section (declared beside it, in <family>/config.py).
+    config_section: type[Section] = Section
     # Submodules whose operations may run in FP16/INT8 engines; everything else (the statistics,
     # nearest-neighbour / Mahalanobis scoring and the map head) stays in float32.
     low_precision_modules: tuple[str, ...] = ("extractor",)

@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from edgeinspect.train.models.base import AnomalyModel, aggregate_stages
+from edgeinspect.train.models.padim.config import PadimSection
 
 
 class Padim(AnomalyModel):
@@ -20,6 +21,7 @@ class Padim(AnomalyModel):
     """
 
     family = "padim"
+    config_section = PadimSection
 
     def __init__(self, backbone: str = "efficientnet_lite0", stages: Sequence[str] = ("stage3", "stage4", "stage5"),
                  input_size: Sequence[int] = (224, 224), *, n_features: int = 100, epsilon: float = 0.01,

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from edgeinspect.train.models.base import AnomalyModel, aggregate_stages
+from edgeinspect.train.models.patchcore.config import PatchCoreSection
 
 
 def greedy_coreset(features: torch.Tensor, n_select: int, projection_dim: int, seed: int = 0,
@@ -67,6 +68,7 @@ class PatchCore(AnomalyModel):
     """PatchCore anomaly model; the memory bank is a buffer so the exported graph carries it."""
 
     family = "patchcore"
+    config_section = PatchCoreSection
 
     def __init__(self, backbone: str = "efficientnet_lite0", stages: Sequence[str] = ("stage3", "stage5"),
                  input_size: Sequence[int] = (224, 224), *, neighbourhood: int = 3, coreset_ratio: float = 0.1,

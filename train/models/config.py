@@ -1,0 +1,49 @@
+"""The part of a ``model`` section every family built on a backbone shares, checked against the
+backbone registry (the backbone exists, its stages exist, a weights file is there)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import field_validator, model_validator
+
+from edgeinspect.schema import Section, integer, real
+from edgeinspect.train.backbones import BACKBONES, get_backbone_spec
+
+
+class BackboneModelSection(Section):
+    """``model`` keys of a family on a frozen backbone; families subclass it and add their own."""
+
+    backbone: str
+    weights: str | None = None
+    stages: list[str]
+    smoothing_sigma: real(0.0, 64.0)
+    seed: integer(0, 2**32 - 1)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+        return name
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_file(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).expanduser().is_file():
+            raise ValueError(f"weights file not found: {path}")
+        return path
+
+    @model_validator(mode="after")
+    def _known_stages(self) -> BackboneModelSection:
+        have = list(get_backbone_spec(self.backbone).stages)
+        unknown = [s for s in self.stages if s not in have]
+        if not self.stages or unknown or len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"stages: {self.stages} is not a non-empty list of distinct stages of "
+                             f"{self.backbone} ({', '.join(have)})")
+        return self
+
+    def channels(self) -> int:
+        """Channels of the chosen stages, concatenated."""
+        spec = get_backbone_spec(self.backbone)
+        return sum(spec.stages[s].channels for s in self.stages)
