@@ -14,6 +14,7 @@ class PatchCoreSection(BackboneModelSection):
     neighbourhood: integer(1, 15)
     coreset_ratio: real(0.0, 1.0, lo_open=True)
     projection_dim: integer(1, 4096)
+    coreset_chunk: integer(0, 10**9)
 
     @field_validator("neighbourhood")
     @classmethod
