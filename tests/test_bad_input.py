@@ -166,7 +166,7 @@ CASES = [
          _image("rgba.png", np.dstack([RGB, np.full((256, 256), 100, np.uint8)]))),
     # --- more configuration mistakes
     Case("yaml_key_typo_set", f"{TRAIN} --set model.coreset=0.1", 1,
-         r"model: unknown key 'coreset'; known keys: \['backbone', 'coreset_ratio'"),
+         r"model: unknown key 'coreset'; known keys: \['backbone', 'coreset_chunk', 'coreset_ratio'"),
     Case("yaml_key_typo_file", f"{TRAIN} --config {{ws}}/typo.yaml", 1,
          r"model: unknown key 'coreset_ration'.*\(.*typo\.yaml\)",
          _write("typo.yaml", "model:\n  coreset_ration: 0.2\n")),
