@@ -229,9 +229,10 @@ class SingleImageSource(FrameSource):
 
     def _items(self) -> Iterator[_Item]:
         image, name, error, conversions = self._item
-        yield (None if image is None else image.copy()), name, error, conversions
-        while self.loop and not self._closed:
+        while True:
             yield (None if image is None else image.copy()), name, error, conversions
+            if not self.loop or self._closed:
+                break
         if not self._closed:
             self.end_reason = f"{self.description} read"
 

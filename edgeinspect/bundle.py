@@ -254,13 +254,16 @@ class Bundle:
 
 # -------------------------------------------------------------------- whole-bundle replacement
 def _stale(path: Path) -> bool:
-    """Whether a staging sibling's writer (its pid is in the name) is no longer running."""
-    try:
-        pid = int(path.name.rsplit(".", 1)[-1].split("-")[1])
-    except (IndexError, ValueError):
+    """Whether ``path`` is a staging or set-aside sibling (``.<name>.partial|old-<pid>-<token>``) whose
+    writer is no longer running."""
+    kind, _, rest = path.name.rsplit(".", 1)[-1].partition("-")
+    pid = rest.partition("-")[0]
+    if kind not in ("partial", "old") or not path.is_dir():
+        return False
+    if not pid.isdigit():
         return True
     try:
-        os.kill(pid, 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
     except PermissionError:  # alive, another user's
@@ -282,8 +285,7 @@ def staging_dir(target: str | Path) -> Path:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     for leftover in target.parent.glob(f".{glob.escape(target.name)}.*-*-*"):
-        if leftover.is_dir() and leftover.name.rsplit(".", 1)[-1].split("-")[0] in ("partial", "old") \
-                and _stale(leftover):
+        if _stale(leftover):
             log.warning("removing %s, left by an interrupted train / export", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
     staged = target.parent / f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
