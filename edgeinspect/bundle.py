@@ -218,6 +218,11 @@ class Bundle:
             "file": relpath, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         self._verified.add(relpath)
 
+    def add_report(self, key: str, relpath: str, data: bytes) -> None:
+        """Write a file for people (a plot) and list it under ``reports``; the runtime never reads these."""
+        atomic_write_bytes(self.path / relpath, data)
+        self.manifest.setdefault("reports", {})[key] = {"file": relpath, "sha256": hashlib.sha256(data).hexdigest()}
+
     def add_array(self, key: str, array: np.ndarray) -> None:
         """Store a statistics array as ``stats/<key>.npy``."""
         from io import BytesIO

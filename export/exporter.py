@@ -27,9 +27,10 @@ from edgeinspect.export.formats import FORMATS, PRECISIONS, EngineFormat, get_fo
 from edgeinspect.export.parity import Gate, Parity, compare
 from edgeinspect.runtime.backends import backend_class
 from edgeinspect.train.data import MVTecCategory
+from edgeinspect.train.data.batches import Batches
 from edgeinspect.train.evaluate import infer_engine
 from edgeinspect.train.models import AnomalyModel
-from edgeinspect.train.trainer import calibrate, infer, iterate_batches, load_model, split_for_calibration
+from edgeinspect.train.trainer import calibrate, infer, load_model, split_for_calibration
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class ExportJob:
             setattr(model, name, OnnxSubgraph(engine, f"/{name}/", getattr(self.model, name), example))
         fit = self.calibration_split[0]
         batch_size = int(self.bundle.manifest["config"]["train"]["batch_size"])
-        model.fit(iterate_batches(self.dataset, fit, self.bundle.preprocess, batch_size), progress=self.progress)
+        model.fit(Batches(self.dataset, fit, self.bundle.preprocess, batch_size), progress=self.progress)
         for name in model.low_precision_modules:
             setattr(model, name, getattr(self.model, name))
         return model

@@ -36,7 +36,8 @@ def test_manifest_has_the_contract(patchcore_bundle: Path) -> None:
 def test_bundle_holds_no_pickles(patchcore_bundle: Path, padim_bundle: Path) -> None:
     for bundle in (patchcore_bundle, padim_bundle):
         files = [p for p in bundle.rglob("*") if p.is_file()]
-        assert {p.suffix for p in files} <= {".json", ".npz", ".npy", ".onnx"}
+        assert {p.suffix for p in files} <= {".json", ".npz", ".npy", ".onnx", ".png"}
+        assert (bundle / "reports" / "roc.png").read_bytes().startswith(b"\x89PNG")
         for p in files:
             if p.suffix in (".npy", ".npz"):
                 loaded = np.load(p, allow_pickle=False)  # raises if anything needs pickle

@@ -7,7 +7,7 @@ import io
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from edgeinspect.manifest import SCHEMA_VERSION
 from edgeinspect.preprocess import Preprocess
 from edgeinspect.train.backbones import get_backbone_spec
 from edgeinspect.train.data import MVTecCategory, Sample
+from edgeinspect.train.data.batches import Batches
 from edgeinspect.train.metrics import (
     f1_at_threshold,
     f1_optimal_threshold,
@@ -33,6 +34,7 @@ from edgeinspect.train.metrics import (
     pixel_auroc,
 )
 from edgeinspect.train.models import AnomalyModel, get_model_class
+from edgeinspect.train.plots import curves_png, roc_png
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +73,14 @@ def build_model(family: str, model_config: dict[str, Any], input_size: Sequence[
     return get_model_class(family)(input_size=tuple(input_size), pretrained=pretrained, **model_config)
 
 
-def iterate_batches(dataset: MVTecCategory, samples: Sequence[Sample], preprocess: Preprocess,
-                    batch_size: int) -> Iterator[torch.Tensor]:
-    """Preprocessed image batches (NCHW float32) in sample order."""
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        yield torch.from_numpy(preprocess.batch([dataset.load_image(s) for s in chunk]))
-
-
 @torch.no_grad()
 def infer(model: AnomalyModel, dataset: MVTecCategory, samples: Sequence[Sample], preprocess: Preprocess,
           batch_size: int = 4, progress: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
     """Anomaly maps (N x H x W), image scores (N) and model milliseconds per image."""
     device = next(model.parameters()).device
     maps, scores, seconds = [], [], 0.0
-    batches = iterate_batches(dataset, samples, preprocess, batch_size)
-    for x in tqdm(batches, total=-(-len(samples) // batch_size), desc="inference", disable=not progress,
-                  unit="batch"):
+    batches = Batches(dataset, samples, preprocess, batch_size)
+    for x in tqdm(batches, desc="inference", disable=not progress, unit="batch"):
         t0 = time.perf_counter()
         amap, score = model(x.to(device))
         amap, score = amap.cpu().numpy()[:, 0], score.cpu().numpy()
@@ -230,9 +223,12 @@ def _train_into(out: Path, family: str, data_root: str | Path, dataset: MVTecCat
              len(calib), "labelled val" if labelled else "held-out good")
 
     model = build_model(family, config["model"], preprocess.input_size).to(dev)
+    seed = config["model"].get("seed", 0)
     t0 = time.perf_counter()
-    model.fit(iterate_batches(dataset, fit_samples, preprocess, tcfg["batch_size"]), progress=progress)
+    model.fit(Batches(dataset, fit_samples, preprocess, tcfg["batch_size"], seed=seed), progress=progress,
+              holdout=Batches(dataset, calib, preprocess, tcfg["batch_size"], seed=seed))
     fit_seconds = time.perf_counter() - t0
+    model.eval()
 
     _, calib_scores, _ = infer(model, dataset, calib, preprocess, progress=progress)
     decision = calibrate(calib, calib_scores, labelled, config["decision"])
@@ -262,10 +258,17 @@ def _train_into(out: Path, family: str, data_root: str | Path, dataset: MVTecCat
                  "calibration_images": len(calib)},
         "metrics": metrics,
         "config": config,
+        **({"training": {"history": model.history}} if model.history else {}),
     })
     bundle.add_file("weights", "weights.npz", _npz_bytes(model.state_dict()))
     for key, array in stats.items():
         bundle.add_array(key, array)
+    labels = np.array([s.label for s in test])
+    if 0 < labels.sum() < len(labels):
+        bundle.add_report("roc", "reports/roc.png", roc_png(labels, scores, f"{family} on {dataset.category} (test)"))
+    if model.history:
+        bundle.add_report("training_curves", "reports/training_curves.png",
+                          curves_png(model.history, f"{family} training"))
     bundle.save()
     return bundle
 
@@ -279,5 +282,6 @@ def load_model(bundle: Bundle, device: str = "cpu") -> AnomalyModel:
     model = build_model(family, spec, input_size, pretrained=False)
     with np.load(bundle.file("weights"), allow_pickle=False) as npz:
         model.load_state_dict({k: torch.from_numpy(npz[k]) for k in npz.files}, strict=True)
-    model.load_statistics({k: bundle.load_array(k) for k in bundle.manifest["files"] if k != "weights"})
+    model.load_statistics({k: bundle.load_array(k) for k, entry in bundle.manifest["files"].items()
+                           if entry["file"].startswith("stats/")})
     return model.to(resolve_device(device)).eval()

@@ -8,6 +8,7 @@ with the scoring (nearest neighbour / Mahalanobis) inside the graph (see ARCHITE
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from torch import nn
 
 from edgeinspect.schema import Section
 from edgeinspect.train.backbones import FeatureExtractor
+
+if TYPE_CHECKING:
+    from edgeinspect.train.data.batches import Batches
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -75,6 +79,9 @@ class AnomalyModel(nn.Module):
         with torch.no_grad():  # the patch grid: the finest stage, where every family's scores live
             grid = tuple(self.extractor(torch.zeros(1, 3, *self.input_size))[0].shape[-2:])
         self.head = MapHead(grid, self.input_size, smoothing_sigma)
+        # per-epoch training curves (name -> values) of the gradient-trained families; written to the
+        # bundle's manifest and plotted into reports/training_curves.png
+        self.history: dict[str, list[float]] = {}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embeddings N x D x h x w (subclasses choose how stage features are combined)."""
@@ -84,8 +91,15 @@ class AnomalyModel(nn.Module):
         """Per-patch anomaly scores N x 1 x h x w from embeddings."""
         raise NotImplementedError
 
-    def fit(self, batches: Iterable[torch.Tensor], progress: bool = True) -> None:
-        """Build the model statistics from batches of good images."""
+    def fit(self, batches: Batches | Iterable[torch.Tensor], progress: bool = True, *,
+            holdout: Batches | None = None) -> None:
+        """Build the model from batches of good images.
+
+        ``batches`` can be iterated once (statistics families) or per epoch with
+        ``batches.epoch(i)`` (gradient-trained families). ``holdout`` holds the images the threshold
+        is calibrated on (labelled when the dataset has a ``val/`` split, else good only): a family
+        may use it to choose its checkpoint; it never sees the test split.
+        """
         raise NotImplementedError
 
     def statistics(self) -> dict[str, np.ndarray]:

@@ -53,7 +53,8 @@ class Padim(AnomalyModel):
         return dist_sq.clamp_min(0.0).sqrt().permute(1, 0).reshape(n, 1, h, w)
 
     @torch.no_grad()
-    def fit(self, batches: Iterable[torch.Tensor], progress: bool = True) -> None:
+    def fit(self, batches: Iterable[torch.Tensor], progress: bool = True, *,
+            holdout: Iterable[torch.Tensor] | None = None) -> None:
         """Accumulate per-position mean and covariance in float64 over all good images."""
         total = None
         count = 0

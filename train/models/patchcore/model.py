@@ -104,7 +104,8 @@ class PatchCore(AnomalyModel):
         return nearest.clamp_min(0.0).sqrt().reshape(n, 1, h, w)
 
     @torch.no_grad()
-    def fit(self, batches: Iterable[torch.Tensor], progress: bool = True) -> None:
+    def fit(self, batches: Iterable[torch.Tensor], progress: bool = True, *,
+            holdout: Iterable[torch.Tensor] | None = None) -> None:
         """Collect patch features of all good images and keep a greedy coreset of them."""
         chunks = []
         for x in tqdm(batches, desc="features", disable=not progress, unit="batch"):
