@@ -1,0 +1,144 @@
+"""GLASS: the gradient-ascent synthesis stays in its ring, training beats a floor on the synthetic parts,
+the checkpoint is chosen on holdout images only, and the FP32 ONNX engine passes its parity gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SYNTH_CATEGORY
+from torch import nn
+
+from edgeinspect.config import load_config
+from edgeinspect.train.data import MVTecCategory
+from edgeinspect.train.models import GLASS
+from edgeinspect.train.models.glass import synthesize_anomalies
+from edgeinspect.train.trainer import train
+
+EPOCHS = 3
+# Floors on the small synthetic set after EPOCHS epochs: a model that scores noise, brightness or nothing
+# misses them (tests/test_synth.py shows mean brightness alone stays below 0.75 image AUROC); an untrained
+# or collapsed discriminator scores every image alike (about 0.5).
+SYNTH_IMAGE_AUROC_FLOOR = 0.75
+SYNTH_PIXEL_AUROC_FLOOR = 0.75
+
+
+def _discriminator(dim: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(dim, 16), nn.BatchNorm1d(16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+
+
+@pytest.mark.parametrize("noise_std,n_proj", [(0.01, 1), (3.0, 1), (0.3, 2), (0.3, 4)])
+def test_gradient_ascent_keeps_synthetic_features_in_the_ring(noise_std: float, n_proj: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    normal = torch.randn(400, 24, generator=gen) * 2.0
+    disc = _discriminator(24, 1)
+    synthetic = synthesize_anomalies(normal, disc, noise_std=noise_std, n_step=5, eta=0.1, r1=1.0, r2=2.0,
+                                     n_proj=n_proj, generator=gen)
+    dist = (synthetic - normal).norm(dim=1)
+    # noise 0.01 starts every feature inside r1, noise 3 outside r2: the projection brings them all in
+    assert dist.min() >= 1.0 - 1e-5 and dist.max() <= 2.0 + 1e-5, (dist.min(), dist.max())
+    assert not synthetic.requires_grad
+
+
+def test_gradient_ascent_raises_the_discriminator_loss() -> None:
+    gen = torch.Generator().manual_seed(0)
+    normal = torch.randn(400, 24, generator=gen)
+    disc = _discriminator(24, 2).eval()  # fixed batch-norm statistics: the loss depends on the features only
+
+    @torch.no_grad()
+    def loss(synthetic: torch.Tensor) -> float:
+        logits = disc(synthetic)
+        return float(F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits)))
+
+    kwargs: dict[str, Any] = {"noise_std": 0.3, "eta": 0.1, "r1": 0.1, "r2": 100.0, "n_proj": 1}
+    start = synthesize_anomalies(normal, disc, n_step=0, generator=torch.Generator().manual_seed(5), **kwargs)
+    ascended = synthesize_anomalies(normal, disc, n_step=5, generator=torch.Generator().manual_seed(5), **kwargs)
+    assert loss(ascended) > loss(start)
+    # normalised steps: every feature moved at most n_step * eta
+    assert (ascended - start).norm(dim=1).max() <= 5 * 0.1 + 1e-5
+
+
+@pytest.fixture(scope="module")
+def glass_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """GLASS trained on the synthetic set through the trainer, recording the images read and the
+    features scored for checkpoint selection while ``fit`` runs; its ONNX FP32 engine exported."""
+    from edgeinspect.export.exporter import export_bundle
+
+    record: dict[str, Any] = {"in_fit": False, "read": [], "selection": []}
+    load_image, fit, selection_score = MVTecCategory.load_image, GLASS.fit, GLASS.selection_score
+
+    def spy_load(dataset: MVTecCategory, sample: Any, *args: Any, **kwargs: Any) -> Any:
+        if record["in_fit"]:
+            record["read"].append(Path(sample.image_path))
+        return load_image(dataset, sample, *args, **kwargs)
+
+    def spy_fit(model: GLASS, *args: Any, **kwargs: Any) -> None:
+        record["in_fit"] = True
+        try:
+            fit(model, *args, **kwargs)
+        finally:
+            record["in_fit"] = False
+
+    def spy_selection(model: GLASS, features: torch.Tensor, labels: np.ndarray) -> float:
+        record["selection"].append((features.shape[0], labels.copy()))
+        return selection_score(model, features, labels)
+
+    out = tmp_path_factory.mktemp("bundles") / "glass"
+    config = load_config("glass", overrides=[f"model.epochs={EPOCHS}"])
+    with mock.patch.object(MVTecCategory, "load_image", spy_load), mock.patch.object(GLASS, "fit", spy_fit), \
+            mock.patch.object(GLASS, "selection_score", spy_selection):
+        train("glass", synth_root, SYNTH_CATEGORY, out, config, device="cpu", progress=False)
+    export_bundle(out, "onnx", progress=False)
+    return {**record, "bundle": out, "manifest": json.loads((out / "manifest.json").read_text())}
+
+
+def test_synthetic_accuracy_floor(glass_run: dict[str, Any]) -> None:
+    metrics = glass_run["manifest"]["metrics"]
+    assert metrics["image_auroc"] >= SYNTH_IMAGE_AUROC_FLOOR, metrics
+    assert metrics["pixel_auroc"] >= SYNTH_PIXEL_AUROC_FLOOR, metrics
+    assert metrics["n_images"] == 12 + 4 * 6
+
+
+def test_checkpoint_selection_never_sees_the_test_split(glass_run: dict[str, Any], synth_root: Path) -> None:
+    dataset = MVTecCategory(synth_root, SYNTH_CATEGORY)
+    test_images = {Path(s.image_path) for s in dataset.test_samples()}
+    train_images = {Path(s.image_path) for s in dataset.train_samples()}
+    read = set(glass_run["read"])
+    assert read and not read & test_images
+    assert read == train_images  # the fit images and the good holdout, each read once
+    data = glass_run["manifest"]["data"]
+    # one selection score per epoch, each from the holdout's features (good images only: no val/ split)
+    assert len(glass_run["selection"]) == EPOCHS
+    for n_images, labels in glass_run["selection"]:
+        assert n_images == data["calibration_images"] and not labels.any()
+    history = glass_run["manifest"]["training"]["history"]
+    assert set(history) == {"loss_normal", "loss_synthetic", "selection_score"}
+    assert all(len(v) == EPOCHS and np.isfinite(v).all() for v in history.values())
+    assert (glass_run["bundle"] / "reports" / "training_curves.png").is_file()
+
+
+def test_onnx_fp32_engine_passes_parity(glass_run: dict[str, Any]) -> None:
+    manifest = json.loads((glass_run["bundle"] / "manifest.json").read_text())
+    (engine,) = [e for e in manifest["engines"] if e["format"] == "onnx" and e["precision"] == "fp32"]
+    assert engine["parity"]["status"] == "passed", engine["parity"]
+    assert (glass_run["bundle"] / engine["file"]).is_file()
+
+
+def test_bundle_reloads_to_the_same_scores(glass_run: dict[str, Any]) -> None:
+    from edgeinspect.bundle import Bundle
+    from edgeinspect.train.trainer import load_model
+
+    model = load_model(Bundle.open(glass_run["bundle"]))
+    assert isinstance(model, GLASS) and not model.training
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        amap, score = model(x)
+    assert amap.shape == (2, 1, 224, 224) and torch.allclose(score, amap.flatten(1).amax(1))
+    assert ((amap >= 0) & (amap <= 1)).all()  # probabilities, blurred: the map and the score share units
