@@ -239,7 +239,10 @@ def _train_into(out: Path, family: str, data_root: str | Path, dataset: MVTecCat
                "engine": "torch", "device": str(dev), "ms_per_image": ms, "fit_seconds": fit_seconds}
 
     stats = model.statistics()
-    digest = hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes() for v in stats.values())).hexdigest()
+    weights = _npz_bytes(model.state_dict())
+    # weights too: a gradient-trained family keeps everything it learnt in them and has no statistics
+    digest = hashlib.sha256(b"".join([*(np.ascontiguousarray(v).tobytes() for v in stats.values()),
+                                      weights])).hexdigest()
     bundle = Bundle(out, {
         "schema_version": SCHEMA_VERSION,
         "bundle_id": f"{family}-{config['model']['backbone']}-{digest[:12]}",
@@ -260,7 +263,7 @@ def _train_into(out: Path, family: str, data_root: str | Path, dataset: MVTecCat
         "config": config,
         **({"training": {"history": model.history}} if model.history else {}),
     })
-    bundle.add_file("weights", "weights.npz", _npz_bytes(model.state_dict()))
+    bundle.add_file("weights", "weights.npz", weights)
     for key, array in stats.items():
         bundle.add_array(key, array)
     labels = np.array([s.label for s in test])
