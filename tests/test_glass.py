@@ -65,6 +65,22 @@ def test_gradient_ascent_raises_the_discriminator_loss() -> None:
     assert (ascended - start).norm(dim=1).max() <= 5 * 0.1 + 1e-5
 
 
+def test_labelled_holdout_selects_by_image_auroc() -> None:
+    from edgeinspect.train.metrics import image_auroc
+
+    model = GLASS(input_size=(64, 64), pretrained=False)
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(6, 152, 8, 8, generator=gen)
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    model.train()
+    score = model.selection_score(features, labels)
+    assert model.training  # the mode it was called in is restored
+    model.eval()
+    assert score == pytest.approx(image_auroc(labels, model.image_scores(features)))
+    # good only: minus the loss on held-out good features vs fixed ring anomalies, the same every call
+    assert model.selection_score(features, labels * 0) == model.selection_score(features, labels * 0) < 0
+
+
 @pytest.fixture(scope="module")
 def glass_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """GLASS trained on the synthetic set through the trainer, recording the images read and the

@@ -162,7 +162,8 @@ class GLASS(AnomalyModel):
     @torch.no_grad()
     def _standardise_adaptor(self, patches: torch.Tensor) -> None:
         """Adaptor := per-channel standardisation of ``patches`` (P x D) to std ``feature_std``."""
-        mean, std = patches.mean(0), patches.std(0).clamp_min(1e-6) / self.feature_std
+        mean, std = patches.mean(0), patches.std(0)
+        std = std.clamp_min(1e-3 * float(std.mean()) + 1e-12) / self.feature_std  # no blow-up of flat channels
         self.adaptor.weight.copy_(torch.diag(1.0 / std))
         self.adaptor.bias.copy_(-mean / std)
 
