@@ -110,9 +110,9 @@ def test_coreset_ratio_range_is_in_the_json_schema() -> None:
 
 
 def test_unknown_configuration_name() -> None:
-    result = CliRunner().invoke(main, ["config", "show", "glass"])
+    result = CliRunner().invoke(main, ["config", "show", "no_such_family"])
     assert result.exit_code == 1
-    assert "Error: no configuration named 'glass'; choose one of" in result.output
+    assert "Error: no configuration named 'no_such_family'; choose one of" in result.output
 
 
 # ------------------------------------------------------------------------ property-based
