@@ -82,6 +82,23 @@ def test_labelled_holdout_selects_by_image_auroc() -> None:
     assert model.selection_score(features, labels * 0) == model.selection_score(features, labels * 0) < 0
 
 
+def test_fit_is_seeded_by_the_model_seed() -> None:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 3, 64, 64, generator=gen)
+
+    def fitted(seed: int) -> GLASS:
+        torch.manual_seed(seed + 100)  # the global generator must not matter
+        model = GLASS(input_size=(64, 64), pretrained=False, epochs=2, batch_patches=64, seed=seed)
+        model.fit([images[:2], images[2:4]], progress=False, holdout=[images[4:]])
+        return model
+
+    a, b, c = fitted(1), fitted(1), fitted(2)
+    assert a.history == b.history and len(a.history["loss_normal"]) == 2
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    assert not torch.equal(a.discriminator[0].weight, c.discriminator[0].weight)
+
+
 @pytest.fixture(scope="module")
 def glass_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """GLASS trained on the synthetic set through the trainer, recording the images read and the
