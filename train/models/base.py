@@ -122,12 +122,20 @@ class AnomalyModel(nn.Module):
 
 
 def aggregate_stages(features: list[torch.Tensor], neighbourhood: int) -> torch.Tensor:
-    """Average each stage over a k x k neighbourhood, upsample to the finest stage, concatenate."""
+    """Average each stage over a k x k neighbourhood, upsample to the finest stage, concatenate.
+
+    The average counts the zero padding at the image border (``count_include_pad=True``): a border
+    patch's feature shrinks towards zero, so border patches stay apart from interior ones and find
+    their nearest neighbours among the training images' border patches. Averaging over only the
+    neighbours that exist made border patches look like noisy interior patches; they then carried
+    the image score of good parts (PatchCore image AUROC, 10 % bank: KolektorSDD 0.676 -> 0.840,
+    MVTec transistor 0.941 -> 1.000; ARCHITECTURE.md, "The models").
+    """
     size = features[0].shape[-2:]
     out = []
     for f in features:
         if neighbourhood > 1:
-            f = F.avg_pool2d(f, neighbourhood, stride=1, padding=neighbourhood // 2, count_include_pad=False)
+            f = F.avg_pool2d(f, neighbourhood, stride=1, padding=neighbourhood // 2, count_include_pad=True)
         if f.shape[-2:] != size:
             f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
         out.append(f)
