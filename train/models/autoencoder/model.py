@@ -188,7 +188,7 @@ class Autoencoder(AnomalyModel):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total, count = total + float(loss) * len(x), count + len(x)
+                total, count = total + loss.item() * len(x), count + len(x)
             self.history["train_loss"].append(total / max(count, 1))
             self.eval()
             held = self._holdout_loss(holdout, device) if holdout is not None else None
