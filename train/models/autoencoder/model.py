@@ -110,7 +110,7 @@ class Autoencoder(AnomalyModel):
     fit_is_statistics = False
 
     def __init__(self, input_size: Sequence[int] = (256, 256), *, latent: int = 512, base_channels: int = 32,
-                 loss: str = "mse", learning_rate: float = 1e-4, epochs: int = 10, smoothing_sigma: float = 4.0,
+                 loss: str = "mse", learning_rate: float = 1e-4, epochs: int = 3, smoothing_sigma: float = 4.0,
                  seed: int = 0, pretrained: bool = False):
         """``pretrained`` is accepted for the shared constructor call and ignored (no pretrained weights)."""
         input_size = tuple(input_size)
