@@ -12,8 +12,9 @@ Why this bottleneck: a dense 512-vector straight from the 8c x H/16 x W/16 map (
 256 px) costs 2 x 33.6M weights; a conv bottleneck with ``latent`` channels keeps a spatial map
 (16 x 16 x 512 values, more than the 256 x 256 x 3 image's information) and barely compresses, so
 the network learns to copy defects too. Squeezing to 16 channels first (4096 values at 256 px)
-keeps a true ``latent``-vector bottleneck for 4.2M weights. At the defaults (256 px, c = 32,
-latent 512) the whole model has 5,286,643 parameters (389k encoder, 4.21M bottleneck, 690k decoder).
+keeps a true ``latent``-vector bottleneck for 4.2M weights. With c = 32 and latent 512 the whole
+model has 5,286,643 parameters at 256 px (389k encoder, 4.21M bottleneck, 690k decoder) and
+2,137,843 at the CPU default of 128 px (1.06M bottleneck).
 
 Scoring: per-pixel squared reconstruction error, mean over the colour channels, at full input
 resolution (the map head's "patch grid" is the error image itself), Gaussian-smoothed by the map
@@ -109,8 +110,8 @@ class Autoencoder(AnomalyModel):
     low_precision_modules = ("encoder", "bottleneck", "decoder")
     fit_is_statistics = False
 
-    def __init__(self, input_size: Sequence[int] = (256, 256), *, latent: int = 512, base_channels: int = 32,
-                 loss: str = "mse", learning_rate: float = 1e-4, epochs: int = 3, smoothing_sigma: float = 4.0,
+    def __init__(self, input_size: Sequence[int] = (128, 128), *, latent: int = 512, base_channels: int = 32,
+                 loss: str = "mse", learning_rate: float = 1e-3, epochs: int = 15, smoothing_sigma: float = 4.0,
                  seed: int = 0, pretrained: bool = False):
         """``pretrained`` is accepted for the shared constructor call and ignored (no pretrained weights)."""
         input_size = tuple(input_size)
