@@ -162,13 +162,18 @@ def backbones() -> None:
 def train(ctx: click.Context, family: str, data_root: str, category: str, out: str, overwrite: bool,
           backbone: str | None, weights: str | None, config_path: str | None, overrides: tuple[str, ...],
           device: str) -> None:
-    """Train FAMILY (patchcore, padim) on good images and write a model bundle (threshold included)."""
+    """Train FAMILY (patchcore, padim, autoencoder) on good images and write a model bundle (threshold included)."""
     from edgeinspect.config import load_config
     from edgeinspect.train.models import MODELS
     from edgeinspect.train.trainer import train as run_train
 
     if family not in MODELS:
         raise click.BadParameter(f"{family!r} is not one of {', '.join(MODELS)}", param_hint="FAMILY")
+    keys = MODELS[family].config_section.model_fields
+    for option, value, key in (("--backbone", backbone, "backbone"), ("--weights", weights, "weights")):
+        if value and key not in keys:
+            raise click.UsageError(f"{option}: {family} has no backbone (it trains its own network from scratch); "
+                                   f"drop {option}")
     extra = [f"model.backbone={backbone}"] if backbone else []
     extra += [f"model.weights={weights}"] if weights else []
     config = load_config(family, config_path, [*overrides, *extra])

@@ -24,7 +24,6 @@ from edgeinspect.frames import FrameSpec
 from edgeinspect.imageio import read_raw
 from edgeinspect.manifest import SCHEMA_VERSION
 from edgeinspect.preprocess import Preprocess
-from edgeinspect.train.backbones import get_backbone_spec
 from edgeinspect.train.data import MVTecCategory, Sample
 from edgeinspect.train.data.batches import Batches
 from edgeinspect.train.metrics import (
@@ -64,13 +63,13 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def make_preprocess(family: str, config: dict[str, Any]) -> Preprocess:
-    """Preprocessing from the config's ``preprocess`` section and the backbone's normalisation."""
-    get_model_class(family)  # unknown family: fail before reading any image
-    spec = get_backbone_spec(config["model"]["backbone"])
+    """Preprocessing from the config's ``preprocess`` section and the model's normalisation (by default
+    its backbone's)."""
+    mean, std = get_model_class(family).normalization(config["model"])  # unknown family: fails here, first
     pre = config["preprocess"]
     size = tuple(pre["input_size"])
     resize = tuple(pre["resize"]) if pre.get("resize") else size
-    return Preprocess(resize=resize, crop=size if resize != size else None, mean=spec.mean, std=spec.std,
+    return Preprocess(resize=resize, crop=size if resize != size else None, mean=mean, std=std,
                       interpolation=pre["interpolation"])
 
 
@@ -259,14 +258,16 @@ def _train_into(out: Path, family: str, data_root: str | Path, dataset: MVTecCat
                "engine": "torch", "device": str(dev), "ms_per_image": ms, "fit_seconds": fit_seconds}
 
     stats = model.statistics()
-    digest = hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes() for v in stats.values())).hexdigest()
+    state = model.state_dict()
+    # the id hashes what the model computes with: its statistics and its weights (trained ones included)
+    arrays = [*stats.values(), *(v.detach().cpu().numpy() for v in state.values())]
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes() for v in arrays)).hexdigest()
     bundle = Bundle(out, {
         "schema_version": SCHEMA_VERSION,
-        "bundle_id": f"{family}-{config['model']['backbone']}-{digest[:12]}",
+        "bundle_id": f"{family}-{model.tag()}-{digest[:12]}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "edgeinspect_version": __version__,
-        "model": {"family": family, **model.hyperparameters(),
-                  "weights_source": config["model"].get("weights") or model.extractor.spec.weights_source},
+        "model": {"family": family, **model.hyperparameters(), "weights_source": model.weights_source()},
         "preprocess": preprocess.to_dict(),
         "input_images": training_image_spec(fit_samples).to_dict(),
         "input": {"name": "image", "shape": [1, 3, *preprocess.input_size], "dtype": "float32"},
@@ -280,7 +281,7 @@ def _train_into(out: Path, family: str, data_root: str | Path, dataset: MVTecCat
         "config": config,
         **({"training": {"history": model.history}} if model.history else {}),
     })
-    bundle.add_file("weights", "weights.npz", _npz_bytes(model.state_dict()))
+    bundle.add_file("weights", "weights.npz", _npz_bytes(state))
     for key, array in stats.items():
         bundle.add_array(key, array)
     labels = np.array([s.label for s in test])
