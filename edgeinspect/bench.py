@@ -261,7 +261,7 @@ def bench(bundle_path: str | Path, engines: Sequence[str] = (), *, data_root: st
         cases[f"runtime|{key}"] = (predictor.predict, images)
 
     with tempfile.TemporaryDirectory() as tmp:
-        if backbone:
+        if backbone and "backbone" in bundle.manifest["model"]:  # a family trained from scratch has none
             for precision, path in backbone_engines(bundle, Path(tmp), tensors[:16]).items():
                 rows.append({"format": "backbone alone", "precision": precision, "status": "ok",
                              "size_mb": round(path.stat().st_size / MB, 2)})

@@ -162,13 +162,19 @@ def backbones() -> None:
 def train(ctx: click.Context, family: str, data_root: str, category: str, out: str, overwrite: bool,
           backbone: str | None, weights: str | None, config_path: str | None, overrides: tuple[str, ...],
           device: str) -> None:
-    """Train FAMILY (patchcore, padim, glass) on good images and write a model bundle (threshold included)."""
+    """Train FAMILY (patchcore, padim, autoencoder, glass) on good images and write a model bundle (threshold
+    included)."""
     from edgeinspect.config import load_config
     from edgeinspect.train.models import MODELS
     from edgeinspect.train.trainer import train as run_train
 
     if family not in MODELS:
         raise click.BadParameter(f"{family!r} is not one of {', '.join(MODELS)}", param_hint="FAMILY")
+    keys = MODELS[family].config_section.model_fields
+    for option, value, key in (("--backbone", backbone, "backbone"), ("--weights", weights, "weights")):
+        if value and key not in keys:
+            raise click.UsageError(f"{option}: {family} has no backbone (it trains its own network from scratch); "
+                                   f"drop {option}")
     extra = [f"model.backbone={backbone}"] if backbone else []
     extra += [f"model.weights={weights}"] if weights else []
     config = load_config(family, config_path, [*overrides, *extra])
@@ -192,17 +198,24 @@ def train(ctx: click.Context, family: str, data_root: str, category: str, out: s
 @click.pass_context
 def evaluate(ctx: click.Context, bundle: str, data_root: str, category: str, engine: str, device: str,
              json_out: str | None) -> None:
-    """Image/pixel AUROC and F1 of BUNDLE on a test split."""
+    """Image, pixel and box metrics of BUNDLE on a test split."""
     from edgeinspect.train.evaluate import evaluate as run_evaluate
 
-    metrics = run_evaluate(bundle, data_root, category, engine, device=device, progress=_progress(ctx))
-    rows = [("image AUROC", f"{metrics['image_auroc']:.4f}"), ("pixel AUROC", f"{metrics['pixel_auroc']:.4f}"),
-            ("F1 @ threshold", f"{metrics['f1']:.4f}"), ("images", str(metrics["n_images"])),
-            ("engine", metrics["engine"]), ("ms / image", f"{metrics['ms_per_image']:.1f}")]
+    m = run_evaluate(bundle, data_root, category, engine, device=device, progress=_progress(ctx))
+    c = m["confusion"]
+    rows = [("image", f"AUROC {m['image_auroc']:.4f}  AUPR {m['aupr']:.4f}  "
+                      f"F1-max {m['f1_max']:.4f} @ {m['f1_max_threshold']:.4g}"),
+            (f"@ {m['threshold']:.4g}", f"F1 {m['f1']:.4f}  accuracy {m['accuracy']:.4f}  "
+                             f"balanced accuracy {m['balanced_accuracy']:.4f}  "
+                             f"TP {c['tp']} FN {c['fn']} FP {c['fp']} TN {c['tn']}"),
+            ("pixel", f"AUROC {m['pixel_auroc']:.4f}  PRO (FPR <= 0.3) {m['pro']:.4f}"),
+            ("boxes", f"mean best IoU {m['box_iou']:.4f}"),
+            ("images", f"{m['n_images']} ({m['n_defective']} defective)"),
+            ("engine", f"{m['engine']}, {m['ms_per_image']:.1f} ms / image")]
     for key, value in rows:
-        click.echo(f"{key:<16}{value:>12}")
+        click.echo(f"{key:<14}{value}")
     if json_out:
-        Path(json_out).write_text(json.dumps(metrics, indent=2) + "\n")
+        Path(json_out).write_text(json.dumps(m, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------- export

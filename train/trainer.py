@@ -24,14 +24,20 @@ from edgeinspect.frames import FrameSpec
 from edgeinspect.imageio import read_raw
 from edgeinspect.manifest import SCHEMA_VERSION
 from edgeinspect.preprocess import Preprocess
-from edgeinspect.train.backbones import get_backbone_spec
 from edgeinspect.train.data import MVTecCategory, Sample
 from edgeinspect.train.data.batches import Batches
 from edgeinspect.train.metrics import (
+    accuracy,
+    aupr,
+    balanced_accuracy,
+    box_iou,
+    confusion,
     f1_at_threshold,
+    f1_max,
     f1_optimal_threshold,
     image_auroc,
     pixel_auroc,
+    pro,
 )
 from edgeinspect.train.models import AnomalyModel, get_model_class
 from edgeinspect.train.plots import curves_png, roc_png
@@ -57,13 +63,13 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def make_preprocess(family: str, config: dict[str, Any]) -> Preprocess:
-    """Preprocessing from the config's ``preprocess`` section and the backbone's normalisation."""
-    get_model_class(family)  # unknown family: fail before reading any image
-    spec = get_backbone_spec(config["model"]["backbone"])
+    """Preprocessing from the config's ``preprocess`` section and the model's normalisation (by default
+    its backbone's)."""
+    mean, std = get_model_class(family).normalization(config["model"])  # unknown family: fails here, first
     pre = config["preprocess"]
     size = tuple(pre["input_size"])
     resize = tuple(pre["resize"]) if pre.get("resize") else size
-    return Preprocess(resize=resize, crop=size if resize != size else None, mean=spec.mean, std=spec.std,
+    return Preprocess(resize=resize, crop=size if resize != size else None, mean=mean, std=std,
                       interpolation=pre["interpolation"])
 
 
@@ -153,13 +159,25 @@ def decide(good_scores: np.ndarray, decision_cfg: dict[str, Any], *, val_labels:
 
 
 def test_metrics(dataset: MVTecCategory, samples: Sequence[Sample], preprocess: Preprocess,
-                 maps: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Image AUROC, pixel AUROC and F1 at the threshold over a test set."""
+                 maps: np.ndarray, scores: np.ndarray, threshold: float, *, min_region_area: int
+                 ) -> dict[str, Any]:
+    """Every metric over a test set, the same for every family (see ``train/metrics.py``).
+
+    Image level: AUROC, AUPR, best F1 and its threshold; at ``threshold``: F1, confusion counts,
+    accuracy, balanced accuracy. Pixel level: AUROC, AUPRO up to FPR 0.3. Boxes: mean best IoU of
+    the ground-truth boxes with the regions of ``map > threshold`` of ``min_region_area`` pixels or more.
+    """
     labels = np.array([s.label for s in samples])
     masks = np.stack([preprocess.mask(dataset.load_mask(s, preprocess.resize)) for s in samples])
-    return {"image_auroc": image_auroc(labels, scores), "pixel_auroc": pixel_auroc(masks, maps),
-            "f1": f1_at_threshold(labels, scores, threshold), "n_images": int(len(samples)),
-            "n_defective": int(labels.sum())}
+    best_f1, best_threshold = f1_max(labels, scores)
+    counts = confusion(labels, scores, threshold)
+    return {"image_auroc": image_auroc(labels, scores), "aupr": aupr(labels, scores),
+            "f1_max": best_f1, "f1_max_threshold": best_threshold,
+            "f1": f1_at_threshold(labels, scores, threshold), "confusion": counts,
+            "accuracy": accuracy(counts), "balanced_accuracy": balanced_accuracy(counts),
+            "pixel_auroc": pixel_auroc(masks, maps), "pro": pro(masks, maps),
+            "box_iou": box_iou(masks, maps, labels, threshold, min_region_area),
+            "n_images": int(len(samples)), "n_defective": int(labels.sum())}
 
 
 def _npz_bytes(state: dict[str, torch.Tensor]) -> bytes:
@@ -235,21 +253,21 @@ def _train_into(out: Path, family: str, data_root: str | Path, dataset: MVTecCat
 
     test = dataset.test_samples()
     maps, scores, ms = infer(model, dataset, test, preprocess, progress=progress)
-    metrics = {**test_metrics(dataset, test, preprocess, maps, scores, decision["threshold"]),
+    metrics = {**test_metrics(dataset, test, preprocess, maps, scores, decision["threshold"],
+                              min_region_area=decision["min_region_area"]),
                "engine": "torch", "device": str(dev), "ms_per_image": ms, "fit_seconds": fit_seconds}
 
     stats = model.statistics()
-    weights = _npz_bytes(model.state_dict())
-    # weights too: a gradient-trained family keeps everything it learnt in them and has no statistics
-    digest = hashlib.sha256(b"".join([*(np.ascontiguousarray(v).tobytes() for v in stats.values()),
-                                      weights])).hexdigest()
+    state = model.state_dict()
+    # the id hashes what the model computes with: its statistics and its weights (trained ones included)
+    arrays = [*stats.values(), *(v.detach().cpu().numpy() for v in state.values())]
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes() for v in arrays)).hexdigest()
     bundle = Bundle(out, {
         "schema_version": SCHEMA_VERSION,
-        "bundle_id": f"{family}-{config['model']['backbone']}-{digest[:12]}",
+        "bundle_id": f"{family}-{model.tag()}-{digest[:12]}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "edgeinspect_version": __version__,
-        "model": {"family": family, **model.hyperparameters(),
-                  "weights_source": config["model"].get("weights") or model.extractor.spec.weights_source},
+        "model": {"family": family, **model.hyperparameters(), "weights_source": model.weights_source()},
         "preprocess": preprocess.to_dict(),
         "input_images": training_image_spec(fit_samples).to_dict(),
         "input": {"name": "image", "shape": [1, 3, *preprocess.input_size], "dtype": "float32"},
@@ -263,7 +281,7 @@ def _train_into(out: Path, family: str, data_root: str | Path, dataset: MVTecCat
         "config": config,
         **({"training": {"history": model.history}} if model.history else {}),
     })
-    bundle.add_file("weights", "weights.npz", weights)
+    bundle.add_file("weights", "weights.npz", _npz_bytes(state))
     for key, array in stats.items():
         bundle.add_array(key, array)
     labels = np.array([s.label for s in test])

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from edgeinspect.errors import ConfigError
 from edgeinspect.schema import Section, family_config
-from edgeinspect.train.models.base import AnomalyModel
+from edgeinspect.train.models.autoencoder import Autoencoder
+from edgeinspect.train.models.base import AnomalyModel, BackboneAnomalyModel
 from edgeinspect.train.models.glass import GLASS
 from edgeinspect.train.models.padim import Padim
 from edgeinspect.train.models.patchcore import PatchCore
 
-MODELS: dict[str, type[AnomalyModel]] = {"patchcore": PatchCore, "padim": Padim, "glass": GLASS}
+MODELS: dict[str, type[AnomalyModel]] = {"patchcore": PatchCore, "padim": Padim,
+                                             "autoencoder": Autoencoder, "glass": GLASS}
 
 
 def get_model_class(family: str) -> type[AnomalyModel]:
@@ -25,4 +27,5 @@ def config_schema(family: str) -> type[Section]:
     return family_config(get_model_class(family).config_section)
 
 
-__all__ = ["MODELS", "AnomalyModel", "GLASS", "PatchCore", "Padim", "config_schema", "get_model_class"]
+__all__ = ["MODELS", "AnomalyModel", "BackboneAnomalyModel", "PatchCore", "Padim", "Autoencoder", "GLASS",
+           "config_schema", "get_model_class"]

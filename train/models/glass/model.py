@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from edgeinspect.train.metrics import image_auroc
-from edgeinspect.train.models.base import AnomalyModel, aggregate_stages
+from edgeinspect.train.models.base import BackboneAnomalyModel, aggregate_stages
 from edgeinspect.train.models.glass.config import GlassSection
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def _patches(features: torch.Tensor) -> torch.Tensor:
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
 
-class GLASS(AnomalyModel):
+class GLASS(BackboneAnomalyModel):
     """GLASS anomaly model (GAS branch): frozen extractor -> locally aware patch features -> linear
     adaptor -> MLP discriminator -> anomaly probability per patch -> map head.
 

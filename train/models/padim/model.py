@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from edgeinspect.train.models.base import AnomalyModel, aggregate_stages
+from edgeinspect.train.models.base import BackboneAnomalyModel, aggregate_stages
 from edgeinspect.train.models.padim.config import PadimSection
 
 
-class Padim(AnomalyModel):
+class Padim(BackboneAnomalyModel):
     """PaDiM anomaly model.
 
     Covariance regulariser: ``epsilon * I`` is added to every per-position covariance before it

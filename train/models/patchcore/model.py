@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from edgeinspect.train.models.base import AnomalyModel, aggregate_stages
+from edgeinspect.train.models.base import BackboneAnomalyModel, aggregate_stages
 from edgeinspect.train.models.patchcore.config import PatchCoreSection
 
 
@@ -64,7 +64,7 @@ def _greedy(points: torch.Tensor, n_select: int, gen: torch.Generator, bar: tqdm
     return selected
 
 
-class PatchCore(AnomalyModel):
+class PatchCore(BackboneAnomalyModel):
     """PatchCore anomaly model; the memory bank is a buffer so the exported graph carries it."""
 
     family = "patchcore"
