@@ -5,10 +5,11 @@ from __future__ import annotations
 from edgeinspect.errors import ConfigError
 from edgeinspect.schema import Section, family_config
 from edgeinspect.train.models.base import AnomalyModel
+from edgeinspect.train.models.cam import Cam
 from edgeinspect.train.models.padim import Padim
 from edgeinspect.train.models.patchcore import PatchCore
 
-MODELS: dict[str, type[AnomalyModel]] = {"patchcore": PatchCore, "padim": Padim}
+MODELS: dict[str, type[AnomalyModel]] = {"patchcore": PatchCore, "padim": Padim, "cam": Cam}
 
 
 def get_model_class(family: str) -> type[AnomalyModel]:
@@ -24,4 +25,4 @@ def config_schema(family: str) -> type[Section]:
     return family_config(get_model_class(family).config_section)
 
 
-__all__ = ["MODELS", "AnomalyModel", "PatchCore", "Padim", "config_schema", "get_model_class"]
+__all__ = ["MODELS", "AnomalyModel", "Cam", "PatchCore", "Padim", "config_schema", "get_model_class"]
