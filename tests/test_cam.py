@@ -135,3 +135,10 @@ def test_onnx_export_passes_the_fp32_parity_gate(cam_bundle: Path) -> None:
     (entry,) = [e for e in engines if e["format"] == "onnx" and e["precision"] == "fp32"]
     assert entry["parity"]["status"] == "passed"
     assert (cam_bundle / entry["file"]).is_file()
+
+
+def test_vgg16_as_in_the_paper_tunes_conv5_1_to_conv5_3() -> None:
+    model = Cam("vgg16", ["block5"], (64, 64), pretrained=False)  # random init: no weights needed
+    assert model.extractor(torch.zeros(1, 3, 64, 64))[0].shape == (1, 512, 4, 4)  # conv5_3 + ReLU, /16
+    assert model.tuned_layers == ["trunk.blocks.block5.1", "trunk.blocks.block5.3", "trunk.blocks.block5.5"]
+    assert model.dense.in_features == 512
