@@ -192,17 +192,24 @@ def train(ctx: click.Context, family: str, data_root: str, category: str, out: s
 @click.pass_context
 def evaluate(ctx: click.Context, bundle: str, data_root: str, category: str, engine: str, device: str,
              json_out: str | None) -> None:
-    """Image/pixel AUROC and F1 of BUNDLE on a test split."""
+    """Image, pixel and box metrics of BUNDLE on a test split."""
     from edgeinspect.train.evaluate import evaluate as run_evaluate
 
-    metrics = run_evaluate(bundle, data_root, category, engine, device=device, progress=_progress(ctx))
-    rows = [("image AUROC", f"{metrics['image_auroc']:.4f}"), ("pixel AUROC", f"{metrics['pixel_auroc']:.4f}"),
-            ("F1 @ threshold", f"{metrics['f1']:.4f}"), ("images", str(metrics["n_images"])),
-            ("engine", metrics["engine"]), ("ms / image", f"{metrics['ms_per_image']:.1f}")]
+    m = run_evaluate(bundle, data_root, category, engine, device=device, progress=_progress(ctx))
+    c = m["confusion"]
+    rows = [("image", f"AUROC {m['image_auroc']:.4f}  AUPR {m['aupr']:.4f}  "
+                      f"F1-max {m['f1_max']:.4f} @ {m['f1_max_threshold']:.4g}"),
+            (f"@ {m['threshold']:.4g}", f"F1 {m['f1']:.4f}  accuracy {m['accuracy']:.4f}  "
+                             f"balanced accuracy {m['balanced_accuracy']:.4f}  "
+                             f"TP {c['tp']} FN {c['fn']} FP {c['fp']} TN {c['tn']}"),
+            ("pixel", f"AUROC {m['pixel_auroc']:.4f}  PRO (FPR <= 0.3) {m['pro']:.4f}"),
+            ("boxes", f"mean best IoU {m['box_iou']:.4f}"),
+            ("images", f"{m['n_images']} ({m['n_defective']} defective)"),
+            ("engine", f"{m['engine']}, {m['ms_per_image']:.1f} ms / image")]
     for key, value in rows:
-        click.echo(f"{key:<16}{value:>12}")
+        click.echo(f"{key:<14}{value}")
     if json_out:
-        Path(json_out).write_text(json.dumps(metrics, indent=2) + "\n")
+        Path(json_out).write_text(json.dumps(m, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------- export

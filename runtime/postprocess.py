@@ -29,9 +29,13 @@ def normalize(raw: np.ndarray | float, normalization: dict) -> np.ndarray | floa
     return np.clip(0.5 + 0.5 * (np.asarray(raw, np.float64) - center) / scale, 0.0, 1.0)
 
 
-def find_regions(anomaly_map: np.ndarray, threshold: float, min_area: int, normalization: dict,
-                 preprocess: Preprocess, frame_hw: tuple[int, int]) -> list[Region]:
-    """Boxes of the 8-connected regions of ``anomaly_map > threshold``, largest first."""
+def map_regions(anomaly_map: np.ndarray, threshold: float, min_area: int
+                ) -> list[tuple[tuple[int, int, int, int], int, float]]:
+    """``(box, area, peak)`` of each 8-connected region of ``anomaly_map > threshold`` with at least
+    ``min_area`` pixels, in map pixels (box ``x0, y0, x1, y1``, x1/y1 exclusive; peak in map units).
+
+    The one place a map becomes boxes: the runtime's regions and the evaluation's box IoU both use it.
+    """
     if float(anomaly_map.max()) <= threshold:  # the usual good part: no labelling to do
         return []
     binary = (anomaly_map > threshold).astype(np.uint8)
@@ -42,6 +46,13 @@ def find_regions(anomaly_map: np.ndarray, threshold: float, min_area: int, norma
         if area < min_area:
             continue
         peak = float(anomaly_map[y:y + h, x:x + w][labels[y:y + h, x:x + w] == i].max())
-        regions.append(Region(preprocess.box_to_frame((x, y, x + w, y + h), frame_hw), area,
-                              float(normalize(peak, normalization))))
+        regions.append(((x, y, x + w, y + h), area, peak))
+    return regions
+
+
+def find_regions(anomaly_map: np.ndarray, threshold: float, min_area: int, normalization: dict,
+                 preprocess: Preprocess, frame_hw: tuple[int, int]) -> list[Region]:
+    """Boxes of the 8-connected regions of ``anomaly_map > threshold``, in frame pixels, largest first."""
+    regions = [Region(preprocess.box_to_frame(box, frame_hw), area, float(normalize(peak, normalization)))
+               for box, area, peak in map_regions(anomaly_map, threshold, min_area)]
     return sorted(regions, key=lambda r: r.area, reverse=True)

@@ -58,8 +58,13 @@ def test_train_evaluate_info_via_cli(synth_root: Path, tmp_path: Path) -> None:
                                   "--json", str(metrics_file)])
     assert result.exit_code == 0, result.output
     metrics = json.loads(metrics_file.read_text())
-    assert {"image_auroc", "pixel_auroc", "f1", "n_images", "engine"} <= set(metrics)
+    assert {"image_auroc", "pixel_auroc", "f1", "n_images", "engine", "aupr", "f1_max", "f1_max_threshold", "pro",
+            "confusion", "accuracy", "balanced_accuracy", "box_iou"} <= set(metrics)
     assert metrics["engine"] == "torch"
+    assert sum(metrics["confusion"].values()) == metrics["n_images"]
+    assert metrics["f1_max"] >= metrics["f1"] and 0.0 <= metrics["pro"] <= 1.0 and 0.0 <= metrics["box_iou"] <= 1.0
+    for line in ("AUPR", "F1-max", "balanced accuracy", "TP", "PRO", "mean best IoU"):
+        assert line in result.output
     # evaluation reproduces the figures recorded at training time
     assert metrics["image_auroc"] == pytest.approx(manifest["metrics"]["image_auroc"], abs=1e-9)
     info = runner.invoke(main, ["info", str(out)])

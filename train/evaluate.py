@@ -32,8 +32,10 @@ def infer_engine(backend: Backend, dataset: MVTecCategory, samples: Sequence[Sam
 
 def evaluate(bundle_path: str | Path, data_root: str | Path, category: str, engine: str = "torch", *,
              device: str = "cpu", progress: bool = True) -> dict:
-    """Image AUROC, pixel AUROC, F1 at the threshold and ms per image (model/engine only), on the bundle's
-    test split (:func:`trainer.bundle_test_samples`: test/, or the hold-out a supervised family recorded).
+    """:func:`trainer.test_metrics` of a bundle on its test split, with ms per image (model/engine only).
+
+    The test split is :func:`trainer.bundle_test_samples`: test/, or the hold-out a supervised family
+    recorded in the bundle (``split`` in the result says which).
 
     ``engine`` is ``torch`` or an engine selector (``onnx``, ``onnx:int8``, ``auto``...); an engine is
     judged at its own threshold (INT8 engines are recalibrated at export).
@@ -50,6 +52,7 @@ def evaluate(bundle_path: str | Path, data_root: str | Path, category: str, engi
         maps, scores, ms = infer_engine(backend, dataset, samples, preprocess, progress)
         decision = bundle.engine_decision(entry)
         engine = f"{entry['format']}:{entry['precision']}"
-    metrics = test_metrics(dataset, samples, preprocess, maps, scores, decision["threshold"])
-    return {**metrics, "split": split, "engine": engine, "ms_per_image": ms, "bundle_id": bundle.bundle_id,
-            "category": category, "data_root": str(Path(data_root).resolve())}
+    metrics = test_metrics(dataset, samples, preprocess, maps, scores, decision["threshold"],
+                           min_region_area=decision["min_region_area"])
+    return {**metrics, "split": split, "threshold": decision["threshold"], "engine": engine, "ms_per_image": ms,
+            "bundle_id": bundle.bundle_id, "category": category, "data_root": str(Path(data_root).resolve())}

@@ -29,10 +29,17 @@ from edgeinspect.train.data import MVTecCategory, Sample
 from edgeinspect.train.data.batches import Batches
 from edgeinspect.train.data.split import DATASET_TEST_SPLIT, DataSplit, relative_paths, samples_at
 from edgeinspect.train.metrics import (
+    accuracy,
+    aupr,
+    balanced_accuracy,
+    box_iou,
+    confusion,
     f1_at_threshold,
+    f1_max,
     f1_optimal_threshold,
     image_auroc,
     pixel_auroc,
+    pro,
 )
 from edgeinspect.train.models import AnomalyModel, get_model_class
 from edgeinspect.train.plots import curves_png, roc_png
@@ -128,13 +135,25 @@ def decide(good_scores: np.ndarray, decision_cfg: dict[str, Any], *, val_labels:
 
 
 def test_metrics(dataset: MVTecCategory, samples: Sequence[Sample], preprocess: Preprocess,
-                 maps: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Image AUROC, pixel AUROC and F1 at the threshold over a test set."""
+                 maps: np.ndarray, scores: np.ndarray, threshold: float, *, min_region_area: int
+                 ) -> dict[str, Any]:
+    """Every metric over a test set, the same for every family (see ``train/metrics.py``).
+
+    Image level: AUROC, AUPR, best F1 and its threshold; at ``threshold``: F1, confusion counts,
+    accuracy, balanced accuracy. Pixel level: AUROC, AUPRO up to FPR 0.3. Boxes: mean best IoU of
+    the ground-truth boxes with the regions of ``map > threshold`` of ``min_region_area`` pixels or more.
+    """
     labels = np.array([s.label for s in samples])
     masks = np.stack([preprocess.mask(dataset.load_mask(s, preprocess.resize)) for s in samples])
-    return {"image_auroc": image_auroc(labels, scores), "pixel_auroc": pixel_auroc(masks, maps),
-            "f1": f1_at_threshold(labels, scores, threshold), "n_images": int(len(samples)),
-            "n_defective": int(labels.sum())}
+    best_f1, best_threshold = f1_max(labels, scores)
+    counts = confusion(labels, scores, threshold)
+    return {"image_auroc": image_auroc(labels, scores), "aupr": aupr(labels, scores),
+            "f1_max": best_f1, "f1_max_threshold": best_threshold,
+            "f1": f1_at_threshold(labels, scores, threshold), "confusion": counts,
+            "accuracy": accuracy(counts), "balanced_accuracy": balanced_accuracy(counts),
+            "pixel_auroc": pixel_auroc(masks, maps), "pro": pro(masks, maps),
+            "box_iou": box_iou(masks, maps, labels, threshold, min_region_area),
+            "n_images": int(len(samples)), "n_defective": int(labels.sum())}
 
 
 def _npz_bytes(state: dict[str, torch.Tensor]) -> bytes:
@@ -210,7 +229,8 @@ def _train_into(out: Path, family: str, data_root: str | Path, dataset: MVTecCat
 
     test = split.test
     maps, scores, ms = infer(model, dataset, test, preprocess, progress=progress)
-    metrics = {**test_metrics(dataset, test, preprocess, maps, scores, decision["threshold"]),
+    metrics = {**test_metrics(dataset, test, preprocess, maps, scores, decision["threshold"],
+                              min_region_area=decision["min_region_area"]),
                "split": split.test_name, "engine": "torch", "device": str(dev), "ms_per_image": ms,
                "fit_seconds": fit_seconds}
 
