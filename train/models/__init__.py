@@ -6,11 +6,12 @@ from edgeinspect.errors import ConfigError
 from edgeinspect.schema import Section, family_config
 from edgeinspect.train.models.autoencoder import Autoencoder
 from edgeinspect.train.models.base import AnomalyModel, BackboneAnomalyModel
+from edgeinspect.train.models.cam import Cam
 from edgeinspect.train.models.padim import Padim
 from edgeinspect.train.models.patchcore import PatchCore
 
-MODELS: dict[str, type[AnomalyModel]] = {"patchcore": PatchCore, "padim": Padim,
-                                             "autoencoder": Autoencoder}
+MODELS: dict[str, type[AnomalyModel]] = {"patchcore": PatchCore, "padim": Padim, "autoencoder": Autoencoder,
+                                         "cam": Cam}
 
 
 def get_model_class(family: str) -> type[AnomalyModel]:
@@ -26,5 +27,5 @@ def config_schema(family: str) -> type[Section]:
     return family_config(get_model_class(family).config_section)
 
 
-__all__ = ["MODELS", "AnomalyModel", "BackboneAnomalyModel", "PatchCore", "Padim", "Autoencoder", "config_schema",
-           "get_model_class"]
+__all__ = ["MODELS", "AnomalyModel", "Autoencoder", "BackboneAnomalyModel", "Cam", "PatchCore", "Padim",
+           "config_schema", "get_model_class"]
