@@ -109,10 +109,13 @@ def decide(good_scores: np.ndarray, decision_cfg: dict[str, Any], *, val_labels:
            val_scores: np.ndarray | None = None) -> dict[str, Any]:
     """Threshold and score normalisation for the bundle.
 
-    Without labels: threshold = quantile(held-out good scores) * margin. With a labelled
-    validation split: the F1-optimal threshold on it. The normalised score maps the median good
-    score to 0, the threshold to 0.5 and threshold + (threshold - median) to 1 (clipped), so 0.5
-    is the OK/NOK boundary for every model family.
+    Without labels, from the held-out good scores: ``threshold_rule: mean_sd`` (default) sets
+    threshold = (mean + threshold_sd * standard deviation) * margin; ``quantile`` sets
+    threshold = quantile(threshold_quantile) * margin (1.0 = their max). The mean and spread of a
+    few dozen images are steadier than their maximum, which one unusual good image decides (see
+    README, "Thresholds"). With a labelled validation split: the F1-optimal threshold on it. The
+    normalised score maps the median good score to 0, the threshold to 0.5 and threshold +
+    (threshold - median) to 1 (clipped), so 0.5 is the OK/NOK boundary for every model family.
     """
     if val_labels is not None and val_scores is not None and 0 < val_labels.sum() < len(val_labels):
         threshold = f1_optimal_threshold(val_labels, val_scores)
@@ -120,10 +123,18 @@ def decide(good_scores: np.ndarray, decision_cfg: dict[str, Any], *, val_labels:
                   "n_defective": int(val_labels.sum())}
         reference = val_scores[val_labels == 0]
     else:
-        q, margin = decision_cfg["threshold_quantile"], decision_cfg["threshold_margin"]
-        threshold = float(np.quantile(good_scores, q)) * margin
-        source = {"source": "held-out good images", "n_images": int(len(good_scores)), "quantile": q,
+        # bundles written before threshold_rule existed used the quantile rule
+        rule, margin = decision_cfg.get("threshold_rule", "quantile"), decision_cfg["threshold_margin"]
+        source = {"source": "held-out good images", "n_images": int(len(good_scores)), "rule": rule,
                   "margin": margin}
+        if rule == "mean_sd" and len(good_scores) > 1:
+            k = decision_cfg["threshold_sd"]
+            threshold = (float(np.mean(good_scores)) + k * float(np.std(good_scores, ddof=1))) * margin
+            source["sd"] = k
+        else:
+            q = decision_cfg["threshold_quantile"]
+            threshold = float(np.quantile(good_scores, q)) * margin
+            source.update(rule="quantile", quantile=q)
         reference = good_scores
     median = float(np.median(reference))
     return {"threshold": float(threshold),
