@@ -182,7 +182,8 @@ def train(ctx: click.Context, family: str, data_root: str, category: str, out: s
                        overwrite=overwrite)
     m = bundle.manifest["metrics"]
     click.echo(f"bundle {bundle.path} ({bundle.bundle_id}): image AUROC {m['image_auroc']:.4f}, "
-               f"pixel AUROC {m['pixel_auroc']:.4f}, F1 {m['f1']:.4f} on {m['n_images']} test images; "
+               f"pixel AUROC {m['pixel_auroc']:.4f}, F1 {m['f1']:.4f} on {m['n_images']} test images "
+               f"({m['split']}); "
                f"threshold {bundle.decision['threshold']:.4g}")
 
 
@@ -210,7 +211,7 @@ def evaluate(ctx: click.Context, bundle: str, data_root: str, category: str, eng
                              f"TP {c['tp']} FN {c['fn']} FP {c['fp']} TN {c['tn']}"),
             ("pixel", f"AUROC {m['pixel_auroc']:.4f}  PRO (FPR <= 0.3) {m['pro']:.4f}"),
             ("boxes", f"mean best IoU {m['box_iou']:.4f}"),
-            ("images", f"{m['n_images']} ({m['n_defective']} defective)"),
+            ("images", f"{m['n_images']} ({m['n_defective']} defective): {m['split']}"),
             ("engine", f"{m['engine']}, {m['ms_per_image']:.1f} ms / image")]
     for key, value in rows:
         click.echo(f"{key:<14}{value}")

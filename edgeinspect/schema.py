@@ -65,6 +65,8 @@ class TrainSection(Section):
 class DecisionSection(Section):
     """``decision``: how the threshold is set from held-out good scores, smallest reported region."""
 
+    threshold_rule: Literal["mean_sd", "quantile"]
+    threshold_sd: real(0.0, 100.0)
     threshold_quantile: real(0.0, 1.0)
     threshold_margin: real(0.0, 100.0, lo_open=True)
     min_region_area: integer(0, 10_000_000)

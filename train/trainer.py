@@ -19,13 +19,14 @@ from tqdm import tqdm
 from edgeinspect import __version__
 from edgeinspect.bundle import MANIFEST, Bundle, bundle_target, staging_dir, swap_in
 from edgeinspect.config import validate
-from edgeinspect.errors import BundleError, ConfigError, DataError
+from edgeinspect.errors import BundleError, ConfigError
 from edgeinspect.frames import FrameSpec
 from edgeinspect.imageio import read_raw
 from edgeinspect.manifest import SCHEMA_VERSION
 from edgeinspect.preprocess import Preprocess
 from edgeinspect.train.data import MVTecCategory, Sample
 from edgeinspect.train.data.batches import Batches
+from edgeinspect.train.data.split import DATASET_TEST_SPLIT, DataSplit, relative_paths, samples_at
 from edgeinspect.train.metrics import (
     accuracy,
     aupr,
@@ -96,35 +97,9 @@ def infer(model: AnomalyModel, dataset: MVTecCategory, samples: Sequence[Sample]
     return np.concatenate(maps), np.concatenate(scores), 1000.0 * seconds / max(len(samples), 1)
 
 
-def split_holdout(samples: Sequence[Sample], fraction: float, minimum: int) -> tuple[list[Sample], list[Sample]]:
-    """Every k-th good image goes to the calibration hold-out (deterministic, spread over the set)."""
-    n_hold = max(minimum, int(round(fraction * len(samples))))
-    if len(samples) - n_hold < 2:
-        raise DataError(f"too few good training images ({len(samples)}) to hold out {n_hold} for calibration; "
-                        f"add images or lower train.min_holdout / train.holdout_fraction")
-    step = len(samples) / n_hold
-    hold_idx = {int(i * step) for i in range(n_hold)}
-    fit = [s for i, s in enumerate(samples) if i not in hold_idx]
-    hold = [s for i, s in enumerate(samples) if i in hold_idx]
-    return fit, hold
-
-
-def split_for_calibration(dataset: MVTecCategory, train_cfg: dict[str, Any]
-                          ) -> tuple[list[Sample], list[Sample], bool]:
-    """(images to fit, images to set the threshold on, whether the latter are a labelled val split).
-
-    Deterministic, so an export can recalibrate an engine on exactly the images training used.
-    """
-    val = dataset.val_samples()
-    if val:
-        return dataset.train_samples(), val, True
-    fit, holdout = split_holdout(dataset.train_samples(), train_cfg["holdout_fraction"], train_cfg["min_holdout"])
-    return fit, holdout, False
-
-
 def calibrate(samples: Sequence[Sample], scores: np.ndarray, labelled: bool, decision_cfg: dict[str, Any]
               ) -> dict[str, Any]:
-    """The decision (threshold, normalisation) from the scores of :func:`split_for_calibration`'s images."""
+    """The decision (threshold, normalisation) from the scores of a split's calibration images."""
     labels = np.array([s.label for s in samples])
     return decide(scores[labels == 0], decision_cfg, val_labels=labels if labelled else None,
                   val_scores=scores if labelled else None)
@@ -134,10 +109,13 @@ def decide(good_scores: np.ndarray, decision_cfg: dict[str, Any], *, val_labels:
            val_scores: np.ndarray | None = None) -> dict[str, Any]:
     """Threshold and score normalisation for the bundle.
 
-    Without labels: threshold = quantile(held-out good scores) * margin. With a labelled
-    validation split: the F1-optimal threshold on it. The normalised score maps the median good
-    score to 0, the threshold to 0.5 and threshold + (threshold - median) to 1 (clipped), so 0.5
-    is the OK/NOK boundary for every model family.
+    Without labels, from the held-out good scores: ``threshold_rule: mean_sd`` (default) sets
+    threshold = (mean + threshold_sd * standard deviation) * margin; ``quantile`` sets
+    threshold = quantile(threshold_quantile) * margin (1.0 = their max). The mean and spread of a
+    few dozen images are steadier than their maximum, which one unusual good image decides (see
+    README, "Thresholds"). With a labelled validation split: the F1-optimal threshold on it. The
+    normalised score maps the median good score to 0, the threshold to 0.5 and threshold +
+    (threshold - median) to 1 (clipped), so 0.5 is the OK/NOK boundary for every model family.
     """
     if val_labels is not None and val_scores is not None and 0 < val_labels.sum() < len(val_labels):
         threshold = f1_optimal_threshold(val_labels, val_scores)
@@ -145,10 +123,18 @@ def decide(good_scores: np.ndarray, decision_cfg: dict[str, Any], *, val_labels:
                   "n_defective": int(val_labels.sum())}
         reference = val_scores[val_labels == 0]
     else:
-        q, margin = decision_cfg["threshold_quantile"], decision_cfg["threshold_margin"]
-        threshold = float(np.quantile(good_scores, q)) * margin
-        source = {"source": "held-out good images", "n_images": int(len(good_scores)), "quantile": q,
+        # bundles written before threshold_rule existed used the quantile rule
+        rule, margin = decision_cfg.get("threshold_rule", "quantile"), decision_cfg["threshold_margin"]
+        source = {"source": "held-out good images", "n_images": int(len(good_scores)), "rule": rule,
                   "margin": margin}
+        if rule == "mean_sd" and len(good_scores) > 1:
+            k = decision_cfg["threshold_sd"]
+            threshold = (float(np.mean(good_scores)) + k * float(np.std(good_scores, ddof=1))) * margin
+            source["sd"] = k
+        else:
+            q = decision_cfg["threshold_quantile"]
+            threshold = float(np.quantile(good_scores, q)) * margin
+            source.update(rule="quantile", quantile=q)
         reference = good_scores
     median = float(np.median(reference))
     return {"threshold": float(threshold),
@@ -218,8 +204,9 @@ def train(family: str, data_root: str | Path, category: str, out: str | Path, co
     config = validate(family, config)
     dev = resolve_device(device)
     dataset = MVTecCategory(data_root, category)
-    split = split_for_calibration(dataset, config["train"])
-    dataset.test_samples()  # a missing or empty test split fails here, not after the fit
+    # the family says which images it fits, calibrates and is tested on; a missing or empty split fails
+    # here, not after the fit
+    split = get_model_class(family).data_split(dataset, config)
     staged = staging_dir(out)
     try:
         bundle = _train_into(staged, family, data_root, dataset, split, config, dev, progress)
@@ -231,14 +218,13 @@ def train(family: str, data_root: str | Path, category: str, out: str | Path, co
 
 
 def _train_into(out: Path, family: str, data_root: str | Path, dataset: MVTecCategory,
-                split: tuple[list[Sample], list[Sample], bool], config: dict[str, Any], dev: torch.device,
-                progress: bool) -> Bundle:
+                split: DataSplit, config: dict[str, Any], dev: torch.device, progress: bool) -> Bundle:
     torch.manual_seed(config["model"].get("seed", 0))
     preprocess = make_preprocess(family, config)
     tcfg = config["train"]
-    fit_samples, calib, labelled = split
-    log.info("fitting %s on %d good images (%d %s images for the threshold)", family, len(fit_samples),
-             len(calib), "labelled val" if labelled else "held-out good")
+    fit_samples, calib, labelled = split.fit, split.calibration, split.labelled
+    log.info("fitting %s on %d images (%d %s images for the threshold)", family, len(fit_samples),
+             len(calib), "labelled" if labelled else "held-out good")
 
     model = build_model(family, config["model"], preprocess.input_size).to(dev)
     seed = config["model"].get("seed", 0)
@@ -251,11 +237,12 @@ def _train_into(out: Path, family: str, data_root: str | Path, dataset: MVTecCat
     _, calib_scores, _ = infer(model, dataset, calib, preprocess, progress=progress)
     decision = calibrate(calib, calib_scores, labelled, config["decision"])
 
-    test = dataset.test_samples()
+    test = split.test
     maps, scores, ms = infer(model, dataset, test, preprocess, progress=progress)
     metrics = {**test_metrics(dataset, test, preprocess, maps, scores, decision["threshold"],
                               min_region_area=decision["min_region_area"]),
-               "engine": "torch", "device": str(dev), "ms_per_image": ms, "fit_seconds": fit_seconds}
+               "split": split.test_name, "engine": "torch", "device": str(dev), "ms_per_image": ms,
+               "fit_seconds": fit_seconds}
 
     stats = model.statistics()
     state = model.state_dict()
@@ -276,7 +263,11 @@ def _train_into(out: Path, family: str, data_root: str | Path, dataset: MVTecCat
         "files": {},
         "engines": [],
         "data": {**dataset.summary(), "root": str(Path(data_root).resolve()), "fit_images": len(fit_samples),
-                 "calibration_images": len(calib)},
+                 "calibration_images": len(calib),
+                 # a split of the family's own (not train/ vs test/) is recorded: see bundle_split
+                 **({"split": {"description": split.description, "fit": relative_paths(dataset, fit_samples),
+                               "calibration": relative_paths(dataset, calib), "labelled": labelled,
+                               "test": relative_paths(dataset, test)}} if split.description else {})},
         "metrics": metrics,
         "config": config,
         **({"training": {"history": model.history}} if model.history else {}),
@@ -292,6 +283,26 @@ def _train_into(out: Path, family: str, data_root: str | Path, dataset: MVTecCat
                           curves_png(model.history, f"{family} training"))
     bundle.save()
     return bundle
+
+
+def bundle_test_samples(bundle: Bundle, dataset: MVTecCategory) -> tuple[list[Sample], str]:
+    """The test images of ``bundle`` on ``dataset`` and what they are: the hold-out recorded in its manifest
+    by a family that splits the data itself (no image of it was fit on), else the dataset's test/."""
+    recorded = (bundle.manifest.get("data") or {}).get("split")
+    if recorded:
+        return samples_at(dataset, recorded["test"]), recorded["description"]
+    return dataset.test_samples(), DATASET_TEST_SPLIT
+
+
+def bundle_split(bundle: Bundle, dataset: MVTecCategory) -> DataSplit:
+    """Training's fit, calibration and test images of ``bundle`` on ``dataset``: the split recorded in its
+    manifest, else the family's split of ``dataset`` under the bundle's config (deterministic)."""
+    recorded = (bundle.manifest.get("data") or {}).get("split")
+    if recorded:
+        test, description = bundle_test_samples(bundle, dataset)
+        return DataSplit(samples_at(dataset, recorded["fit"]), samples_at(dataset, recorded["calibration"]),
+                         bool(recorded["labelled"]), test, description)
+    return get_model_class(bundle.family).data_split(dataset, bundle.manifest["config"])
 
 
 def load_model(bundle: Bundle, device: str = "cpu") -> AnomalyModel:

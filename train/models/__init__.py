@@ -6,12 +6,13 @@ from edgeinspect.errors import ConfigError
 from edgeinspect.schema import Section, family_config
 from edgeinspect.train.models.autoencoder import Autoencoder
 from edgeinspect.train.models.base import AnomalyModel, BackboneAnomalyModel
+from edgeinspect.train.models.cam import Cam
 from edgeinspect.train.models.glass import GLASS
 from edgeinspect.train.models.padim import Padim
 from edgeinspect.train.models.patchcore import PatchCore
 
-MODELS: dict[str, type[AnomalyModel]] = {"patchcore": PatchCore, "padim": Padim,
-                                             "autoencoder": Autoencoder, "glass": GLASS}
+MODELS: dict[str, type[AnomalyModel]] = {"patchcore": PatchCore, "padim": Padim, "autoencoder": Autoencoder,
+                                         "cam": Cam, "glass": GLASS}
 
 
 def get_model_class(family: str) -> type[AnomalyModel]:
@@ -27,5 +28,5 @@ def config_schema(family: str) -> type[Section]:
     return family_config(get_model_class(family).config_section)
 
 
-__all__ = ["MODELS", "AnomalyModel", "BackboneAnomalyModel", "PatchCore", "Padim", "Autoencoder", "GLASS",
+__all__ = ["MODELS", "AnomalyModel", "Autoencoder", "BackboneAnomalyModel", "Cam", "GLASS", "PatchCore", "Padim",
            "config_schema", "get_model_class"]

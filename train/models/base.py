@@ -10,7 +10,7 @@ ARCHITECTURE.md for why).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,9 +19,11 @@ from torch import nn
 
 from edgeinspect.schema import Section
 from edgeinspect.train.backbones import FeatureExtractor, get_backbone_spec
+from edgeinspect.train.data.split import DataSplit, one_class_split
 
 if TYPE_CHECKING:
     from edgeinspect.train.data.batches import Batches
+    from edgeinspect.train.data.mvtec import MVTecCategory
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -98,6 +100,15 @@ class AnomalyModel(nn.Module):
         """Short name of the architecture, the middle part of the bundle id (the backbone's name)."""
         raise NotImplementedError
 
+    @classmethod
+    def data_split(cls, dataset: MVTecCategory, config: dict[str, Any]) -> DataSplit:
+        """The images this family is fit on, calibrated on and tested on, from its validated ``config``.
+
+        Default (one-class): fit on train/good less a held-out part (all of it when there is a labelled
+        val/ split), test on test/. A family that splits the data itself returns a ``description``.
+        """
+        return one_class_split(dataset, config["train"])
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embeddings N x D x h x w (subclasses choose how stage features are combined)."""
         raise NotImplementedError
@@ -131,9 +142,13 @@ class AnomalyModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images N x 3 x H x W -> (anomaly map N x 1 x H x W, image score N)."""
-        scores = self.patch_scores(self.embed(x))
-        amap = self.head(scores)
-        return amap, amap.flatten(1).amax(dim=1)
+        embedding = self.embed(x)
+        amap = self.head(self.patch_scores(embedding))
+        return amap, self.image_score(embedding, amap)
+
+    def image_score(self, embedding: torch.Tensor, amap: torch.Tensor) -> torch.Tensor:
+        """Image score N from the embeddings and the anomaly map (default: the map's maximum)."""
+        return amap.flatten(1).amax(dim=1)
 
 
 class BackboneAnomalyModel(AnomalyModel):

@@ -74,7 +74,7 @@ def _patches(features: torch.Tensor) -> torch.Tensor:
 
 class GLASS(BackboneAnomalyModel):
     """GLASS anomaly model (GAS branch): frozen extractor -> locally aware patch features -> linear
-    adaptor -> MLP discriminator -> anomaly probability per patch -> map head.
+    adaptor -> MLP discriminator -> anomaly logit per patch -> map head.
 
     Features: Lite0 ``stage3`` (/8) and ``stage5`` (/16) averaged over 3 x 3 and concatenated at the /8
     grid (152 ch), the same mid-level pair as PatchCore's default and the counterpart of the paper's
@@ -138,14 +138,14 @@ class GLASS(BackboneAnomalyModel):
         """Locally aware patch features N x D x h x w at the finest stage's resolution."""
         return aggregate_stages(self.extractor(x), self.neighbourhood)
 
-    def logits(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Discriminator logits N x 1 x h x w (positive: anomalous) of the adapted patch features."""
+    def patch_scores(self, embedding: torch.Tensor) -> torch.Tensor:
+        """The discriminator's logit for every adapted patch feature, N x 1 x h x w (positive: anomalous).
+
+        Logits, not probabilities: unbounded, so a threshold of mean + k sd of the held-out good scores
+        stays reachable and confident patches do not all tie at a saturated 1.0.
+        """
         n, _, h, w = embedding.shape
         return self.discriminator(self.adaptor(_patches(embedding))).reshape(n, 1, h, w)
-
-    def patch_scores(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Anomaly probability of every patch (the sigmoid of the discriminator's logit)."""
-        return torch.sigmoid(self.logits(embedding))
 
     def synthesize(self, normal: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """:func:`synthesize_anomalies` with this model's settings and discriminator."""
