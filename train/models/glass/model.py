@@ -74,7 +74,7 @@ def _patches(features: torch.Tensor) -> torch.Tensor:
 
 class GLASS(BackboneAnomalyModel):
     """GLASS anomaly model (GAS branch): frozen extractor -> locally aware patch features -> linear
-    adaptor -> MLP discriminator -> anomaly logit per patch -> map head.
+    adaptor -> MLP discriminator -> softplus of its logit per patch -> map head.
 
     Features: Lite0 ``stage3`` (/8) and ``stage5`` (/16) averaged over 3 x 3 and concatenated at the /8
     grid (152 ch), the same mid-level pair as PatchCore's default and the counterpart of the paper's
@@ -139,13 +139,16 @@ class GLASS(BackboneAnomalyModel):
         return aggregate_stages(self.extractor(x), self.neighbourhood)
 
     def patch_scores(self, embedding: torch.Tensor) -> torch.Tensor:
-        """The discriminator's logit for every adapted patch feature, N x 1 x h x w (positive: anomalous).
+        """Anomaly score of every adapted patch feature, N x 1 x h x w: softplus of the discriminator's
+        logit, i.e. -log(1 - p), its loss for calling the patch normal.
 
-        Logits, not probabilities: unbounded, so a threshold of mean + k sd of the held-out good scores
-        stays reachable and confident patches do not all tie at a saturated 1.0.
+        Not the probability p: that saturates at 1.0 (confident patches tie, and a threshold of mean
+        + k sd of the held-out good scores can pass 1.0). Not the raw logit: it puts the threshold
+        near 0, where the export gates' tolerance (a fraction of the threshold) means nothing. The
+        softplus is positive, unbounded and monotonic in the logit.
         """
         n, _, h, w = embedding.shape
-        return self.discriminator(self.adaptor(_patches(embedding))).reshape(n, 1, h, w)
+        return F.softplus(self.discriminator(self.adaptor(_patches(embedding)))).reshape(n, 1, h, w)
 
     def synthesize(self, normal: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """:func:`synthesize_anomalies` with this model's settings and discriminator."""
