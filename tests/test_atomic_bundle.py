@@ -167,7 +167,8 @@ def test_train_overwrite_replaces_the_whole_bundle(patchcore_bundle: Path, synth
     assert result.exit_code == 0, result.output
     new = Bundle.open(bundle)
     assert new.family == "padim" and new.bundle_id != old_id
-    listed = {e["file"] for e in [*new.manifest["files"].values(), *new.engines]} | {MANIFEST}
+    listed = {e["file"] for e in [*new.manifest["files"].values(), *new.engines,
+                                  *new.manifest.get("reports", {}).values()]} | {MANIFEST}
     on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
     assert on_disk == listed  # no orphaned engine of the old bundle
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
