@@ -47,3 +47,17 @@ class BackboneModelSection(Section):
         """Channels of the chosen stages, concatenated."""
         spec = get_backbone_spec(self.backbone)
         return sum(spec.stages[s].channels for s in self.stages)
+
+
+class PatchFeatureSection(BackboneModelSection):
+    """``model`` keys of a family on locally aware patch features (stage features averaged over a k x k
+    neighbourhood, ``aggregate_stages``): PatchCore, GLASS."""
+
+    neighbourhood: integer(1, 15)
+
+    @field_validator("neighbourhood")
+    @classmethod
+    def _odd(cls, k: int) -> int:
+        if k % 2 == 0:
+            raise ValueError(f"{k} is not odd (the k x k average must be centred on its patch)")
+        return k

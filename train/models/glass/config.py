@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import field_validator, model_validator
+from pydantic import model_validator
 
 from edgeinspect.schema import integer, real
-from edgeinspect.train.models.config import BackboneModelSection
+from edgeinspect.train.models.config import PatchFeatureSection
 
 
-class GlassSection(BackboneModelSection):
+class GlassSection(PatchFeatureSection):
     """``model`` keys of GLASS."""
 
-    neighbourhood: integer(1, 15)
     feature_std: real(0.0, 1e6, lo_open=True)
     hidden_dim: integer(1, 8192)
     epochs: integer(1, 10_000)
@@ -24,13 +23,6 @@ class GlassSection(BackboneModelSection):
     r1: real(0.0, 1e6, lo_open=True)
     r2: real(0.0, 1e6, lo_open=True)
     n_proj: integer(1, 1000)
-
-    @field_validator("neighbourhood")
-    @classmethod
-    def _odd(cls, k: int) -> int:
-        if k % 2 == 0:
-            raise ValueError(f"{k} is not odd (the k x k average must be centred on its patch)")
-        return k
 
     @model_validator(mode="after")
     def _ring(self) -> GlassSection:
