@@ -162,7 +162,7 @@ def backbones() -> None:
 def train(ctx: click.Context, family: str, data_root: str, category: str, out: str, overwrite: bool,
           backbone: str | None, weights: str | None, config_path: str | None, overrides: tuple[str, ...],
           device: str) -> None:
-    """Train FAMILY (patchcore, padim, autoencoder, glass) on good images and write a model bundle (threshold
+    """Train FAMILY (patchcore, padim, autoencoder, glass; cam is supervised) and write a model bundle (threshold
     included)."""
     from edgeinspect.config import load_config
     from edgeinspect.train.models import MODELS
