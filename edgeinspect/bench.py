@@ -226,12 +226,18 @@ def bench(bundle_path: str | Path, engines: Sequence[str] = (), *, data_root: st
     info = device_info()
     bundle = Bundle.open(bundle_path)
     data = bundle.manifest["data"]
-    test_dir = Path(data_root or data["root"]) / (category or data["category"]) / "test"
-    paths = find_images(test_dir)
-    if not paths:
+    category_dir = Path(data_root or data["root"]) / (category or data["category"])
+    test_dir = category_dir / "test"
+    # a family that splits the data itself (CAM) is measured on the hold-out its bundle records, never on
+    # images it was fit on
+    recorded = data.get("split")
+    paths = [category_dir / p for p in recorded["test"]] if recorded else find_images(test_dir)
+    missing = [p for p in paths if not p.is_file()]
+    if not paths or missing:
         from edgeinspect.errors import DataError
 
-        raise DataError(f"no test images under {test_dir}; give --data ROOT --category CAT")
+        where = f"{missing[0]} (of the bundle's recorded test split)" if missing else f"no test images under {test_dir}"
+        raise DataError(f"{where}; give --data ROOT --category CAT")
     labels = np.array([p.parent.name != "good" for p in paths])
     images = load_images(paths)
     tensors = [bundle.preprocess(rgb) for rgb in images]

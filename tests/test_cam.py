@@ -142,3 +142,14 @@ def test_vgg16_as_in_the_paper_tunes_conv5_1_to_conv5_3() -> None:
     assert model.extractor(torch.zeros(1, 3, 64, 64))[0].shape == (1, 512, 4, 4)  # conv5_3 + ReLU, /16
     assert model.tuned_layers == ["trunk.blocks.block5.1", "trunk.blocks.block5.3", "trunk.blocks.block5.5"]
     assert model.dense.in_features == 512
+
+
+def test_bench_measures_the_recorded_hold_out(cam_bundle: Path) -> None:
+    from edgeinspect.bench import bench
+
+    result = bench(cam_bundle, ["onnx:fp32"], warmup=0, runs=2, rounds=1, backbone=False, rss=False)
+    recorded = _manifest(cam_bundle)["data"]["split"]["test"]
+    assert result["bundle"]["n_images"] == len(recorded) == 30  # the 20 % hold-out, not test/ (fit on)
+    (row,) = result["rows"]
+    expected = _manifest(cam_bundle)["metrics"]["image_auroc"]
+    assert row["status"] == "ok" and row["image_auroc"] == pytest.approx(expected, abs=1e-3)
