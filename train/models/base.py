@@ -64,7 +64,8 @@ class MapHead(nn.Module):
 
 class AnomalyModel(nn.Module):
     """Base class: subclasses implement :meth:`embed`, :meth:`patch_scores`, :meth:`fit`, the statistics
-    I/O and the manifest fields (:meth:`hyperparameters`, :meth:`weights_source`, :meth:`tag`)."""
+    I/O (when they have statistics), :meth:`normalization` and the manifest fields
+    (:meth:`hyperparameters`, :meth:`weights_source`, :meth:`tag`)."""
 
     family: str = ""
     # The family's ``model`` config section (declared beside it, in <family>/config.py).
@@ -87,10 +88,8 @@ class AnomalyModel(nn.Module):
 
     @classmethod
     def normalization(cls, model_config: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """(mean, std) the preprocessing normalises images with, from the ``model`` config section:
-        by default the backbone's (what its weights were trained on)."""
-        spec = get_backbone_spec(model_config["backbone"])
-        return spec.mean, spec.std
+        """(mean, std) the preprocessing normalises images with, from the ``model`` config section."""
+        raise NotImplementedError
 
     def weights_source(self) -> str:
         """Where the weights came from, for the manifest (a backbone's source, or trained here)."""
@@ -129,12 +128,12 @@ class AnomalyModel(nn.Module):
         raise NotImplementedError
 
     def statistics(self) -> dict[str, np.ndarray]:
-        """Model statistics to store in the bundle as plain arrays."""
-        raise NotImplementedError
+        """Model statistics to store in the bundle as plain arrays (besides the weights; default: none,
+        for families whose whole state is their trained weights)."""
+        return {}
 
     def load_statistics(self, stats: dict[str, np.ndarray]) -> None:
-        """Restore the statistics written by :meth:`statistics`."""
-        raise NotImplementedError
+        """Restore the statistics written by :meth:`statistics` (default: there are none)."""
 
     def hyperparameters(self) -> dict:
         """Everything needed (with the statistics) to rebuild this model."""
@@ -162,6 +161,12 @@ class BackboneAnomalyModel(AnomalyModel):
         super().__init__(input_size, grid, smoothing_sigma)
         self.extractor = extractor
         self.weights = weights
+
+    @classmethod
+    def normalization(cls, model_config: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The backbone's mean and std (what its weights were trained on)."""
+        spec = get_backbone_spec(model_config["backbone"])
+        return spec.mean, spec.std
 
     def weights_source(self) -> str:
         """The weights file given, else the backbone's own source."""

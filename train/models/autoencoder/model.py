@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -216,13 +215,6 @@ class Autoencoder(AnomalyModel):
             if len(x):
                 total, count = total + float(self.objective(x, self.reconstruct(x))) * len(x), count + len(x)
         return total / count if count else None
-
-    def statistics(self) -> dict[str, np.ndarray]:
-        """None: everything the autoencoder computes with is in its weights."""
-        return {}
-
-    def load_statistics(self, stats: dict[str, np.ndarray]) -> None:
-        """Nothing to restore (see :meth:`statistics`)."""
 
     def hyperparameters(self) -> dict:
         """Constructor arguments (without weights)."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,8 +103,8 @@ class Cam(BackboneAnomalyModel):
 
     def logit_difference(self, embedding: torch.Tensor) -> torch.Tensor:
         """M = anomaly map minus good map, N x 1 x h x w (its spatial mean is the image logit difference)."""
-        w = (self.dense.weight[ANOMALY] - self.dense.weight[GOOD])[None, :, None, None]
-        return F.conv2d(embedding, w, (self.dense.bias[ANOMALY] - self.dense.bias[GOOD]).reshape(1))
+        maps = self.class_maps(embedding)
+        return maps[:, ANOMALY:ANOMALY + 1] - maps[:, GOOD:GOOD + 1]
 
     def patch_scores(self, embedding: torch.Tensor) -> torch.Tensor:
         """sigmoid(M): the anomaly probability of each position, in the units of the image score."""
@@ -162,17 +161,6 @@ class Cam(BackboneAnomalyModel):
         logits = torch.cat([self.logits(self.embed(x.to(device))) for x in batches])
         labels = torch.from_numpy(batches.labels).to(device)
         return float(loss_fn(logits, labels)), float((logits.argmax(1) == labels).float().mean())
-
-    def statistics(self) -> dict[str, np.ndarray]:
-        """The dense layer (2 x C weights w_c, 2 biases b_c): the class weights of the activation maps."""
-        return {"cam_class_weights": self.dense.weight.detach().cpu().numpy(),
-                "cam_class_bias": self.dense.bias.detach().cpu().numpy()}
-
-    @torch.no_grad()
-    def load_statistics(self, stats: dict[str, np.ndarray]) -> None:
-        """Install the dense layer read from a bundle."""
-        self.dense.weight.copy_(torch.from_numpy(stats["cam_class_weights"]))
-        self.dense.bias.copy_(torch.from_numpy(stats["cam_class_bias"]))
 
     def hyperparameters(self) -> dict:
         """Constructor arguments (without weights)."""

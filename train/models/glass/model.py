@@ -245,13 +245,6 @@ class GLASS(BackboneAnomalyModel):
         self.eval()
         log.info("GLASS: kept epoch %d of %d (selection score %.4f)", best_epoch + 1, self.epochs, best_score)
 
-    def statistics(self) -> dict[str, np.ndarray]:
-        """None: the adaptor and discriminator are trained weights (in the bundle's weights.npz)."""
-        return {}
-
-    def load_statistics(self, stats: dict[str, np.ndarray]) -> None:
-        """Nothing to restore beyond the weights."""
-
     def hyperparameters(self) -> dict:
         """Constructor arguments (without weights)."""
         return {"backbone": self.extractor.spec.name, "stages": self.extractor.stages,
