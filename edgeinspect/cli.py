@@ -6,6 +6,7 @@ and ``listen`` work with only the ``runtime`` extra installed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sys
@@ -307,16 +308,62 @@ def predict(bundle: str, images: tuple[str, ...], as_json: bool, engine: str, pr
 @click.option("--wait-timeout", default=10.0, show_default=True, help="Seconds to wait for them.")
 @click.option("--loop", is_flag=True, help="Restart a video file or folder at its end.")
 @click.option("--max-frames", default=None, type=click.IntRange(min=0), help="Stop after this many frames.")
+@click.option("--journal", "journal_dir", default=None, type=click.Path(file_okay=False),
+              help="Journal every verdict (JSON lines) under DIR/<line>.<camera-id>/ before publishing it; seq "
+                   "continues from it on restart.")
+@click.option("--journal-fsync", default="interval", show_default=True,
+              type=click.Choice(["interval", "always", "never"]),
+              help="interval: fsync at most once a second; always: every verdict; never: leave it to the OS. "
+                   "Every verdict is written to the OS before it is sent in all three.")
 @FRAMES_OPTION
 def serve(bundle: str, camera: str, publish: str, line: str, camera_id: str, engine: str, providers: tuple[str, ...],
-          wait_subscribers: int, wait_timeout: float, loop: bool, max_frames: int | None, frames: str) -> None:
+          wait_subscribers: int, wait_timeout: float, loop: bool, max_frames: int | None, journal_dir: str | None,
+          journal_fsync: str, frames: str) -> None:
     """Publish a verdict per frame on verdict.<line>.<camera-id> until the source ends or SIGINT/SIGTERM."""
     from edgeinspect.runtime.daemon import run_daemon
 
     stats = run_daemon(bundle, camera, publish, line=line, camera_id=camera_id, engine=engine, providers=providers,
                        wait_subscribers=wait_subscribers, wait_timeout_s=wait_timeout, loop=loop,
-                       max_frames=max_frames, convert_frames=frames == "convert")
+                       max_frames=max_frames, convert_frames=frames == "convert", journal_dir=journal_dir,
+                       journal_fsync=journal_fsync)
     click.echo(f"served {stats.frames} frames: {stats.ok} OK, {stats.nok} NOK, {stats.errors} errors", err=True)
+
+
+@main.group()
+def journal() -> None:
+    """Read and re-send the verdicts a daemon journalled (serve --journal)."""
+
+
+@journal.command("replay")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--since", default=0, show_default=True, type=click.IntRange(min=0), help="First seq to send.")
+@click.option("--until", default=None, type=click.IntRange(min=0), help="Last seq to send (default: the newest).")
+@click.option("--publish", default=None, help="ZeroMQ endpoint to bind and re-send on (default: print JSON lines).")
+@click.option("--wait-subscribers", default=1, show_default=True,
+              help="With --publish: wait for this many subscribers to the verdict topic first.")
+@click.option("--wait-timeout", default=10.0, show_default=True, help="Seconds to wait for them.")
+def journal_replay(directory: str, since: int, until: int | None, publish: str | None, wait_subscribers: int,
+                   wait_timeout: float) -> None:
+    """Re-send the verdicts seq SINCE..UNTIL of one camera's journal DIRECTORY (<journal>/<line>.<camera>), as they
+    were (same seq, marked "replayed": true), on their own topic; or print them."""
+    from edgeinspect.runtime.journal import read_journal
+    from edgeinspect.runtime.publisher import VerdictPublisher
+
+    records = read_journal(directory, since, until)
+    if publish is None:
+        for record in records:
+            click.echo(json.dumps(record, separators=(",", ":"), ensure_ascii=False))
+        return
+    first = next(records, None)
+    if first is None:
+        raise click.ClickException(f"the journal in {directory} has no verdict with seq >= {since}")
+    sent, last = 0, first
+    with VerdictPublisher(publish, first["line"], first["camera"]) as publisher:
+        publisher.wait_for_subscribers(wait_subscribers, wait_timeout)
+        for last in itertools.chain([first], records):
+            publisher.republish(last)
+            sent += 1
+    click.echo(f"replayed {sent} verdicts (seq {first['seq']}..{last['seq']}) on {publish}", err=True)
 
 
 @main.command()
