@@ -99,12 +99,13 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
     stats = ServeStats()
     common = {"bundle_id": predictor.bundle.bundle_id, "engine": predictor.engine, "source": source.description}
 
+    reader = ThreadedReader(source).start()
+
     def status(state: str, **extra: object) -> None:
         journal = {"journal": publisher.journal.status()} if publisher.journal is not None else {}
         publisher.publish_status({**common, "state": state, **extra, **stats.snapshot(), "dropped": publisher.dropped,
-                                  **journal})
+                                  "dropped_stale": reader.dropped_stale, "reconnects": source.reconnects, **journal})
 
-    reader = ThreadedReader(source).start()
     try:
         while not stop:
             item = reader.get(timeout=heartbeat.seconds_until_due())
