@@ -315,17 +315,20 @@ def predict(bundle: str, images: tuple[str, ...], as_json: bool, engine: str, pr
               type=click.Choice(["interval", "always", "never"]),
               help="interval: fsync at most once a second; always: every verdict; never: leave it to the OS. "
                    "Every verdict is written to the OS before it is sent in all three.")
+@click.option("--metrics-port", default=None, type=click.IntRange(0, 65535),
+              help="Serve Prometheus /metrics and /healthz on this port (localhost; see --metrics-host).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics server binds.")
 @FRAMES_OPTION
 def serve(bundle: str, camera: str, publish: str, line: str, camera_id: str, engine: str, providers: tuple[str, ...],
           wait_subscribers: int, wait_timeout: float, loop: bool, max_frames: int | None, journal_dir: str | None,
-          journal_fsync: str, frames: str) -> None:
+          journal_fsync: str, metrics_port: int | None, metrics_host: str, frames: str) -> None:
     """Publish a verdict per frame on verdict.<line>.<camera-id> until the source ends or SIGINT/SIGTERM."""
     from edgeinspect.runtime.daemon import run_daemon
 
     stats = run_daemon(bundle, camera, publish, line=line, camera_id=camera_id, engine=engine, providers=providers,
                        wait_subscribers=wait_subscribers, wait_timeout_s=wait_timeout, loop=loop,
                        max_frames=max_frames, convert_frames=frames == "convert", journal_dir=journal_dir,
-                       journal_fsync=journal_fsync)
+                       journal_fsync=journal_fsync, metrics_port=metrics_port, metrics_host=metrics_host)
     click.echo(f"served {stats.frames} frames: {stats.ok} OK, {stats.nok} NOK, {stats.errors} errors", err=True)
 
 

@@ -14,6 +14,7 @@ from types import FrameType
 from edgeinspect.camera import END, Frame, FrameSource, ThreadedReader, open_source
 from edgeinspect.errors import SourceError
 from edgeinspect.runtime.journal import VerdictJournal
+from edgeinspect.runtime.metrics import DaemonMetrics, MetricsServer
 from edgeinspect.runtime.predictor import NOK, Predictor
 from edgeinspect.runtime.publisher import Heartbeat, VerdictPublisher
 
@@ -86,8 +87,8 @@ def verdict_fields(frame: Frame, predictor: Predictor) -> dict:
 
 def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher, *,
           stop: StopFlag | None = None, heartbeat: Heartbeat | None = None,
-          on_verdict: Callable[[dict], None] | None = None) -> ServeStats:
-    """Publish one verdict per frame until the source ends or ``stop`` is set.
+          on_verdict: Callable[[dict], None] | None = None, metrics: DaemonMetrics | None = None) -> ServeStats:
+    """Publish one verdict per frame until the source ends or ``stop`` is set (``metrics`` sees every message).
 
     The source is read in a background thread, so a heartbeat goes out on the status topic once
     per period even while a camera delivers no frames, and a stop request is honoured within a
@@ -103,8 +104,11 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
 
     def status(state: str, **extra: object) -> None:
         journal = {"journal": publisher.journal.status()} if publisher.journal is not None else {}
-        publisher.publish_status({**common, "state": state, **extra, **stats.snapshot(), "dropped": publisher.dropped,
-                                  "dropped_stale": reader.dropped_stale, "reconnects": source.reconnects, **journal})
+        payload = publisher.publish_status({**common, "state": state, **extra, **stats.snapshot(),
+                                            "dropped": publisher.dropped, "dropped_stale": reader.dropped_stale,
+                                            "reconnects": source.reconnects, **journal})
+        if metrics is not None:
+            metrics.on_status(payload)
 
     try:
         while not stop:
@@ -114,6 +118,8 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
             if isinstance(item, Frame):
                 payload = publisher.publish_verdict(verdict_fields(item, predictor))
                 stats.count(payload["verdict"])
+                if metrics is not None:
+                    metrics.on_verdict(payload)
                 if on_verdict is not None:
                     on_verdict(payload)
             if heartbeat.due():
@@ -134,12 +140,14 @@ def run_daemon(bundle: str, camera: str, endpoint: str, *, line: str = "line1", 
                engine: str = "auto", providers: tuple[str, ...] = ("cpu",), wait_subscribers: int = 0,
                wait_timeout_s: float = 10.0, loop: bool = False, max_frames: int | None = None,
                on_verdict: Callable[[dict], None] | None = None, convert_frames: bool = False,
-               journal_dir: str | Path | None = None, journal_fsync: str = "interval") -> ServeStats:
+               journal_dir: str | Path | None = None, journal_fsync: str = "interval",
+               metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> ServeStats:
     """Open bundle, source and publisher; serve until the source ends or SIGINT/SIGTERM.
 
     Frames unlike the training images get an ERROR verdict (``convert_frames``: converted and judged).
     With ``journal_dir``, every verdict is journalled in ``<journal_dir>/<line>.<camera_id>/`` before it
     is published, and ``seq`` continues from the journal (see :mod:`edgeinspect.runtime.journal`).
+    With ``metrics_port``, Prometheus metrics and ``/healthz`` are served there (0: any free port).
     """
     predictor = Predictor(bundle, engine=engine, providers=providers, convert_frames=convert_frames)
     journal = VerdictJournal(Path(journal_dir) / f"{line}.{camera_id}", fsync=journal_fsync) if journal_dir else None
@@ -154,8 +162,12 @@ def run_daemon(bundle: str, camera: str, endpoint: str, *, line: str = "line1", 
                 log.warning("only %d of %d subscribers connected within %.1f s; starting anyway",
                             seen, wait_subscribers, wait_timeout_s)
         with open_source(camera, loop=loop, max_frames=max_frames, check=predictor.check) as source:
+            metrics = DaemonMetrics(line, camera_id) if metrics_port is not None else None
+            server = MetricsServer(metrics, metrics_port, metrics_host) if metrics is not None else None
             try:
-                return serve(predictor, source, publisher, stop=stop, on_verdict=on_verdict)
+                return serve(predictor, source, publisher, stop=stop, on_verdict=on_verdict, metrics=metrics)
             finally:
+                if server is not None:
+                    server.close()
                 if journal is not None:
                     journal.close()
