@@ -6,10 +6,11 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 from edgeinspect.camera import END, Frame, FrameSource, ThreadedReader, open_source
 from edgeinspect.errors import SourceError
@@ -17,9 +18,18 @@ from edgeinspect.runtime.journal import VerdictJournal
 from edgeinspect.runtime.metrics import DaemonMetrics, MetricsServer
 from edgeinspect.runtime.predictor import NOK, Predictor
 from edgeinspect.runtime.publisher import Heartbeat, VerdictPublisher
+from edgeinspect.runtime.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
 ERROR = "ERROR"
+
+
+class Observer(Protocol):
+    """Something that follows the published messages (metrics, systemd's notify socket)."""
+
+    def on_verdict(self, payload: dict) -> None: ...
+
+    def on_status(self, payload: dict) -> None: ...
 
 
 @dataclass
@@ -87,8 +97,9 @@ def verdict_fields(frame: Frame, predictor: Predictor) -> dict:
 
 def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher, *,
           stop: StopFlag | None = None, heartbeat: Heartbeat | None = None,
-          on_verdict: Callable[[dict], None] | None = None, metrics: DaemonMetrics | None = None) -> ServeStats:
-    """Publish one verdict per frame until the source ends or ``stop`` is set (``metrics`` sees every message).
+          on_verdict: Callable[[dict], None] | None = None, observers: Sequence[Observer] = ()) -> ServeStats:
+    """Publish one verdict per frame until the source ends or ``stop`` is set; ``observers`` (metrics,
+    systemd) see every published message.
 
     The source is read in a background thread, so a heartbeat goes out on the status topic once
     per period even while a camera delivers no frames, and a stop request is honoured within a
@@ -107,8 +118,8 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
         payload = publisher.publish_status({**common, "state": state, **extra, **stats.snapshot(),
                                             "dropped": publisher.dropped, "dropped_stale": reader.dropped_stale,
                                             "reconnects": source.reconnects, **journal})
-        if metrics is not None:
-            metrics.on_status(payload)
+        for observer in observers:
+            observer.on_status(payload)
 
     try:
         while not stop:
@@ -118,8 +129,8 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
             if isinstance(item, Frame):
                 payload = publisher.publish_verdict(verdict_fields(item, predictor))
                 stats.count(payload["verdict"])
-                if metrics is not None:
-                    metrics.on_verdict(payload)
+                for observer in observers:
+                    observer.on_verdict(payload)
                 if on_verdict is not None:
                     on_verdict(payload)
             if heartbeat.due():
@@ -162,11 +173,15 @@ def run_daemon(bundle: str, camera: str, endpoint: str, *, line: str = "line1", 
                 log.warning("only %d of %d subscribers connected within %.1f s; starting anyway",
                             seen, wait_subscribers, wait_timeout_s)
         with open_source(camera, loop=loop, max_frames=max_frames, check=predictor.check) as source:
-            metrics = DaemonMetrics(line, camera_id) if metrics_port is not None else None
-            server = MetricsServer(metrics, metrics_port, metrics_host) if metrics is not None else None
+            observers: list[Observer] = [SystemdNotifier()]
+            server = None
+            if metrics_port is not None:
+                observers.append(DaemonMetrics(line, camera_id))
+                server = MetricsServer(observers[-1], metrics_port, metrics_host)
             try:
-                return serve(predictor, source, publisher, stop=stop, on_verdict=on_verdict, metrics=metrics)
+                return serve(predictor, source, publisher, stop=stop, on_verdict=on_verdict, observers=observers)
             finally:
+                observers[0].close()
                 if server is not None:
                     server.close()
                 if journal is not None:
