@@ -29,7 +29,7 @@ import logging
 import os
 import shutil
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,7 +162,7 @@ class _Record:
         return self.stratum
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link ``src`` at ``dst``, or copy it where the file system cannot link."""
     try:
         os.link(src, dst)
@@ -175,7 +175,7 @@ def _image_size(path: Path) -> tuple[int, int]:
     return tuple(read_raw(path).shape[:2])  # type: ignore[return-value]
 
 
-def _check_out(out: Path, sources: Sequence[Path]) -> None:
+def check_out(out: Path, sources: Sequence[Path]) -> None:
     """Refuse an --out that is a non-empty folder not written by this module, or that holds the source."""
     out = out.resolve()
     for src in sources:
@@ -192,7 +192,8 @@ def _coco_json(records: Sequence[_Record], classes: list[str], info: dict[str, A
     ids = {name: i + 1 for i, name in enumerate(classes)}
     images, annotations = [], []
     for image_id, rec in enumerate(records, start=1):
-        images.append({"id": image_id, "file_name": rec.name, "height": rec.height, "width": rec.width})
+        images.append({"id": image_id, "file_name": rec.name, "height": rec.height, "width": rec.width,
+                       "defect_type": rec.stratum})
         for inst in rec.instances:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": ids[inst.label],
                                 "bbox": inst.bbox, "area": inst.area, "iscrowd": 0,
@@ -201,38 +202,50 @@ def _coco_json(records: Sequence[_Record], classes: list[str], info: dict[str, A
             "categories": [{"id": ids[c], "name": c, "supercategory": "defect"} for c in classes]}
 
 
-def split_counts(records: Sequence[_Record], classes: list[str]) -> dict[str, Any]:
-    """Images, images without annotations, annotations, per class and per stratum counts of one split."""
-    per_class = {c: 0 for c in classes}
+def split_counts(coco: dict[str, Any]) -> dict[str, Any]:
+    """Images, images without annotations, annotations, per class and per defect type counts of a COCO dict."""
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    per_class = {c["name"]: 0 for c in coco["categories"]}
+    annotated = set()
+    for ann in coco["annotations"]:
+        per_class[names[ann["category_id"]]] += 1
+        annotated.add(ann["image_id"])
     per_type: dict[str, int] = {}
-    for rec in records:
-        per_type[rec.stratum] = per_type.get(rec.stratum, 0) + 1
-        for inst in rec.instances:
-            per_class[inst.label] += 1
-    return {"images": len(records), "negative_images": sum(1 for r in records if not r.instances),
-            "annotations": sum(per_class.values()), "per_class": per_class, "per_type": per_type}
+    for image in coco["images"]:
+        per_type[image.get("defect_type", "")] = per_type.get(image.get("defect_type", ""), 0) + 1
+    return {"images": len(coco["images"]), "negative_images": len(coco["images"]) - len(annotated),
+            "annotations": len(coco["annotations"]), "per_class": per_class, "per_type": per_type}
 
 
-def write_coco(out: str | Path, splits: dict[str, list[_Record]], classes: list[str], info: dict[str, Any],
-               *, progress: bool = True) -> Path:
-    """Write the COCO folder at ``out`` through a staging sibling renamed into place (never half-written)."""
-    out = Path(out)
+@contextlib.contextmanager
+def staged_output(out: str | Path) -> Iterator[Path]:
+    """A staging sibling of ``out`` to write a dataset folder in, swapped in at ``out`` when the block ends
+    without an error and removed when it raises: ``out`` is never left half-written."""
     staged = staging_dir(out)
     try:
-        for split, records in splits.items():
-            image_dir = staged / split / IMAGES
-            image_dir.mkdir(parents=True)
-            for rec in tqdm(records, desc=f"write {split}", disable=not progress, leave=False):
-                _link_or_copy(rec.path, image_dir / rec.name)
-            coco = _coco_json(records, classes, {"description": f"{info['category']} {split}",
-                                                 "source": info["source"]})
-            (staged / split / ANNOTATIONS).write_text(json.dumps(coco))
-        (staged / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        yield staged
         swap_in(staged, out)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    return out
+
+
+def write_coco(out: str | Path, splits: dict[str, list[_Record]], classes: list[str], info: dict[str, Any],
+               *, progress: bool = True) -> dict[str, Any]:
+    """Write the COCO folder at ``out`` (staged, see :func:`staged_output`); returns ``info`` with its counts."""
+    info = {**info, "splits": {}}
+    with staged_output(out) as staged:
+        for split, records in splits.items():
+            image_dir = staged / split / IMAGES
+            image_dir.mkdir(parents=True)
+            for rec in tqdm(records, desc=f"write {split}", disable=not progress, leave=False):
+                link_or_copy(rec.path, image_dir / rec.name)
+            coco = _coco_json(records, classes, {"description": f"{info['category']} {split}",
+                                                 "source": info["source"]})
+            (staged / split / ANNOTATIONS).write_text(json.dumps(coco))
+            info["splits"][split] = split_counts(coco)
+        (staged / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
 
 
 def _check_common(train_ratio: float, classes_mode: str, min_area: int) -> None:
@@ -254,11 +267,10 @@ def _add_good_boxes(records: Sequence[_Record], with_polygon: bool) -> None:
 
 
 def _info(source: str, category: str, classes: list[str], classes_mode: str, good_class: bool,
-          train_ratio: float, seed: int, min_area: int, splits: dict[str, list[_Record]],
-          **extra: Any) -> dict[str, Any]:
+          train_ratio: float, seed: int, min_area: int, **extra: Any) -> dict[str, Any]:
     return {"source": source, "category": category, "classes": classes, "classes_mode": classes_mode,
             "good_class": good_class, "train_ratio": train_ratio, "seed": seed, "min_component_area": min_area,
-            "splits": {s: split_counts(r, classes) for s, r in splits.items()}, **extra}
+            **extra}
 
 
 def convert_mvtec(root: str | Path, category: str, out: str | Path, *, train_ratio: float = 0.8, seed: int = 0,
@@ -275,7 +287,7 @@ def convert_mvtec(root: str | Path, category: str, out: str | Path, *, train_rat
     if good_images not in GOOD_IMAGES:
         raise DataError(f"--good-images must be one of {', '.join(GOOD_IMAGES)}, got {good_images!r}")
     dataset = MVTecCategory(root, category)
-    _check_out(Path(out), [dataset.path])
+    check_out(Path(out), [dataset.path])
     labelled = [*dataset.test_samples(), *dataset.val_samples()]
     defective = [s for s in labelled if s.label]
     if not any(s.mask_path is not None for s in defective):
@@ -316,11 +328,10 @@ def convert_mvtec(root: str | Path, category: str, out: str | Path, *, train_rat
         _add_good_boxes(records, with_polygon=True)
     train, val = stratified_split(records, 1.0 - train_ratio, seed)  # type: ignore[arg-type]
     splits = {"train": train, "val": val}
-    info = _info("mvtec", category, classes, classes_mode, good_class, train_ratio, seed, min_area, splits,
+    info = _info("mvtec", category, classes, classes_mode, good_class, train_ratio, seed, min_area,
                  masks=True, good_images=good_images, root=str(Path(root).resolve()),
                  dropped_components=dropped, left_out=left_out)
-    write_coco(out, splits, classes, info, progress=progress)  # type: ignore[arg-type]
-    return info
+    return write_coco(out, splits, classes, info, progress=progress)  # type: ignore[arg-type]
 
 
 def _voc_objects(xml: Path, height: int, width: int) -> tuple[list[tuple[str, list[float]]], int]:
@@ -390,7 +401,7 @@ def convert_voc(root: str | Path, category: str, out: str | Path, *, train_ratio
         raise DataError(f"dataset root not found: {root}")
     if not (base / "train").is_dir():
         raise DataError(f"VOC train folder not found: {base / 'train'} (expected {base}/train/<class>/*.png)")
-    _check_out(Path(out), [base])
+    check_out(Path(out), [base])
     by_split: dict[str, list[_Record]] = {}
     clamped = 0
     for split in ("train", "test"):
@@ -421,10 +432,9 @@ def convert_voc(root: str | Path, category: str, out: str | Path, *, train_ratio
     splits = {"train": train, "val": val}
     if "test" in by_split:
         splits["test"] = by_split["test"]
-    info = _info("voc", category, classes, classes_mode, good_class, train_ratio, seed, min_area, splits,
+    info = _info("voc", category, classes, classes_mode, good_class, train_ratio, seed, min_area,
                  masks=False, root=str(root.resolve()), clamped_boxes=clamped)
-    write_coco(out, splits, classes, info, progress=progress)  # type: ignore[arg-type]
-    return info
+    return write_coco(out, splits, classes, info, progress=progress)  # type: ignore[arg-type]
 
 
 def convert(source: str, root: str | Path, category: str, out: str | Path, **options: Any) -> dict[str, Any]:
