@@ -68,7 +68,7 @@ def main(quiet: bool, verbose: bool, debug: bool) -> None:
 # ------------------------------------------------------------------------------------------- data
 @main.group(cls=_Group)
 def data() -> None:
-    """Datasets: synthesise the built-in demo parts, make videos for serving."""
+    """Datasets: synthesise the built-in demo parts, convert to COCO for detectors, augment, make videos."""
 
 
 @data.command("synth")
@@ -87,6 +87,60 @@ def data_synth(out: str, category: str, seed: int, n_train: int, n_test_good: in
     summary = MVTecCategory(out, category).summary()
     click.echo(f"wrote {path}: {summary['train_good']} good training images, {summary['test_good']} good and "
                f"{json.dumps(summary['test_defect'])} defective test images")
+
+
+@data.command("coco")
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.option("--category", required=True, help="Category folder under ROOT (e.g. bottle, steel_strip).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="COCO folder to write.")
+@click.option("--from", "source", type=click.Choice(["mvtec", "voc"]), default="mvtec", show_default=True,
+              help="mvtec: masks -> instances; voc: Pascal VOC XML boxes (NEU-DET layout).")
+@click.option("--train-ratio", default=0.8, show_default=True, help="Share of each defect type in train (rest: val).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the split (same seed, same split).")
+@click.option("--classes", "classes_mode", type=click.Choice(["per-type", "single"]), default="per-type",
+              show_default=True, help="One category per defect type, or one 'defect' category.")
+@click.option("--good-class", is_flag=True, help="Give good images a full-image box of class 'good'.")
+@click.option("--good-images", type=click.Choice(["all", "test", "none"]), default=None,
+              help="mvtec: good images kept as negatives: train/good + test/good (all, default), test/good, none.")
+@click.option("--min-area", type=click.IntRange(min=0), default=None,
+              help="mvtec: drop mask components below this many pixels (default 10).")
+@click.pass_context
+def data_coco(ctx: click.Context, root: str, category: str, out: str, source: str, train_ratio: float, seed: int,
+              classes_mode: str, good_class: bool, good_images: str | None, min_area: int | None) -> None:
+    """Convert an MVTec-layout (masks) or Pascal VOC (boxes) dataset into a COCO folder for detectors."""
+    from edgeinspect.train.data.coco import convert
+
+    options: dict = {"train_ratio": train_ratio, "seed": seed, "classes_mode": classes_mode,
+                     "good_class": good_class, "progress": _progress(ctx)}
+    if min_area is not None:
+        options["min_area"] = min_area
+    if good_images is not None:
+        if source != "mvtec":
+            raise click.UsageError("--good-images applies to --from mvtec only (VOC images without boxes are "
+                                   "always kept as negatives)")
+        options["good_images"] = good_images
+    info = convert(source, root, category, out, **options)
+    parts = [f"{name} {c['images']} images ({c['negative_images']} negative) / {c['annotations']} instances"
+             for name, c in info["splits"].items()]
+    dropped = f"; {info['dropped_components']} components below {info['min_component_area']} px dropped" \
+        if "dropped_components" in info else ""
+    click.echo(f"wrote {out}: {len(info['classes'])} classes ({', '.join(info['classes'])}); "
+               f"{'; '.join(parts)}{dropped}")
+
+
+@data.command("augment")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Augmented COCO folder to write.")
+@click.option("--factor", type=click.IntRange(min=1), required=True, help="Augmented copies per training image.")
+@click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same copies).")
+@click.pass_context
+def data_augment(ctx: click.Context, src: str, out: str, factor: int, seed: int) -> None:
+    """Copy a COCO folder adding FACTOR flipped / rotated / blurred / re-lit copies of every train image."""
+    from edgeinspect.train.data.augment import augment_dataset
+
+    info = augment_dataset(src, out, factor, seed=seed, progress=_progress(ctx))
+    parts = [f"{name} {c['images']} images / {c['annotations']} instances" for name, c in info["splits"].items()]
+    click.echo(f"wrote {out}: {'; '.join(parts)} (train: originals + {factor} augmented copies each)")
 
 
 @data.command("video")
