@@ -21,7 +21,7 @@ if [ "${USE_SYSTEM_OPENCV:-0}" = 1 ]; then
     "$prefix/bin/pip" uninstall -y opencv-python-headless
 fi
 # the runtime must work without torch: fail the build if anything pulled it in
-"$prefix/bin/python" - <<'PY'
+"$prefix/bin/python" -I - <<'PY'  # -I: not the source tree in the working directory
 import importlib.util, sys
 import edgeinspect.runtime.daemon, edgeinspect.runtime.predictor  # noqa: E401,F401
 assert "torch" not in sys.modules, "the runtime imported torch"
