@@ -58,6 +58,9 @@ class FrameSource(ABC):
     def __init__(self, description: str, *, max_frames: int | None = None, check: FrameCheck | None = None) -> None:
         if max_frames is not None and max_frames < 0:
             raise ValueError(f"max_frames must be >= 0, got {max_frames}")
+        # at most this many frames a second (a live source skips the pictures in between, a recorded
+        # one is paced); None: as fast as they come
+        self.fps: float | None = None
         self.description = description
         self.check = check or FrameCheck(None, min_side=1)  # without a bundle: any image, made RGB
         self.max_frames = max_frames
@@ -96,8 +99,17 @@ class FrameSource(ABC):
         if self.max_frames == 0:
             self.end_reason = "max_frames=0 reached"
             return
+        period = 1.0 / self.fps if self.fps else 0.0
+        next_due = time.monotonic()
         try:
             for image, name, error, conversions in self._items():
+                if period:
+                    now = time.monotonic()
+                    if now < next_due:
+                        if self.live:
+                            continue  # the camera runs faster than the cap: skip this picture
+                        time.sleep(next_due - now)
+                    next_due = max(next_due + period, time.monotonic())
                 frame = Frame(self.frames_read, image, time.time(), name, error, conversions)
                 self.frames_read += 1
                 yield frame
@@ -373,12 +385,23 @@ def open_source(
     reconnect_delay_s: float = 1.0,
     timeout_s: float = 10.0,
     check: FrameCheck | None = None,
+    fps: float | None = None,
 ) -> FrameSource:
     """Open a folder, image file, video file, device index, stream URL or GStreamer pipeline.
 
     ``loop`` applies to files and folders; the reconnect and timeout options to live cameras;
-    ``check`` (the bundle's frame limits) turns each decoded frame into RGB or refuses it.
+    ``check`` (the bundle's frame limits) turns each decoded frame into RGB or refuses it; ``fps``
+    caps the frame rate (see :class:`FrameSource`).
     """
+    if fps is not None and not fps > 0:
+        raise SourceError(f"fps must be > 0, got {fps}")
+    source = _open(spec, loop, max_frames, reconnect_attempts, reconnect_delay_s, timeout_s, check)
+    source.fps = fps
+    return source
+
+
+def _open(spec: str, loop: bool, max_frames: int | None, reconnect_attempts: int, reconnect_delay_s: float,
+          timeout_s: float, check: FrameCheck | None) -> FrameSource:
     path = Path(spec)
     if path.is_dir():
         return ImageFolderSource(path, loop=loop, max_frames=max_frames, check=check)

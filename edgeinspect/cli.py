@@ -346,8 +346,11 @@ def predict(bundle: str, images: tuple[str, ...], as_json: bool, engine: str, pr
 
 
 @main.command()
-@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--camera", required=True,
+@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Line config YAML: several cameras, publish endpoint, journal, metrics (README, serve). "
+                   "It replaces the options below.")
+@click.option("--bundle", default=None, type=click.Path(exists=True, file_okay=False))
+@click.option("--camera", default=None,
               help="Video file, image folder, image file, device index, RTSP/HTTP URL or GStreamer pipeline.")
 @click.option("--publish", default="tcp://127.0.0.1:5555", show_default=True, help="ZeroMQ endpoint to bind.")
 @click.option("--line", default="line1", show_default=True, help="Production line id (topic part).")
@@ -373,17 +376,33 @@ def predict(bundle: str, images: tuple[str, ...], as_json: bool, engine: str, pr
               help="Serve Prometheus /metrics and /healthz on this port (localhost; see --metrics-host).")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics server binds.")
 @FRAMES_OPTION
-def serve(bundle: str, camera: str, publish: str, line: str, camera_id: str, engine: str, providers: tuple[str, ...],
-          wait_subscribers: int, wait_timeout: float, loop: bool, max_frames: int | None, journal_dir: str | None,
-          journal_fsync: str, metrics_port: int | None, metrics_host: str, frames: str) -> None:
-    """Publish a verdict per frame on verdict.<line>.<camera-id> until the source ends or SIGINT/SIGTERM."""
-    from edgeinspect.runtime.daemon import run_daemon
+@click.pass_context
+def serve(ctx: click.Context, config_path: str | None, bundle: str | None, camera: str | None, publish: str, line: str,
+          camera_id: str, engine: str, providers: tuple[str, ...], wait_subscribers: int, wait_timeout: float,
+          loop: bool, max_frames: int | None, journal_dir: str | None, journal_fsync: str, metrics_port: int | None,
+          metrics_host: str, frames: str) -> None:
+    """Publish a verdict per frame on verdict.<line>.<camera-id> until the sources end or SIGINT/SIGTERM."""
+    from edgeinspect.runtime.daemon import run_line
+    from edgeinspect.runtime.line import line_config, load_line_config
 
-    stats = run_daemon(bundle, camera, publish, line=line, camera_id=camera_id, engine=engine, providers=providers,
-                       wait_subscribers=wait_subscribers, wait_timeout_s=wait_timeout, loop=loop,
-                       max_frames=max_frames, convert_frames=frames == "convert", journal_dir=journal_dir,
-                       journal_fsync=journal_fsync, metrics_port=metrics_port, metrics_host=metrics_host)
-    click.echo(f"served {stats.frames} frames: {stats.ok} OK, {stats.nok} NOK, {stats.errors} errors", err=True)
+    if config_path:
+        given = [f"--{name.replace('_', '-')}" for name in ctx.params if name != "config_path"
+                 and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"--config describes the whole line; drop {', '.join(given)} (or set them in it)")
+        config = load_line_config(config_path)
+    elif not (bundle and camera):
+        raise click.UsageError("give --bundle and --camera for one camera, or --config LINE.yaml for a line")
+    else:
+        config = line_config({"line": line, "publish": publish, "journal": journal_dir, "journal_fsync": journal_fsync,
+                              "metrics_port": metrics_port, "metrics_host": metrics_host, "providers": list(providers),
+                              "wait_subscribers": wait_subscribers, "wait_timeout_s": wait_timeout,
+                              "cameras": [{"id": camera_id, "source": camera, "bundle": bundle, "engine": engine,
+                                           "loop": loop, "max_frames": max_frames, "frames": frames}]},
+                             "serve options")
+    for camera_id, stats in run_line(config).items():
+        click.echo(f"{camera_id}: served {stats.frames} frames: {stats.ok} OK, {stats.nok} NOK, {stats.errors} errors",
+                   err=True)
 
 
 @main.group()

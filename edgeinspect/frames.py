@@ -96,13 +96,26 @@ class FrameSpec:
 class FrameCheck:
     """Checks and converts a decoded frame (OpenCV layout: gray, BGR or BGRA, any depth) to RGB uint8."""
 
-    def __init__(self, spec: FrameSpec | None, *, convert: bool = False, min_side: int = MIN_SIDE):
+    def __init__(self, spec: FrameSpec | None, *, convert: bool = False, min_side: int = MIN_SIDE,
+                 roi: tuple[int, int, int, int] | None = None):
+        """``roi``: (x0, y0, x1, y1) frame pixels judged instead of the whole frame (x1/y1 exclusive)."""
         self.spec = spec
         self.convert = convert
         self.min_side = min_side
+        self.roi = roi
+
+    def with_roi(self, roi: tuple[int, int, int, int] | None) -> FrameCheck:
+        """The same check on the region ``roi`` of each frame."""
+        return FrameCheck(self.spec, convert=self.convert, min_side=self.min_side, roi=roi)
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, list[str]]:
         """(RGB uint8 image, conversions done); FrameError with the reason if the frame is refused."""
+        if self.roi is not None:
+            x0, y0, x1, y1 = self.roi
+            if image.ndim < 2 or image.shape[0] < y1 or image.shape[1] < x1:
+                raise FrameError(f"frame is {image.shape[1] if image.ndim > 1 else 0}x{image.shape[0]} pixels, "
+                                 f"too small for the region of interest {list(self.roi)} (x0, y0, x1, y1)")
+            image = image[y0:y1, x0:x1]
         h, w, channels, depth = _layout(image)
         if min(h, w) < self.min_side:
             raise FrameError(f"frame is {w}x{h} pixels, below the minimum of {self.min_side} per side "

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -14,10 +16,12 @@ from typing import Protocol
 
 from edgeinspect.camera import END, Frame, FrameSource, ThreadedReader, open_source
 from edgeinspect.errors import SourceError
+from edgeinspect.frames import FrameCheck
 from edgeinspect.runtime.journal import VerdictJournal
+from edgeinspect.runtime.line import LineConfig
 from edgeinspect.runtime.metrics import DaemonMetrics, MetricsServer
 from edgeinspect.runtime.predictor import NOK, Predictor
-from edgeinspect.runtime.publisher import Heartbeat, VerdictPublisher
+from edgeinspect.runtime.publisher import Heartbeat, PublisherSocket, VerdictPublisher
 from edgeinspect.runtime.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
@@ -80,8 +84,12 @@ class StopFlag:
         return self._event.is_set()
 
 
-def verdict_fields(frame: Frame, predictor: Predictor) -> dict:
-    """Run the predictor on one frame and build the verdict body (publisher adds the envelope)."""
+def verdict_fields(frame: Frame, predictor: Predictor, offset: tuple[int, int] = (0, 0)) -> dict:
+    """Run the predictor on one frame and build the verdict body (publisher adds the envelope).
+
+    ``offset``: where the judged region of interest starts in the frame; regions are reported in
+    frame pixels.
+    """
     body: dict = {"frame_index": frame.index, "frame_name": frame.name, "capture_ts": frame.capture_ts,
                   "bundle_id": predictor.bundle.bundle_id, "engine": predictor.engine}
     if frame.image is None:
@@ -89,6 +97,11 @@ def verdict_fields(frame: Frame, predictor: Predictor) -> dict:
                 "regions": [], "latency_ms": {}}
     prediction = predictor.predict(frame.image)
     body.update(prediction.to_dict())
+    if offset != (0, 0):
+        for region in body["regions"]:
+            region["box"] = [v + offset[i % 2] for i, v in enumerate(region["box"])]
+            if "polygon" in region:
+                region["polygon"] = [[x + offset[0], y + offset[1]] for x, y in region["polygon"]]
     if frame.conversions:
         body["conversions"] = list(frame.conversions)
     body["latency_ms"]["total"] = round(1000.0 * (time.time() - frame.capture_ts), 3)
@@ -110,6 +123,7 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
     heartbeat = heartbeat or Heartbeat()
     stats = ServeStats()
     common = {"bundle_id": predictor.bundle.bundle_id, "engine": predictor.engine, "source": source.description}
+    offset = tuple(source.check.roi[:2]) if source.check.roi else (0, 0)
 
     reader = ThreadedReader(source).start()
 
@@ -127,7 +141,7 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
             if item is END:
                 break
             if isinstance(item, Frame):
-                payload = publisher.publish_verdict(verdict_fields(item, predictor))
+                payload = publisher.publish_verdict(verdict_fields(item, predictor, offset))
                 stats.count(payload["verdict"])
                 for observer in observers:
                     observer.on_verdict(payload)
@@ -147,42 +161,74 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
     return stats
 
 
-def run_daemon(bundle: str, camera: str, endpoint: str, *, line: str = "line1", camera_id: str = "cam0",
-               engine: str = "auto", providers: tuple[str, ...] = ("cpu",), wait_subscribers: int = 0,
-               wait_timeout_s: float = 10.0, loop: bool = False, max_frames: int | None = None,
-               on_verdict: Callable[[dict], None] | None = None, convert_frames: bool = False,
-               journal_dir: str | Path | None = None, journal_fsync: str = "interval",
-               metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> ServeStats:
-    """Open bundle, source and publisher; serve until the source ends or SIGINT/SIGTERM.
+def run_line(config: LineConfig, *, on_verdict: Callable[[dict], None] | None = None) -> dict[str, ServeStats]:
+    """Serve every camera of a line until their sources end or SIGINT/SIGTERM; stats per camera id.
 
-    Frames unlike the training images get an ERROR verdict (``convert_frames``: converted and judged).
-    With ``journal_dir``, every verdict is journalled in ``<journal_dir>/<line>.<camera_id>/`` before it
-    is published, and ``seq`` continues from the journal (see :mod:`edgeinspect.runtime.journal`).
-    With ``metrics_port``, Prometheus metrics and ``/healthz`` are served there (0: any free port).
+    One worker thread per camera (the caller's thread for a single camera), all publishing on one
+    socket, each on its own topics with its own ``seq`` and journal. Cameras with the same bundle
+    and engine share one engine session; with several sessions each gets an equal share of the CPU
+    threads, so workers do not fight. A camera that fails (a live source that stays disconnected) is
+    published as ``failed`` while the others go on; then SourceError names it. Frames unlike the
+    training images get an ERROR verdict (``frames: convert``: converted and judged).
     """
-    predictor = Predictor(bundle, engine=engine, providers=providers, convert_frames=convert_frames)
-    journal = VerdictJournal(Path(journal_dir) / f"{line}.{camera_id}", fsync=journal_fsync) if journal_dir else None
+    cameras = config.cameras
+    keys = sorted({(str(Path(c.bundle).resolve()), c.engine) for c in cameras})
+    threads = max(1, (os.cpu_count() or 1) // len(keys)) if len(keys) > 1 else None
+    predictors = {key: Predictor(key[0], engine=key[1], providers=tuple(config.providers), threads=threads)
+                  for key in keys}
     stop = StopFlag()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, stop.set)
-    with VerdictPublisher(endpoint, line, camera_id, journal=journal) as publisher:
-        if wait_subscribers:
-            seen = publisher.wait_for_subscribers(wait_subscribers, wait_timeout_s)
-            if seen < wait_subscribers:
+    notifier = SystemdNotifier([c.id for c in cameras])
+    metrics = DaemonMetrics(config.line) if config.metrics_port is not None else None
+    results: dict[str, ServeStats] = {}
+    failures: dict[str, SourceError] = {}
+    with ExitStack() as stack:
+        stack.callback(notifier.close)
+        if metrics is not None:
+            stack.callback(MetricsServer(metrics, config.metrics_port, config.metrics_host).close)
+        socket = PublisherSocket(config.publish)
+        stack.callback(socket.close)
+        workers = []
+        for camera in cameras:
+            journal = None
+            if config.journal:
+                journal = VerdictJournal(Path(config.journal) / f"{config.line}.{camera.id}",
+                                         fsync=config.journal_fsync)
+                stack.callback(journal.close)
+            predictor = predictors[(str(Path(camera.bundle).resolve()), camera.engine)]
+            check = FrameCheck(predictor.check.spec, convert=camera.frames == "convert", roi=camera.roi)
+            source = stack.enter_context(open_source(camera.source, loop=camera.loop, max_frames=camera.max_frames,
+                                                     check=check, fps=camera.fps))
+            observers = [notifier, *([metrics.camera(camera.id)] if metrics is not None else [])]
+            workers.append((camera.id, predictor, source, VerdictPublisher(socket, config.line, camera.id,
+                                                                           journal=journal), observers))
+        if config.wait_subscribers:
+            topics = [w[3].verdict_topic for w in workers]
+            seen = socket.wait_for_subscribers(topics, config.wait_subscribers, config.wait_timeout_s)
+            if seen < config.wait_subscribers:
                 log.warning("only %d of %d subscribers connected within %.1f s; starting anyway",
-                            seen, wait_subscribers, wait_timeout_s)
-        with open_source(camera, loop=loop, max_frames=max_frames, check=predictor.check) as source:
-            observers: list[Observer] = [SystemdNotifier()]
-            server = None
-            if metrics_port is not None:
-                observers.append(DaemonMetrics(line, camera_id))
-                server = MetricsServer(observers[-1], metrics_port, metrics_host)
+                            seen, config.wait_subscribers, config.wait_timeout_s)
+
+        def work(camera_id: str, predictor: Predictor, source: FrameSource, publisher: VerdictPublisher,
+                 observers: list[Observer]) -> None:
             try:
-                return serve(predictor, source, publisher, stop=stop, on_verdict=on_verdict, observers=observers)
-            finally:
-                observers[0].close()
-                if server is not None:
-                    server.close()
-                if journal is not None:
-                    journal.close()
+                results[camera_id] = serve(predictor, source, publisher, stop=stop, on_verdict=on_verdict,
+                                           observers=observers)
+            except SourceError as exc:
+                failures[camera_id] = exc
+
+        if len(workers) == 1:
+            work(*workers[0])
+        else:
+            running = [threading.Thread(target=work, args=w, name=f"camera {w[0]}", daemon=True) for w in workers]
+            for thread in running:
+                thread.start()
+            for thread in running:
+                while thread.is_alive():  # short joins: the main thread stays free for SIGTERM
+                    thread.join(0.2)
+        notifier.stopping()
+    if failures:
+        raise SourceError("; ".join(f"camera {camera_id}: {exc}" for camera_id, exc in failures.items()))
+    return results

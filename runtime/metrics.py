@@ -27,15 +27,17 @@ _STATUS_COUNTERS = {"dropped": "publish_dropped", "dropped_stale": "dropped_stal
 
 
 class DaemonMetrics:
-    """The metrics of one camera's serve loop, in their own registry, and its health.
+    """The metrics of one daemon (all its cameras, one registry) and its health.
 
-    Healthy means: the last status said ``running`` and a status or verdict came less than ``stale_s``
-    ago (heartbeats go out every second, also while the camera is silent, so a silent loop is stuck).
+    Each camera's serve loop reports through its :meth:`camera` observer. Healthy means: every
+    camera's last status said ``running`` (or ``stopped``: a recorded source that ended) and each
+    running one sent a status or verdict less than ``stale_s`` ago (heartbeats go out every second,
+    also while a camera is silent, so a silent loop is stuck).
     """
 
-    def __init__(self, line: str, camera: str, *, stale_s: float = 5.0):
+    def __init__(self, line: str, *, stale_s: float = 5.0):
         self.registry = CollectorRegistry()
-        self.labels = {"line": line, "camera": camera}
+        self.line = line
         self.stale_s = stale_s
         names = ["line", "camera"]
         self.frames = Counter("edgeinspect_frames", "Frames judged (one verdict each)", names, registry=self.registry)
@@ -50,11 +52,37 @@ class DaemonMetrics:
                             [*names, "engine", "bundle_id"], registry=self.registry)
         self.journal_failed = Gauge("edgeinspect_journal_failed", "1 when the verdict journal stopped writing",
                                     names, registry=self.registry)
-        self.up = Gauge("edgeinspect_up", "1 while the serve loop is running", names, registry=self.registry)
+        self.up = Gauge("edgeinspect_up", "1 while the camera's serve loop is running", names, registry=self.registry)
         self.last_verdict = Gauge("edgeinspect_last_verdict_timestamp_seconds", "Unix time of the last verdict",
                                   names, registry=self.registry)
-        for metric in (self.frames, *self.counters.values(), self.journal_failed, self.up):
-            metric.labels(**self.labels)  # exported as 0 from the start, not missing until the first event
+        self.cameras: dict[str, CameraMetrics] = {}
+
+    def camera(self, camera: str) -> CameraMetrics:
+        """The observer of one camera's published messages (created on first use)."""
+        if camera not in self.cameras:
+            self.cameras[camera] = CameraMetrics(self, camera)
+        return self.cameras[camera]
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """(healthy, details per camera) for ``/healthz``."""
+        details = {name: camera.health() for name, camera in self.cameras.items()}
+        healthy = bool(details) and all(ok for ok, _ in details.values())
+        return healthy, {"status": "ok" if healthy else "unhealthy", "line": self.line,
+                         "cameras": {name: d for name, (_, d) in details.items()}}
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+
+class CameraMetrics:
+    """One camera's share of :class:`DaemonMetrics`: follows its published verdicts and statuses."""
+
+    def __init__(self, metrics: DaemonMetrics, camera: str):
+        self.metrics = metrics
+        self.labels = {"line": metrics.line, "camera": camera}
+        for family in (metrics.frames, *metrics.counters.values(), metrics.journal_failed, metrics.up):
+            family.labels(**self.labels)  # exported as 0 from the start, not missing until the first event
         self._totals = dict.fromkeys(_STATUS_COUNTERS, 0)
         self._state = "starting"
         self._seen = time.monotonic()
@@ -63,17 +91,19 @@ class DaemonMetrics:
 
     def on_verdict(self, payload: dict[str, Any]) -> None:
         """Count one published verdict and its stage latencies."""
+        m = self.metrics
         with self._lock:
             self._seen = time.monotonic()
-        self.frames.labels(**self.labels).inc()
-        self.verdicts.labels(**self.labels, verdict=payload["verdict"]).inc()
+        m.frames.labels(**self.labels).inc()
+        m.verdicts.labels(**self.labels, verdict=payload["verdict"]).inc()
         for stage, ms in (payload.get("latency_ms") or {}).items():
-            self.latency.labels(**self.labels, stage=stage).observe(ms / 1000.0)
-        self.last_verdict.labels(**self.labels).set(payload.get("publish_ts") or time.time())
+            m.latency.labels(**self.labels, stage=stage).observe(ms / 1000.0)
+        m.last_verdict.labels(**self.labels).set(payload.get("publish_ts") or time.time())
 
     def on_status(self, payload: dict[str, Any]) -> None:
         """Take the running totals, engine, journal and state of one published status message."""
-        for key, counter in self.counters.items():
+        m = self.metrics
+        for key, counter in m.counters.items():
             total = int(payload.get(key) or 0)
             if total > self._totals[key]:
                 counter.labels(**self.labels).inc(total - self._totals[key])
@@ -81,27 +111,22 @@ class DaemonMetrics:
         engine = (str(payload.get("engine")), str(payload.get("bundle_id")))
         if engine != self._engine:
             if self._engine is not None:
-                self.engine.remove(*self.labels.values(), *self._engine)
-            self.engine.labels(**self.labels, engine=engine[0], bundle_id=engine[1]).set(1)
+                m.engine.remove(*self.labels.values(), *self._engine)
+            m.engine.labels(**self.labels, engine=engine[0], bundle_id=engine[1]).set(1)
             self._engine = engine
         journal = payload.get("journal") or {}
-        self.journal_failed.labels(**self.labels).set(1 if journal.get("state") == "failed" else 0)
-        self.up.labels(**self.labels).set(1 if payload["state"] == "running" else 0)
+        m.journal_failed.labels(**self.labels).set(1 if journal.get("state") == "failed" else 0)
+        m.up.labels(**self.labels).set(1 if payload["state"] == "running" else 0)
         with self._lock:
             self._state, self._seen = payload["state"], time.monotonic()
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """(healthy, details) for ``/healthz``."""
+        """(healthy, details) of this camera."""
         with self._lock:
             age = time.monotonic() - self._seen
             state = self._state
-        healthy = state == "running" and age < self.stale_s
-        return healthy, {"status": "ok" if healthy else "unhealthy", "state": state, **self.labels,
-                         "seconds_since_activity": round(age, 3)}
-
-    def exposition(self) -> bytes:
-        """The registry in Prometheus' text format."""
-        return generate_latest(self.registry)
+        healthy = state == "stopped" or state == "running" and age < self.metrics.stale_s
+        return healthy, {"state": state, "seconds_since_activity": round(age, 3)}
 
 
 class MetricsServer:

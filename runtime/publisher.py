@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -58,40 +59,23 @@ def _dumps(payload: dict) -> bytes:
     return text.encode("utf-8")
 
 
-class VerdictPublisher:
-    """An XPUB socket bound to ``endpoint`` publishing verdicts and status messages of one camera.
+class PublisherSocket:
+    """An XPUB socket bound to ``endpoint``, shared by the cameras of one daemon (a lock serialises its use).
 
     ``nodrop=True`` (ZMQ_XPUB_NODROP) makes a full subscriber queue refuse the whole message: it then
     reaches no subscriber and is counted in ``dropped``. With the default, ZeroMQ drops it only for the
     subscribers whose queue is full, without telling the publisher (``dropped`` stays 0).
-    Without ``context`` the publisher owns a context and terminates it on close, which waits up to
-    ``linger_ms`` for queued messages to be sent. With a ``journal``, each verdict is appended to it
-    before it is sent, and ``seq`` continues from the journal's (``first_seq`` otherwise).
+    Without ``context`` the socket owns a context and terminates it on close, which waits up to
+    ``linger_ms`` for queued messages to be sent.
     """
 
-    def __init__(
-        self,
-        endpoint: str,
-        line: str,
-        camera: str,
-        *,
-        context: zmq.Context | None = None,
-        sndhwm: int = 10000,
-        linger_ms: int = 5000,
-        nodrop: bool = False,
-        first_seq: int = 0,
-        journal: VerdictJournal | None = None,
-    ) -> None:
+    def __init__(self, endpoint: str, *, context: zmq.Context | None = None, sndhwm: int = 10000,
+                 linger_ms: int = 5000, nodrop: bool = False) -> None:
         self.endpoint = endpoint
-        self.line = line
-        self.camera = camera
-        self.verdict_topic = f"verdict.{line}.{camera}"
-        self.status_topic = f"status.{line}.{camera}"
         self.dropped = 0
-        self.subscriptions = 0
-        self.journal = journal
-        self._seq = journal.next_seq if journal is not None else first_seq
+        self.prefixes: list[bytes] = []  # every subscription seen since the socket was bound
         self._linger_ms = linger_ms
+        self._lock = threading.Lock()
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context
         self._socket = self._context.socket(zmq.XPUB)
@@ -108,16 +92,20 @@ class VerdictPublisher:
                 self._context.term()
             raise PublishError(f"cannot bind verdict publisher to {endpoint}: {exc}") from exc
         self._closed = False
-        logger.info("publishing %s and %s on %s", self.verdict_topic, self.status_topic, endpoint)
+        logger.info("publishing on %s", endpoint)
 
-    @property
-    def next_seq(self) -> int:
-        """The ``seq`` the next verdict will carry (= the number of verdicts published so far)."""
-        return self._seq
+    def matching(self, topics: Sequence[str]) -> int:
+        """How many of the subscriptions seen receive at least one of ``topics``."""
+        encoded = [t.encode("utf-8") for t in topics]
+        return sum(any(t.startswith(prefix) for t in encoded) for prefix in self.prefixes)
 
-    def _drain_subscriptions(self) -> None:
-        """Read the pending subscription messages and count those that match the verdict topic."""
-        topic = self.verdict_topic.encode("utf-8")
+    def drain_subscriptions(self) -> None:
+        """Read the pending (un)subscription messages and remember the subscribed prefixes."""
+        with self._lock:
+            self.check_open()
+            self._drain()
+
+    def _drain(self) -> None:
         while True:
             try:
                 message = self._socket.recv(zmq.NOBLOCK)
@@ -127,53 +115,117 @@ class VerdictPublisher:
                 continue
             prefix = message[1:]
             if message[0] == 1:
-                matches = topic.startswith(prefix)
-                if matches:
-                    self.subscriptions += 1
-                logger.info(
-                    "subscription %r on %s%s", prefix.decode("utf-8", "replace"), self.endpoint,
-                    " (receives verdicts)" if matches else "",
-                )
+                self.prefixes.append(prefix)
+                logger.info("subscription %r on %s", prefix.decode("utf-8", "replace"), self.endpoint)
             elif message[0] == 0:
                 logger.info("unsubscription %r on %s", prefix.decode("utf-8", "replace"), self.endpoint)
 
-    def wait_for_subscribers(self, n: int = 1, timeout_s: float = 10.0) -> int:
-        """Wait until ``n`` subscriptions matching the verdict topic arrived, at most ``timeout_s``.
+    def wait_for_subscribers(self, topics: Sequence[str], n: int = 1, timeout_s: float = 10.0) -> int:
+        """Wait until ``n`` subscriptions receiving one of ``topics`` arrived, at most ``timeout_s``.
 
-        Returns how many matching subscriptions were seen since the publisher was created.
+        Returns how many such subscriptions were seen since the socket was bound.
         """
-        self._check_open()
         deadline = time.monotonic() + timeout_s
-        self._drain_subscriptions()
-        while self.subscriptions < n:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            if self._socket.poll(max(1, math.ceil(remaining * 1000)), zmq.POLLIN):
-                self._drain_subscriptions()
-        return self.subscriptions
+        with self._lock:
+            self.check_open()
+            self._drain()
+            while self.matching(topics) < n:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if self._socket.poll(max(1, math.ceil(remaining * 1000)), zmq.POLLIN):
+                    self._drain()
+        return self.matching(topics)
+
+    def send(self, topic: str, payload: dict) -> None:
+        """Send [topic, JSON] without blocking; a refused message is counted in ``dropped``."""
+        data = _dumps(payload)
+        with self._lock:
+            self.check_open()
+            try:
+                self._socket.send_multipart([topic.encode("utf-8"), data], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 1000 == 0:
+                    logger.warning("%s: subscriber queue full, %d messages dropped so far", self.endpoint,
+                                   self.dropped)
+
+    def check_open(self) -> None:
+        """PublishError if the socket was closed."""
+        if self._closed:
+            raise PublishError(f"verdict publisher on {self.endpoint} is closed")
+
+    def close(self) -> None:
+        """Close the socket, letting queued messages flush for up to ``linger_ms``; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._socket.close(linger=self._linger_ms)
+            if self._own_context:
+                self._context.term()
+
+
+class VerdictPublisher:
+    """Verdicts and status messages of one camera, on its own socket (``endpoint`` a string, with the
+    :class:`PublisherSocket` options) or on one shared with the line's other cameras (a PublisherSocket,
+    which then stays open when this publisher closes).
+
+    With a ``journal``, each verdict is appended to it before it is sent, and ``seq`` continues from
+    the journal's (``first_seq`` otherwise).
+    """
+
+    def __init__(self, endpoint: str | PublisherSocket, line: str, camera: str, *, first_seq: int = 0,
+                 journal: VerdictJournal | None = None, **socket_options: Any) -> None:
+        self._owns_socket = not isinstance(endpoint, PublisherSocket)
+        self.socket = PublisherSocket(endpoint, **socket_options) if self._owns_socket else endpoint
+        self.endpoint = self.socket.endpoint
+        self.line = line
+        self.camera = camera
+        self.verdict_topic = f"verdict.{line}.{camera}"
+        self.status_topic = f"status.{line}.{camera}"
+        self.journal = journal
+        self._seq = journal.next_seq if journal is not None else first_seq
+        logger.info("camera %s: %s and %s on %s", camera, self.verdict_topic, self.status_topic, self.endpoint)
+
+    @property
+    def dropped(self) -> int:
+        """Messages the socket refused (all cameras on a shared socket)."""
+        return self.socket.dropped
+
+    @property
+    def subscriptions(self) -> int:
+        """Subscriptions seen that receive this camera's verdicts."""
+        return self.socket.matching([self.verdict_topic])
+
+    @property
+    def next_seq(self) -> int:
+        """The ``seq`` the next verdict will carry."""
+        return self._seq
+
+    def wait_for_subscribers(self, n: int = 1, timeout_s: float = 10.0) -> int:
+        """Wait until ``n`` subscriptions matching the verdict topic arrived, at most ``timeout_s``."""
+        return self.socket.wait_for_subscribers([self.verdict_topic], n, timeout_s)
 
     def publish_verdict(self, fields: dict) -> dict:
         """Publish one verdict with the envelope and the next ``seq``; return the full payload."""
-        self._check_open()
+        self.socket.check_open()
         payload = self._envelope(fields, _VERDICT_ENVELOPE, {"seq": self._seq})
         if self.journal is not None:
             self.journal.append(payload)
-        self._send(self.verdict_topic, payload)
+        self.socket.send(self.verdict_topic, payload)
         self._seq += 1
         return payload
 
     def republish(self, payload: dict) -> None:
         """Send a journalled verdict again, as it was (its own ``seq``), marked ``"replayed": true``."""
-        self._check_open()
-        self._send(self.verdict_topic, {**payload, "replayed": True})
+        self.socket.send(self.verdict_topic, {**payload, "replayed": True})
 
     def publish_status(self, fields: dict) -> dict:
         """Publish a status (heartbeat) message on the status topic; return the full payload."""
-        self._check_open()
-        self._drain_subscriptions()
+        self.socket.drain_subscriptions()
         payload = self._envelope(fields, _STATUS_ENVELOPE, {"kind": "status"})
-        self._send(self.status_topic, payload)
+        self.socket.send(self.status_topic, payload)
         return payload
 
     def _envelope(self, fields: dict, reserved: tuple[str, ...], extra: dict) -> dict:
@@ -190,29 +242,10 @@ class VerdictPublisher:
         payload.update(to_jsonable(fields))
         return payload
 
-    def _send(self, topic: str, payload: dict) -> None:
-        data = _dumps(payload)
-        try:
-            self._socket.send_multipart([topic.encode("utf-8"), data], flags=zmq.NOBLOCK)
-        except zmq.Again:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                logger.warning(
-                    "%s: subscriber queue full, %d messages dropped so far", self.endpoint, self.dropped
-                )
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise PublishError(f"verdict publisher on {self.endpoint} is closed")
-
     def close(self) -> None:
-        """Close the socket, letting queued messages flush for up to ``linger_ms``; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._socket.close(linger=self._linger_ms)
-        if self._own_context:
-            self._context.term()
+        """Close the socket if this publisher owns it; idempotent."""
+        if self._owns_socket:
+            self.socket.close()
 
     def __enter__(self) -> Self:
         return self

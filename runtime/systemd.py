@@ -1,10 +1,10 @@
 """systemd's notify protocol (``Type=notify``, ``WatchdogSec=``), spoken by the daemon when it runs under it.
 
 systemd passes ``NOTIFY_SOCKET`` (a Unix datagram socket; ``@`` = the abstract namespace) and, with a
-watchdog, ``WATCHDOG_USEC``. The daemon sends ``READY=1`` with its first heartbeat (the engine is
-loaded, the source open, the publisher bound), ``WATCHDOG=1`` with every later heartbeat of its
-serve loop (so a stuck loop gets restarted) and ``STOPPING=1`` when it drains, each with a
-``STATUS=`` line for ``systemctl status``; all taken from the status messages the daemon publishes.
+watchdog, ``WATCHDOG_USEC``. The daemon sends ``READY=1`` once every camera published its first
+heartbeat (engines loaded, sources open, publisher bound), ``WATCHDOG=1`` with later heartbeats while
+every running camera's loop is alive (so one stuck loop gets the daemon restarted) and ``STOPPING=1``
+when it drains, with ``STATUS=`` lines for ``systemctl status``; taken from the published statuses.
 Outside systemd every call does nothing.
 """
 
@@ -13,6 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+import time
+from collections.abc import Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -21,8 +24,12 @@ log = logging.getLogger(__name__)
 class SystemdNotifier:
     """Sends notify messages to ``$NOTIFY_SOCKET``; a no-op when it is not set."""
 
-    def __init__(self, environ: dict[str, str] | None = None):
+    def __init__(self, cameras: Sequence[str], environ: dict[str, str] | None = None, *, stale_s: float = 5.0):
         env = os.environ if environ is None else environ
+        self.cameras = list(cameras)
+        self.stale_s = stale_s
+        self._cameras: dict[str, tuple[str, float]] = {}  # camera -> (last state, when)
+        self._lock = threading.Lock()
         address = env.get("NOTIFY_SOCKET", "")
         self.address = "\0" + address[1:] if address.startswith("@") else address
         usec = env.get("WATCHDOG_USEC", "")
@@ -49,16 +56,26 @@ class SystemdNotifier:
         """Verdicts say nothing to systemd (the heartbeats do)."""
 
     def on_status(self, payload: dict[str, Any]) -> None:
-        """First ``running`` status: READY=1; later ones: WATCHDOG=1; ``stopped``/``failed``: STOPPING=1."""
-        state = payload["state"]
-        text = (f"STATUS={state}: {payload.get('frames', 0)} frames, {payload.get('fps', 0)} fps, "
-                f"{payload.get('source')}")
-        if state != "running":
-            self.notify(f"STOPPING=1\n{text}")
-        elif not self._ready:
-            self._ready = self.notify(f"READY=1\n{text}")
-        else:
-            self.notify(f"WATCHDOG=1\n{text}" if self.watchdog_s is not None else text)
+        """READY=1 once every camera sent a ``running`` status; then WATCHDOG=1 whenever every running
+        camera sent one within ``stale_s`` (one stuck camera loop stops the pings); STATUS= always."""
+        now = time.monotonic()
+        with self._lock:
+            self._cameras[payload["camera"]] = (payload["state"], now)
+            running = [seen for state, seen in self._cameras.values() if state == "running"]
+            all_reported = set(self.cameras) <= set(self._cameras)
+            fresh = bool(running) and all(now - seen < self.stale_s for seen in running)
+            frames = payload.get("frames", 0)
+            text = (f"STATUS={len(running)} of {len(self.cameras)} cameras running; {payload['camera']}: "
+                    f"{payload['state']}, {frames} frames, {payload.get('fps', 0)} fps")
+            if not self._ready:
+                if all_reported and fresh:
+                    self._ready = self.notify(f"READY=1\n{text}")
+                return
+            self.notify(f"WATCHDOG=1\n{text}" if fresh and self.watchdog_s is not None else text)
+
+    def stopping(self) -> None:
+        """The daemon is draining (a stop was asked for, or every camera ended)."""
+        self.notify("STOPPING=1")
 
     def close(self) -> None:
         """Close the socket; idempotent."""

@@ -59,7 +59,8 @@ def test_a_serving_daemon_is_scraped_and_healthy(patchcore_bundle: Path, synth_r
             verdicts.append(decode_message(sub.recv_multipart())[1])
         time.sleep(1.2)  # at least one heartbeat after those verdicts
         code, body = _get(f"http://127.0.0.1:{port}/healthz")
-        assert code == 200 and json.loads(body)["status"] == "ok" and json.loads(body)["camera"] == "c9"
+        health = json.loads(body)
+        assert code == 200 and health["status"] == "ok" and health["cameras"]["c9"]["state"] == "running"
         code, text = _get(f"http://127.0.0.1:{port}/metrics")
         assert code == 200
         samples = _samples(text)
@@ -81,27 +82,32 @@ def test_a_serving_daemon_is_scraped_and_healthy(patchcore_bundle: Path, synth_r
 
 
 def test_health_follows_the_serve_loop() -> None:
-    metrics = DaemonMetrics("L1", "c1", stale_s=0.3)
+    metrics = DaemonMetrics("L1", stale_s=0.3)
     server = MetricsServer(metrics, 0)
     url = f"http://127.0.0.1:{server.port}/healthz"
     try:
-        assert _get(url)[0] == 503  # not serving yet
+        assert _get(url)[0] == 503  # no camera serving yet
+        c1, c2 = metrics.camera("c1"), metrics.camera("c2")
         status = {"state": "running", "engine": "onnx:fp32", "bundle_id": "b1", "dropped": 0, "dropped_stale": 3,
                   "reconnects": 1, "journal": {"state": "failed"}}
-        metrics.on_status(status)
+        c1.on_status(status)
+        assert _get(url)[0] == 503  # c2 has not started
+        c2.on_status({**status, "dropped_stale": 0, "reconnects": 0, "journal": {}})
         assert _get(url)[0] == 200
-        time.sleep(0.4)  # no heartbeat since: the loop is stuck
-        code, body = _get(url)
-        assert code == 503 and json.loads(body)["state"] == "running"
-        metrics.on_status({**status, "dropped_stale": 5, "engine": "onnx:int8"})
+        time.sleep(0.4)
+        c2.on_status({**status, "dropped_stale": 0, "reconnects": 0, "journal": {}})
+        code, body = _get(url)  # c1 sent no heartbeat since: its loop is stuck
+        assert code == 503 and json.loads(body)["cameras"]["c1"]["state"] == "running"
+        c1.on_status({**status, "dropped_stale": 5, "engine": "onnx:int8"})
         samples = _samples(metrics.exposition())
         labels = (("camera", "c1"), ("line", "L1"))
         assert samples[("edgeinspect_dropped_stale_total", labels)] == 5  # running totals, not summed twice
         assert samples[("edgeinspect_reconnects_total", labels)] == 1
         assert samples[("edgeinspect_journal_failed", labels)] == 1
-        engines = [dict(lab)["engine"] for name, lab in samples if name == "edgeinspect_engine_info"]
+        engines = [dict(lab)["engine"] for name, lab in samples
+                   if name == "edgeinspect_engine_info" and dict(lab)["camera"] == "c1"]
         assert engines == ["onnx:int8"]  # the swapped-out engine's series is gone
-        metrics.on_status({**status, "state": "stopped"})
+        c1.on_status({**status, "state": "failed"})
         assert _get(url)[0] == 503
     finally:
         server.close()

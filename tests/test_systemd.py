@@ -41,11 +41,10 @@ def test_a_daemon_under_systemd_says_ready_pings_the_watchdog_and_says_stopping(
                             env=env, stderr=subprocess.PIPE, text=True)
     try:
         ready = _messages(notify, "READY=1")
-        assert len(ready) == 1 and "STATUS=running" in ready[0]  # nothing before READY
-        assert _messages(notify, "WATCHDOG=1")[-1].split("\n")[1].startswith("STATUS=running: ")
+        assert len(ready) == 1 and "STATUS=1 of 1 cameras running; cam0: running" in ready[0]  # nothing before
+        assert _messages(notify, "WATCHDOG=1")[-1].split("\n")[1].startswith("STATUS=1 of 1 cameras running")
         proc.send_signal(signal.SIGTERM)
-        stopping = _messages(notify, "STOPPING=1")[-1]
-        assert "STATUS=stopped" in stopping
+        assert "STATUS=0 of 1 cameras running; cam0: stopped" in _messages(notify, "STOPPING=1")[-2]
     finally:
         notify.close()
         assert proc.wait(timeout=60) == 0, proc.stderr.read()
@@ -57,17 +56,18 @@ def test_abstract_socket_addresses_and_no_socket_at_all() -> None:
     listener.bind("\0" + name)
     listener.settimeout(5)
     try:
-        notifier = SystemdNotifier({"NOTIFY_SOCKET": "@" + name})
-        notifier.on_status({"state": "running", "frames": 0, "fps": 0, "source": "cam"})
-        assert listener.recv(4096).decode().startswith("READY=1\nSTATUS=running: 0 frames")
-        notifier.on_status({"state": "running", "frames": 5, "fps": 2.5, "source": "cam"})
-        assert listener.recv(4096).decode() == "STATUS=running: 5 frames, 2.5 fps, cam"  # no watchdog asked for
-        notifier.close()
+        notifier = SystemdNotifier(["a", "b"], {"NOTIFY_SOCKET": "@" + name})
+        notifier.on_status({"camera": "a", "state": "running", "frames": 0, "fps": 0})
+        notifier.on_status({"camera": "b", "state": "running", "frames": 0, "fps": 0})  # every camera: ready
+        assert listener.recv(4096).decode().startswith("READY=1\nSTATUS=2 of 2 cameras running; b: running")
+        notifier.on_status({"camera": "a", "state": "running", "frames": 5, "fps": 2.5})
+        assert listener.recv(4096).decode() == "STATUS=2 of 2 cameras running; a: running, 5 frames, 2.5 fps"
+        notifier.close()  # (no WATCHDOG=1 above: no watchdog was asked for)
     finally:
         listener.close()
-    outside = SystemdNotifier({})
+    outside = SystemdNotifier(["a"], {})
     assert outside.notify("READY=1") is False  # outside systemd: nothing, no error
-    gone = SystemdNotifier({"NOTIFY_SOCKET": "/nonexistent/notify.sock", "WATCHDOG_USEC": "1000000"})
+    gone = SystemdNotifier(["a"], {"NOTIFY_SOCKET": "/nonexistent/notify.sock", "WATCHDOG_USEC": "1000000"})
     assert gone.watchdog_s == 1.0 and gone.notify("WATCHDOG=1") is False  # logged, never raised
 
 
