@@ -375,12 +375,14 @@ def predict(bundle: str, images: tuple[str, ...], as_json: bool, engine: str, pr
 @click.option("--metrics-port", default=None, type=click.IntRange(0, 65535),
               help="Serve Prometheus /metrics and /healthz on this port (localhost; see --metrics-host).")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics server binds.")
+@click.option("--control", default=None,
+              help="Bind the control socket here (e.g. tcp://127.0.0.1:5556): edgeinspect ctl status|reload|...")
 @FRAMES_OPTION
 @click.pass_context
 def serve(ctx: click.Context, config_path: str | None, bundle: str | None, camera: str | None, publish: str, line: str,
           camera_id: str, engine: str, providers: tuple[str, ...], wait_subscribers: int, wait_timeout: float,
           loop: bool, max_frames: int | None, journal_dir: str | None, journal_fsync: str, metrics_port: int | None,
-          metrics_host: str, frames: str) -> None:
+          metrics_host: str, control: str | None, frames: str) -> None:
     """Publish a verdict per frame on verdict.<line>.<camera-id> until the sources end or SIGINT/SIGTERM."""
     from edgeinspect.runtime.daemon import run_line
     from edgeinspect.runtime.line import line_config, load_line_config
@@ -396,13 +398,51 @@ def serve(ctx: click.Context, config_path: str | None, bundle: str | None, camer
     else:
         config = line_config({"line": line, "publish": publish, "journal": journal_dir, "journal_fsync": journal_fsync,
                               "metrics_port": metrics_port, "metrics_host": metrics_host, "providers": list(providers),
-                              "wait_subscribers": wait_subscribers, "wait_timeout_s": wait_timeout,
+                              "wait_subscribers": wait_subscribers, "wait_timeout_s": wait_timeout, "control": control,
                               "cameras": [{"id": camera_id, "source": camera, "bundle": bundle, "engine": engine,
                                            "loop": loop, "max_frames": max_frames, "frames": frames}]},
                              "serve options")
     for camera_id, stats in run_line(config).items():
         click.echo(f"{camera_id}: served {stats.frames} frames: {stats.ok} OK, {stats.nok} NOK, {stats.errors} errors",
                    err=True)
+
+
+@main.command()
+@click.argument("command", type=click.Choice(["status", "snapshot", "reload", "set-threshold", "pause", "resume"]))
+@click.argument("value", required=False)
+@click.option("--connect", default="tcp://127.0.0.1:5556", show_default=True, help="The daemon's control endpoint.")
+@click.option("--camera", default=None, help="Only this camera (default: every camera of the line).")
+@click.option("--token", default=None, envvar="EDGEINSPECT_CONTROL_TOKEN",
+              help="The line's control_token (or $EDGEINSPECT_CONTROL_TOKEN).")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the reply.")
+def ctl(command: str, value: str | None, connect: str, camera: str | None, token: str | None, timeout: float) -> None:
+    """Ask a serving daemon: status, snapshot, reload BUNDLE, set-threshold RAW, pause, resume. Prints the JSON
+    reply; exit 1 when the daemon refused."""
+    import zmq
+
+    request: dict = {"cmd": command, **({"camera": camera} if camera else {}), **({"token": token} if token else {})}
+    if command in ("reload", "set-threshold"):
+        if value is None:
+            raise click.UsageError(f"{command} needs a value: " + ("the bundle path" if command == "reload" else
+                                                                   "the threshold in model units"))
+        try:
+            request["bundle" if command == "reload" else "threshold"] = (value if command == "reload"
+                                                                        else float(value))
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a number", param_hint="VALUE") from None
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(connect)
+        sock.send(json.dumps(request).encode())
+        if not sock.poll(int(timeout * 1000)):
+            raise EdgeInspectError(f"no reply from the control socket {connect} within {timeout:g} s; is the daemon "
+                                   f"running with control: {connect}?")
+        reply = json.loads(sock.recv())
+    finally:
+        sock.close()
+    click.echo(json.dumps(reply, indent=2))
+    sys.exit(0 if reply.get("ok") else 1)
 
 
 @main.group()

@@ -17,6 +17,7 @@ from typing import Protocol
 from edgeinspect.camera import END, Frame, FrameSource, ThreadedReader, open_source
 from edgeinspect.errors import SourceError
 from edgeinspect.frames import FrameCheck
+from edgeinspect.runtime.control import CameraControl, ControlServer
 from edgeinspect.runtime.journal import VerdictJournal
 from edgeinspect.runtime.line import LineConfig
 from edgeinspect.runtime.metrics import DaemonMetrics, MetricsServer
@@ -83,6 +84,10 @@ class StopFlag:
     def __bool__(self) -> bool:
         return self._event.is_set()
 
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds or until a stop is requested; True if it was."""
+        return self._event.wait(max(timeout, 0.0))
+
 
 def verdict_fields(frame: Frame, predictor: Predictor, offset: tuple[int, int] = (0, 0)) -> dict:
     """Run the predictor on one frame and build the verdict body (publisher adds the envelope).
@@ -110,9 +115,11 @@ def verdict_fields(frame: Frame, predictor: Predictor, offset: tuple[int, int] =
 
 def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher, *,
           stop: StopFlag | None = None, heartbeat: Heartbeat | None = None,
-          on_verdict: Callable[[dict], None] | None = None, observers: Sequence[Observer] = ()) -> ServeStats:
+          on_verdict: Callable[[dict], None] | None = None, observers: Sequence[Observer] = (),
+          control: CameraControl | None = None) -> ServeStats:
     """Publish one verdict per frame until the source ends or ``stop`` is set; ``observers`` (metrics,
-    systemd) see every published message.
+    systemd) see every published message; ``control`` (the control socket's handle) may swap the
+    predictor between two frames or pause judging (heartbeats go on, with state ``paused``).
 
     The source is read in a background thread, so a heartbeat goes out on the status topic once
     per period even while a camera delivers no frames, and a stop request is honoured within a
@@ -122,26 +129,35 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
     stop = stop if stop is not None else StopFlag()
     heartbeat = heartbeat or Heartbeat()
     stats = ServeStats()
-    common = {"bundle_id": predictor.bundle.bundle_id, "engine": predictor.engine, "source": source.description}
+    control = control or CameraControl(publisher.camera, predictor)
     offset = tuple(source.check.roi[:2]) if source.check.roi else (0, 0)
 
     reader = ThreadedReader(source).start()
 
     def status(state: str, **extra: object) -> None:
         journal = {"journal": publisher.journal.status()} if publisher.journal is not None else {}
-        payload = publisher.publish_status({**common, "state": state, **extra, **stats.snapshot(),
+        current = control.predictor
+        payload = publisher.publish_status({"bundle_id": current.bundle.bundle_id, "engine": current.engine,
+                                            "source": source.description, "state": state, **extra, **stats.snapshot(),
                                             "dropped": publisher.dropped, "dropped_stale": reader.dropped_stale,
                                             "reconnects": source.reconnects, **journal})
+        control.last_status = payload
         for observer in observers:
             observer.on_status(payload)
 
     try:
         while not stop:
-            item = reader.get(timeout=heartbeat.seconds_until_due())
+            if control.paused.is_set():  # frames wait (recorded) or go stale (live) until resumed
+                stop.wait(min(heartbeat.seconds_until_due(), 0.1))
+                if heartbeat.due():
+                    status("paused")
+                continue
+            item = reader.get(timeout=min(heartbeat.seconds_until_due(), 0.1))
             if item is END:
                 break
             if isinstance(item, Frame):
-                payload = publisher.publish_verdict(verdict_fields(item, predictor, offset))
+                payload = publisher.publish_verdict(verdict_fields(item, control.predictor, offset))
+                control.last_verdict = payload
                 stats.count(payload["verdict"])
                 for observer in observers:
                     observer.on_verdict(payload)
@@ -190,7 +206,7 @@ def run_line(config: LineConfig, *, on_verdict: Callable[[dict], None] | None = 
             stack.callback(MetricsServer(metrics, config.metrics_port, config.metrics_host).close)
         socket = PublisherSocket(config.publish)
         stack.callback(socket.close)
-        workers = []
+        workers, controls = [], {}
         for camera in cameras:
             journal = None
             if config.journal:
@@ -202,8 +218,14 @@ def run_line(config: LineConfig, *, on_verdict: Callable[[dict], None] | None = 
             source = stack.enter_context(open_source(camera.source, loop=camera.loop, max_frames=camera.max_frames,
                                                      check=check, fps=camera.fps))
             observers = [notifier, *([metrics.camera(camera.id)] if metrics is not None else [])]
+            controls[camera.id] = CameraControl(camera.id, predictor, camera.engine)
             workers.append((camera.id, predictor, source, VerdictPublisher(socket, config.line, camera.id,
                                                                            journal=journal), observers))
+        if config.control:
+            def open_predictor(bundle: str, control: CameraControl) -> Predictor:
+                return Predictor(bundle, engine=control.engine, providers=tuple(config.providers), threads=threads)
+
+            stack.callback(ControlServer(config.control, controls, open_predictor, token=config.control_token).close)
         if config.wait_subscribers:
             topics = [w[3].verdict_topic for w in workers]
             seen = socket.wait_for_subscribers(topics, config.wait_subscribers, config.wait_timeout_s)
@@ -215,7 +237,7 @@ def run_line(config: LineConfig, *, on_verdict: Callable[[dict], None] | None = 
                  observers: list[Observer]) -> None:
             try:
                 results[camera_id] = serve(predictor, source, publisher, stop=stop, on_verdict=on_verdict,
-                                           observers=observers)
+                                           observers=observers, control=controls[camera_id])
             except SourceError as exc:
                 failures[camera_id] = exc
 

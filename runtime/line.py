@@ -40,6 +40,8 @@ class LineConfig(Section):
 
     line: str = Id
     publish: str = "tcp://127.0.0.1:5555"
+    control: str | None = None               # control socket endpoint (REP); null: none
+    control_token: str | None = None         # required in every control request; needed off localhost
     journal: str | None = None               # folder; each camera journals in <journal>/<line>.<camera id>/
     journal_fsync: Literal["interval", "always", "never"] = "interval"
     metrics_port: integer(0, 65535) | None = None

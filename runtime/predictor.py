@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,14 @@ class Predictor:
         self.threshold = float(decision["threshold"])
         self.normalization = decision["normalization"]
         self.min_region_area = int(decision["min_region_area"])
+
+    def with_threshold(self, threshold: float) -> Predictor:
+        """A predictor sharing this one's engine whose decision threshold is ``threshold`` (model units);
+        the normalised score is recentred on it, so 0.5 stays the OK/NOK boundary."""
+        other = copy.copy(self)
+        other.threshold = float(threshold)
+        other.normalization = {**self.normalization, "center": float(threshold)}
+        return other
 
     def predict(self, rgb: np.ndarray) -> Prediction:
         """Score one HxWx3 uint8 RGB image."""

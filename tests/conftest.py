@@ -59,3 +59,16 @@ def patchcore_bundle(synth_root: Path, tmp_path_factory: pytest.TempPathFactory)
 def padim_bundle(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """PaDiM trained on the synthetic set (no engine)."""
     return _train("padim", synth_root, tmp_path_factory.mktemp("bundles") / "padim")
+
+
+@pytest.fixture(scope="session")
+def padim_engine_bundle(padim_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the PaDiM bundle with its ONNX engine exported (a second bundle a daemon can serve)."""
+    import shutil
+
+    from edgeinspect.export.exporter import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "padim-engine"
+    shutil.copytree(padim_bundle, out)
+    export_bundle(out, "onnx", progress=False)
+    return out

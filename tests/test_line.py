@@ -4,7 +4,6 @@ and a real video as cameras; and the validation of the line config."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,16 +20,6 @@ from edgeinspect.imageio import read_image
 from edgeinspect.runtime.line import line_config
 from edgeinspect.runtime.publisher import decode_message
 from edgeinspect.train.data import write_video
-
-
-@pytest.fixture(scope="module")
-def padim_engine_bundle(padim_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edgeinspect.export.exporter import export_bundle
-
-    out = tmp_path_factory.mktemp("line") / "padim"
-    shutil.copytree(padim_bundle, out)
-    export_bundle(out, "onnx", progress=False)
-    return out
 
 
 def _serve_line(config: dict, tmp_path: Path, n_cameras: int) -> tuple[dict[str, list], dict[str, list], str]:
