@@ -40,6 +40,17 @@ class Detections:
     def __len__(self) -> int:
         return len(self.scores)
 
+    @classmethod
+    def from_arrays(cls, boxes: Any, labels: Any, scores: Any, masks: Any = None) -> Detections:
+        """From a detector's arrays in any layout (masks K x H x W or K x 1 x H x W), best first."""
+        scores = np.asarray(scores, np.float32).reshape(-1)
+        order = np.argsort(-scores, kind="stable")
+        if masks is not None:
+            masks = np.asarray(masks, np.float32)
+            masks = masks.reshape(len(scores), *masks.shape[-2:])[order]
+        return cls(np.asarray(boxes, np.float32).reshape(-1, 4)[order],
+                   np.asarray(labels).astype(np.int64).reshape(-1)[order], scores[order], masks)
+
     def to_dict(self) -> dict[str, np.ndarray]:
         """The ``DetectorModel.detect`` format of one image (numpy arrays)."""
         out = {"boxes": self.boxes, "labels": self.labels, "scores": self.scores}
@@ -151,14 +162,13 @@ class FinalDetections:
 
     def __call__(self, outputs: dict[str, np.ndarray]) -> Detections:
         """Detections of one image, best first."""
-        scores = np.asarray(outputs["scores"], np.float32).reshape(-1)
-        order = np.argsort(-scores, kind="stable")[:self.per_image]
-        masks = outputs.get("masks")
-        if masks is not None:
-            masks = np.asarray(masks, np.float32)
-            masks = masks.reshape(len(scores), *masks.shape[-2:])[order]
-        return Detections(np.asarray(outputs["boxes"], np.float32).reshape(-1, 4)[order],
-                          np.asarray(outputs["labels"]).astype(np.int64).reshape(-1)[order], scores[order], masks)
+        detections = Detections.from_arrays(outputs["boxes"], outputs["labels"], outputs["scores"],
+                                            outputs.get("masks"))
+        if len(detections) <= self.per_image:
+            return detections
+        keep = slice(0, self.per_image)
+        return Detections(detections.boxes[keep], detections.labels[keep], detections.scores[keep],
+                          None if detections.masks is None else detections.masks[keep])
 
 
 Decoder = Callable[[dict[str, np.ndarray]], Detections]

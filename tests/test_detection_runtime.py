@@ -3,12 +3,17 @@ detector bundle over ZeroMQ, and export parity of a detector."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from tiny_detector import TinySSD
 
+from edgeinspect.bundle import Bundle
+from edgeinspect.preprocess import Preprocess
 from edgeinspect.runtime.detections import AnchorBoxes, FinalDetections, box_iou, mask_polygon
+from edgeinspect.runtime.postprocess import find_regions, normalize, postprocess_for
 
 
 def _assert_same_detections(ours, theirs: dict[str, torch.Tensor]) -> None:
@@ -74,3 +79,51 @@ def test_final_detections_sorted_and_polygon_follows_the_mask() -> None:
     polygon = mask_polygon(decoded.masks[0])
     assert polygon.min(axis=0).tolist() == [10, 5] and polygon.max(axis=0).tolist() == [29, 14]
     assert mask_polygon(decoded.masks[1]) is None
+
+
+# ------------------------------------------------------------------------------------ verdict schema
+def _final_bundle(tmp_path: Path, threshold: float = 0.5) -> Bundle:
+    """An in-memory detector bundle (final_detections decoder): 100 x 100 input, classes scratch, good."""
+    manifest = {"task": "detections", "outputs": {"boxes": [-1, 4], "labels": [-1], "scores": [-1],
+                                                  "masks": [-1, 1, 100, 100]},
+                "preprocess": Preprocess((100, 100), None, (0, 0, 0), (1, 1, 1)).to_dict(),
+                "detection": {"decoder": "final_detections", "classes": ["scratch", "good"], "ok_classes": ["good"]},
+                "decision": {"threshold": threshold, "normalization": {"center": threshold, "scale": threshold},
+                             "min_region_area": 0}}
+    return Bundle(tmp_path, manifest)
+
+
+def _outputs(scores: list[float], labels: list[int]) -> tuple[np.ndarray, ...]:
+    boxes = np.array([[10, 20, 30, 60], [0, 0, 100, 100], [50, 50, 60, 70]], np.float32)[:len(scores)]
+    masks = np.zeros((len(scores), 1, 100, 100), np.float32)
+    for k, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
+        masks[k, 0, y0:y1, x0:x1] = 0.9
+    return boxes, np.array(labels, np.int64), np.array(scores, np.float32), masks
+
+
+def test_detection_verdict_follows_confidence_and_ok_classes(tmp_path: Path) -> None:
+    bundle = _final_bundle(tmp_path)
+    post = postprocess_for(bundle, bundle.decision)
+    frame_hw = (200, 300)  # larger than the 100 x 100 input, not square: x scales by 3, y by 2
+    nok = post(_outputs([0.8, 0.95, 0.3], [1, 2, 1]), frame_hw)
+    assert nok.nok and nok.raw_score == pytest.approx(0.8) and nok.anomaly_map is None
+    assert [(r.label, round(r.score, 2)) for r in nok.regions] == [("good", 0.95), ("scratch", 0.8)]
+    scratch = nok.regions[1].to_dict()
+    assert scratch["box"] == [30, 40, 90, 120] and scratch["area"] == 20 * 40
+    xs, ys = zip(*scratch["polygon"], strict=True)
+    assert (min(xs), max(xs), min(ys), max(ys)) == (30, 87, 40, 118)  # last mask pixel 29, 59 -> 87, 118
+    # a good-class detection, however confident, and a scratch below the threshold: OK
+    ok = post(_outputs([0.4, 0.99], [1, 2]), frame_hw)
+    assert not ok.nok and ok.raw_score == pytest.approx(0.4) and [r.label for r in ok.regions] == ["good"]
+    assert normalize(ok.raw_score, bundle.decision["normalization"]) < 0.5
+    assert not post(_outputs([], []), frame_hw).nok
+
+
+def test_regions_keep_their_old_keys_and_gain_a_label() -> None:
+    pre = Preprocess(resize=(50, 50), crop=None, mean=(0, 0, 0), std=(1, 1, 1))
+    amap = np.zeros((50, 50), np.float32)
+    amap[10:20, 10:20] = 3.0
+    [region] = find_regions(amap, 1.0, 1, {"center": 1.0, "scale": 1.0}, pre, (50, 50))
+    assert region.to_dict() == {"box": [10, 10, 20, 20], "area": 100, "score": 1.0, "label": "anomaly"}
+    assert Preprocess((50, 100), (40, 80), (0, 0, 0), (1, 1, 1)).box_to_frame((0, 0, 80, 40), (100, 200)) == \
+        (20, 10, 180, 90)  # the crop offset (5, 10) then the scale 2

@@ -1,7 +1,9 @@
-"""Evaluate a bundle on an MVTec-layout test split with the PyTorch model or an exported engine."""
+"""Evaluate a bundle on an MVTec-layout test split with the PyTorch model or an exported engine; the engine
+side of a detector's evaluation on a COCO split."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +12,8 @@ import numpy as np
 from tqdm import tqdm
 
 from edgeinspect.bundle import Bundle
+from edgeinspect.errors import BundleError
+from edgeinspect.imageio import read_image
 from edgeinspect.preprocess import Preprocess
 from edgeinspect.runtime.backends import Backend, open_engine
 from edgeinspect.train.data import MVTecCategory, Sample
@@ -56,3 +60,35 @@ def evaluate(bundle_path: str | Path, data_root: str | Path, category: str, engi
                            min_region_area=decision["min_region_area"])
     return {**metrics, "split": split, "threshold": decision["threshold"], "engine": engine, "ms_per_image": ms,
             "bundle_id": bundle.bundle_id, "category": category, "data_root": str(Path(data_root).resolve())}
+
+
+def coco_images(coco_dir: str | Path, split: str) -> list[tuple[int, Path]]:
+    """(image id, path) of every image of a COCO folder's split (``SPLIT/annotations.json``), by id."""
+    root = Path(coco_dir) / split
+    images = json.loads((root / "annotations.json").read_text())["images"]
+    return [(int(im["id"]), root / "images" / im["file_name"]) for im in sorted(images, key=lambda im: im["id"])]
+
+
+def engine_detections(bundle_path: str | Path, coco_dir: str | Path, split: str = "val", engine: str = "auto", *,
+                      progress: bool = True) -> tuple[list[int], list[dict[str, np.ndarray]], float, str]:
+    """A detector bundle's engine on a COCO split through the runtime :class:`Predictor` (its decoder).
+
+    Returns (image ids, one ``DetectorModel.detect``-format dict of numpy arrays per image (model-input
+    pixels, every decoded detection), ms per image of the whole runtime path, the engine that ran).
+    """
+    from edgeinspect.runtime.predictor import Predictor
+
+    predictor = Predictor(bundle_path, engine=engine)
+    if predictor.bundle.manifest.get("task", "anomaly_map") != "detections":
+        raise BundleError(f"bundle {predictor.bundle.path} is not a detector (task "
+                          f"{predictor.bundle.manifest.get('task', 'anomaly_map')!r})")
+    ids, predictions, seconds = [], [], 0.0
+    for image_id, path in tqdm(coco_images(coco_dir, split), desc=f"inference {predictor.engine}",
+                               disable=not progress, unit="img"):
+        rgb = read_image(path)
+        t0 = time.perf_counter()
+        prediction = predictor.predict(rgb)
+        seconds += time.perf_counter() - t0
+        ids.append(image_id)
+        predictions.append(prediction.detections.to_dict())
+    return ids, predictions, 1000.0 * seconds / max(len(ids), 1), predictor.engine
