@@ -3,17 +3,28 @@ detector bundle over ZeroMQ, and export parity of a detector."""
 
 from __future__ import annotations
 
+import copy
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_daemon import _serve_to_end
 from tiny_detector import TinySSD
 
 from edgeinspect.bundle import Bundle
+from edgeinspect.errors import ExportError
+from edgeinspect.export.exporter import export_bundle
+from edgeinspect.export.parity import match_detections
+from edgeinspect.imageio import read_image
 from edgeinspect.preprocess import Preprocess
-from edgeinspect.runtime.detections import AnchorBoxes, FinalDetections, box_iou, mask_polygon
+from edgeinspect.runtime.detections import AnchorBoxes, Detections, FinalDetections, box_iou, mask_polygon
 from edgeinspect.runtime.postprocess import find_regions, normalize, postprocess_for
+from edgeinspect.runtime.predictor import Predictor
+from edgeinspect.train.evaluate import coco_images, engine_detections
+from edgeinspect.train.trainer import load_model
 
 
 def _assert_same_detections(ours, theirs: dict[str, torch.Tensor]) -> None:
@@ -127,3 +138,98 @@ def test_regions_keep_their_old_keys_and_gain_a_label() -> None:
     assert region.to_dict() == {"box": [10, 10, 20, 20], "area": 100, "score": 1.0, "label": "anomaly"}
     assert Preprocess((50, 100), (40, 80), (0, 0, 0), (1, 1, 1)).box_to_frame((0, 0, 80, 40), (100, 200)) == \
         (20, 10, 180, 90)  # the crop offset (5, 10) then the scale 2
+
+
+# ------------------------------------------------------------------------------------------ export
+def _manifest(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def test_detector_fp32_engine_passes_its_gate(detector_bundle: Path) -> None:
+    [entry] = _manifest(detector_bundle)["engines"]
+    parity = entry["parity"]
+    assert entry["format"] == "onnx" and parity["status"] == "passed" and parity["passed"]
+    assert parity["n_images"] == len(list((_manifest(detector_bundle)["data"]["root"] / Path("val/images")).glob("*")))
+    assert parity["n_reference"] > 0 and parity["n_matched"] == parity["n_reference"]
+    assert parity["min_matched_iou"] >= 0.99 and parity["max_abs_score_delta"] <= 1e-4
+    assert parity["verdict_agreement"] == 1.0 and parity["gate"]["min_iou"] == 0.99
+    assert "decision" not in entry  # a confidence threshold is kept as it is
+
+
+def test_tampered_detector_engine_is_refused(detector_bundle: Path, tiny_detector_family: str, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeinspect.export.onnx as onnx_export
+
+    write_fp32 = onnx_export.write_fp32
+
+    def tampered(model: torch.nn.Module, *args: object) -> None:
+        model = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in model.head.classification_head.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        write_fp32(model, *args)
+
+    monkeypatch.setattr(onnx_export, "write_fp32", tampered)
+    copy_path = tmp_path / "b"
+    shutil.copytree(detector_bundle, copy_path)
+    with pytest.raises(ExportError, match="gate failed.*(unmatched|confidence)"):
+        export_bundle(copy_path, "onnx", progress=False)
+    kept = Bundle.open(copy_path).find_engine("onnx", "fp32")  # the engine exported before stays, unchanged
+    assert kept["sha256"] == _manifest(detector_bundle)["engines"][0]["sha256"]
+
+
+def test_core_ml_refuses_a_whole_detector_graph(detector_bundle: Path, tiny_detector_family: str,
+                                               tmp_path: Path) -> None:
+    copy_path = tmp_path / "b"
+    shutil.copytree(detector_bundle, copy_path)
+    manifest = _manifest(copy_path)
+    manifest["detection"]["decoder"] = "final_detections"
+    (copy_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="Core ML cannot take this tinyssd model: the engine is the whole detector"):
+        export_bundle(copy_path, "coreml", progress=False)
+
+
+def test_engine_detections_match_the_pytorch_model(detector_bundle: Path, detector_coco: Path,
+                                                   tiny_detector_family: str) -> None:
+    bundle = Bundle.open(detector_bundle)
+    model = load_model(bundle)
+    ids, predictions, ms, engine = engine_detections(detector_bundle, detector_coco, "val", progress=False)
+    images = coco_images(detector_coco, "val")
+    assert ids == [i for i, _ in images] and engine == "onnx:fp32" and ms > 0
+    for (_, path), ours in zip(images, predictions, strict=True):
+        with torch.no_grad():
+            [theirs] = model.detect(torch.from_numpy(bundle.preprocess(read_image(path))))
+        assert set(ours) == {"boxes", "labels", "scores"} and ours["boxes"].dtype == np.float32
+        theirs = Detections.from_arrays(*(theirs[k].numpy() for k in ("boxes", "labels", "scores")))
+        # near-equal confidences may swap places: matched as the export gate matches (IoU >= 0.99, class)
+        pairs, unmatched_ours, unmatched_theirs = match_detections(Detections(**ours), theirs, 0.99, 0.0)
+        assert len(pairs) == len(theirs) == len(ours["scores"]) and unmatched_ours == unmatched_theirs == 0
+        assert max(abs(ours["scores"][i] - theirs.scores[j]) for i, j, _ in pairs) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------ daemon
+def test_daemon_serves_a_detector_bundle_over_zeromq(detector_bundle: Path, detector_coco: Path) -> None:
+    """A real `edgeinspect serve` process, an image folder as camera, a SUB socket on loopback."""
+    folder = detector_coco / "val" / "images"
+    verdicts, statuses = _serve_to_end(detector_bundle, folder)
+    frames = sorted(folder.glob("*.png"))
+    assert [v["frame_name"] for v in verdicts] == [p.name for p in frames]
+    assert statuses[-1]["state"] == "stopped" and statuses[-1]["errors"] == 0
+    manifest = _manifest(detector_bundle)
+    threshold = manifest["decision"]["threshold"]
+    predictor = Predictor(detector_bundle)  # the same runtime in this process: the same messages
+    for path, v in zip(frames, verdicts, strict=True):
+        assert v["bundle_id"] == manifest["bundle_id"] and v["engine"] == "onnx:fp32"
+        assert {"verdict", "score", "threshold", "raw_score", "raw_threshold", "regions", "latency_ms"} <= set(v)
+        assert "anomaly_map" not in v and v["raw_threshold"] == pytest.approx(threshold, abs=1e-6)
+        assert (v["verdict"] == "NOK") == (v["raw_score"] >= threshold) == (v["score"] >= 0.5)
+        for region in v["regions"]:  # 256 x 256 frames, 64 x 64 input: boxes in frame pixels
+            assert set(region) == {"box", "area", "score", "label"}
+            assert region["label"] in manifest["detection"]["classes"]
+            x0, y0, x1, y1 = region["box"]
+            assert 0 <= x0 <= x1 <= 256 and 0 <= y0 <= y1 <= 256 and region["score"] >= threshold - 1e-6
+        assert any(r["label"] != "good" for r in v["regions"]) == (v["verdict"] == "NOK")
+        here = predictor.predict(read_image(path)).to_dict()
+        assert (here["verdict"], len(here["regions"])) == (v["verdict"], len(v["regions"]))
+        assert here["raw_score"] == pytest.approx(v["raw_score"], abs=1e-6)
+    assert {v["verdict"] for v in verdicts} == {"OK", "NOK"}  # the bundle's threshold splits these images

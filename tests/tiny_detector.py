@@ -128,8 +128,8 @@ def write_detector_bundle(out: Path, coco: Path, classes: list[str], input_size:
                           ok_classes: list[str] | None = None, conf: float | None = None) -> Path:
     """A detector bundle of :class:`TinySSD` with the contract's manifest, no engine yet.
 
-    ``conf`` None: the median of the highest defect confidence over the val images, so the verdicts
-    split between OK and NOK.
+    ``conf`` None: halfway between the two middle values of the highest defect confidence over the val
+    images, so the verdicts split between OK and NOK and no image sits on the threshold.
     """
     model = TinySSD(classes, input_size, ok_classes=ok_classes).eval()
     pre = Preprocess(resize=input_size, crop=None, mean=MEAN, std=STD, interpolation="area")
@@ -139,7 +139,8 @@ def write_detector_bundle(out: Path, coco: Path, classes: list[str], input_size:
             dets = model.detect(torch.from_numpy(pre.batch([read_image(p) for p in paths])))
         ok = [classes.index(c) + 1 for c in ok_classes or []]
         defect = [d["scores"][~torch.isin(d["labels"], torch.tensor(ok, dtype=torch.int64))] for d in dets]
-        conf = float(np.median([float(s.max()) if len(s) else 0.0 for s in defect]))
+        highest = sorted(float(s.max()) if len(s) else 0.0 for s in defect)
+        conf = (highest[len(highest) // 2 - 1] + highest[len(highest) // 2]) / 2  # between two images
     out.mkdir(parents=True)
     buf = io.BytesIO()
     np.savez(buf, **{k: v.numpy() for k, v in model.state_dict().items()})
