@@ -15,6 +15,7 @@ from test_daemon import _serve_to_end
 from tiny_detector import TinySSD
 
 from edgeinspect.bundle import Bundle
+from edgeinspect.config import load_config
 from edgeinspect.errors import ExportError
 from edgeinspect.export.exporter import export_bundle
 from edgeinspect.export.parity import match_detections
@@ -233,3 +234,17 @@ def test_daemon_serves_a_detector_bundle_over_zeromq(detector_bundle: Path, dete
         assert (here["verdict"], len(here["regions"])) == (v["verdict"], len(v["regions"]))
         assert here["raw_score"] == pytest.approx(v["raw_score"], abs=1e-6)
     assert {v["verdict"] for v in verdicts} == {"OK", "NOK"}  # the bundle's threshold splits these images
+
+
+def test_detector_int8_calibrates_on_the_train_split_and_keeps_its_threshold(
+        detector_bundle: Path, detector_coco: Path, tiny_detector_family: str, tmp_path: Path) -> None:
+    copy_path = tmp_path / "b"
+    shutil.copytree(detector_bundle, copy_path)
+    [result] = export_bundle(copy_path, "onnx", "int8", progress=False)
+    assert result.status == "written" and result.parity.passed
+    entry = Bundle.open(copy_path).find_engine("onnx", "int8")
+    n_train = len(coco_images(detector_coco, "train"))
+    assert entry["int8"]["calibration_images"] == n_train and not entry["int8"]["statistics_refit_on_int8_features"]
+    assert "decision" not in entry and entry["parity"]["gate"] == load_config("export")["detections"]["int8"]
+    predictor = Predictor(copy_path, engine="onnx:int8")
+    assert predictor.threshold == _manifest(copy_path)["decision"]["threshold"]
