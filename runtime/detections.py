@@ -81,22 +81,23 @@ def decode_boxes(rel_codes: np.ndarray, anchors: np.ndarray, weights: tuple[floa
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Greedy non-maximum suppression like ``torchvision.ops.nms``: indices kept, highest score first;
-    a box is dropped when its IoU with a kept one is above ``iou_threshold``."""
-    order = np.argsort(-scores, kind="stable")
-    x0, y0, x1, y1 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    areas = (x1 - x0) * (y1 - y0)
-    keep = []
-    while order.size:
-        i, rest = order[0], order[1:]
-        keep.append(i)
-        w = np.clip(np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]), 0, None)
-        h = np.clip(np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]), 0, None)
-        inter = w * h
-        with np.errstate(invalid="ignore", divide="ignore"):  # boxes clamped to no area: 0 / 0, kept (as torch)
-            iou = inter / (areas[i] + areas[rest] - inter)
-        order = rest[~(iou > iou_threshold)]
-    return np.asarray(keep, np.int64)
+    """Greedy non-maximum suppression with the semantics of ``torchvision.ops.nms``: indices kept,
+    highest score first; a box is dropped when its IoU with a kept one is above ``iou_threshold``.
+
+    OpenCV's ``cv2.dnn.NMSBoxes`` does the work (a tenth of the time of a numpy loop). Boxes clamped to
+    no area are kept outside it: torchvision keeps them (their IoU is 0 or 0/0) and they suppress
+    nothing, where OpenCV would count two of them as overlapping. ``scores`` must be positive
+    (confidences above a score threshold).
+    """
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    solid = np.flatnonzero(areas > 0)
+    kept = np.zeros(0, np.int64)
+    if len(solid):
+        xywh = np.concatenate([boxes[solid, :2], boxes[solid, 2:] - boxes[solid, :2]], axis=1).astype(np.float64)
+        kept = solid[np.asarray(cv2.dnn.NMSBoxes(xywh, scores[solid].astype(np.float32), 0.0, float(iou_threshold)),
+                                np.int64).reshape(-1)]
+    keep = np.concatenate([kept, np.flatnonzero(areas <= 0)])
+    return keep[np.argsort(-scores[keep], kind="stable")]
 
 
 def batched_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold: float) -> np.ndarray:
