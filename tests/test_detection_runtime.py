@@ -18,7 +18,7 @@ from edgeinspect.bundle import Bundle
 from edgeinspect.config import load_config
 from edgeinspect.errors import ExportError
 from edgeinspect.export.exporter import export_bundle
-from edgeinspect.export.parity import match_detections
+from edgeinspect.export.parity import DetectionGate, compare_detections, match_detections
 from edgeinspect.imageio import read_image
 from edgeinspect.preprocess import Preprocess
 from edgeinspect.runtime.detections import AnchorBoxes, Detections, FinalDetections, box_iou, mask_polygon
@@ -248,3 +248,26 @@ def test_detector_int8_calibrates_on_the_train_split_and_keeps_its_threshold(
     assert "decision" not in entry and entry["parity"]["gate"] == load_config("export")["detections"]["int8"]
     predictor = Predictor(copy_path, engine="onnx:int8")
     assert predictor.threshold == _manifest(copy_path)["decision"]["threshold"]
+
+
+def test_detection_gate_counts_unmatched_above_min_score_and_leaves_out_borderline_images() -> None:
+    def dets(boxes: list, labels: list, scores: list) -> Detections:
+        return Detections(np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64),
+                          np.array(scores, np.float32))
+
+    reference = [dets([[0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60]], [1, 1, 2], [0.9, 0.6, 0.02]),
+                 dets([[0, 0, 10, 10]], [1], [0.51])]
+    engine = [dets([[20, 20, 40, 40], [0, 0, 10, 10.5]], [1, 1], [0.6, 0.9]),  # one box moved: IoU 0.95
+              dets([[0, 0, 10, 10]], [1], [0.49])]                               # a borderline flip
+    gate = DetectionGate(min_iou=0.99, score_tolerance=1e-4, min_score=0.05, max_unmatched=0.0,
+                         min_verdict_agreement=1.0, borderline_band=0.05)
+    parity = compare_detections(reference, engine, np.array([True, True]), np.array([True, False]),
+                                np.array([0.9, 0.51]), 0.5, gate)
+    assert (parity.n_reference, parity.n_matched) == (3, 2)  # the 0.02 one is below min_score: not counted
+    assert (parity.unmatched_reference, parity.unmatched_engine) == (1, 1)
+    assert parity.n_borderline == 1 and parity.verdict_agreement == 1.0 and parity.verdict_agreement_all == 0.5
+    assert parity.max_abs_score_delta == pytest.approx(0.02, abs=1e-6)
+    assert not parity.passed and len(parity.failures) == 2 and "unmatched" in parity.failures[0]
+    loose = DetectionGate(0.9, 0.05, 0.05, 0.0, 1.0, 0.05)
+    assert compare_detections(reference, engine, np.array([True, True]), np.array([True, False]),
+                              np.array([0.9, 0.51]), 0.5, loose).passed
