@@ -19,14 +19,14 @@ from tqdm import tqdm
 from edgeinspect.bundle import Bundle
 from edgeinspect.errors import BundleError
 from edgeinspect.export.parity import DetectionGate, DetectionParity, Gate, Parity, compare, compare_detections
-from edgeinspect.imageio import read_image
+from edgeinspect.imageio import coco_images, read_image
 from edgeinspect.runtime.backends import backend_class
 from edgeinspect.runtime.detections import Detections
 from edgeinspect.runtime.postprocess import DetectionPostprocess
 from edgeinspect.train.data import MVTecCategory
 from edgeinspect.train.data.batches import Batches
 from edgeinspect.train.data.split import DataSplit
-from edgeinspect.train.evaluate import coco_images, infer_engine
+from edgeinspect.train.evaluate import infer_engine
 from edgeinspect.train.trainer import bundle_split, calibrate, infer
 
 if TYPE_CHECKING:

@@ -19,12 +19,12 @@ from edgeinspect.config import load_config
 from edgeinspect.errors import ExportError
 from edgeinspect.export.exporter import export_bundle
 from edgeinspect.export.parity import DetectionGate, compare_detections, match_detections
-from edgeinspect.imageio import read_image
+from edgeinspect.imageio import coco_images, read_image
 from edgeinspect.preprocess import Preprocess
 from edgeinspect.runtime.detections import AnchorBoxes, Detections, FinalDetections, box_iou, mask_polygon
 from edgeinspect.runtime.postprocess import find_regions, normalize, postprocess_for
 from edgeinspect.runtime.predictor import Predictor
-from edgeinspect.train.evaluate import coco_images, engine_detections
+from edgeinspect.train.evaluate import engine_detections
 from edgeinspect.train.trainer import load_model
 
 
@@ -271,3 +271,16 @@ def test_detection_gate_counts_unmatched_above_min_score_and_leaves_out_borderli
     loose = DetectionGate(0.9, 0.05, 0.05, 0.0, 1.0, 0.05)
     assert compare_detections(reference, engine, np.array([True, True]), np.array([True, False]),
                               np.array([0.9, 0.51]), 0.5, loose).passed
+
+
+def test_bench_measures_a_detector_bundle_on_its_coco_split(detector_bundle: Path) -> None:
+    from edgeinspect.bench import bench, markdown_table
+
+    report = bench(detector_bundle, warmup=1, runs=3, rounds=1, rss=False)
+    [row] = report["rows"]  # no backbone reference rows: a detector trains its backbone
+    assert (row["format"], row["precision"], row["status"]) == ("onnx", "fp32", "ok")
+    assert row["runtime_p50_ms"] > 0 and row["verdict_agreement"] == 1.0
+    assert 0.0 <= row["image_auroc"] <= 1.0  # untrained weights: any value, but from labelled images
+    assert report["bundle"]["category"] == "COCO val" and report["bundle"]["n_images"] == len(
+        coco_images(_manifest(detector_bundle)["data"]["root"], "val"))
+    assert "COCO val" in markdown_table(report)

@@ -109,17 +109,21 @@ class TinySSD(nn.Module):
 
 
 def write_coco(images: list[Path], out: Path, classes: list[str], split: str = "val") -> Path:
-    """A COCO folder split holding ``images`` (no annotations: the check only needs the images)."""
+    """A COCO folder split holding ``images``; an image outside a ``good`` folder gets one whole-image
+    annotation of the first class (enough for image-level labels: the tests need no exact boxes)."""
     folder = out / split / "images"
     folder.mkdir(parents=True, exist_ok=True)
-    entries = []
+    entries, annotations = [], []
     for i, src in enumerate(images):
         name = f"{i:04d}.png"
         (folder / name).write_bytes(src.read_bytes())
         h, w = read_image(src).shape[:2]
         entries.append({"id": i + 1, "file_name": name, "height": h, "width": w})
+        if src.parent.name != "good":
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1,
+                                "bbox": [0, 0, w, h], "area": w * h, "iscrowd": 0})
     categories = [{"id": i + 1, "name": c} for i, c in enumerate(classes)]
-    (out / split / "annotations.json").write_text(json.dumps({"images": entries, "annotations": [],
+    (out / split / "annotations.json").write_text(json.dumps({"images": entries, "annotations": annotations,
                                                               "categories": categories}))
     return out
 

@@ -3,7 +3,6 @@ side of a detector's evaluation on a COCO split."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +12,7 @@ from tqdm import tqdm
 
 from edgeinspect.bundle import Bundle
 from edgeinspect.errors import BundleError
-from edgeinspect.imageio import read_image
+from edgeinspect.imageio import coco_images, read_image
 from edgeinspect.preprocess import Preprocess
 from edgeinspect.runtime.backends import Backend, open_engine
 from edgeinspect.train.data import MVTecCategory, Sample
@@ -60,13 +59,6 @@ def evaluate(bundle_path: str | Path, data_root: str | Path, category: str, engi
                            min_region_area=decision["min_region_area"])
     return {**metrics, "split": split, "threshold": decision["threshold"], "engine": engine, "ms_per_image": ms,
             "bundle_id": bundle.bundle_id, "category": category, "data_root": str(Path(data_root).resolve())}
-
-
-def coco_images(coco_dir: str | Path, split: str) -> list[tuple[int, Path]]:
-    """(image id, path) of every image of a COCO folder's split (``SPLIT/annotations.json``), by id."""
-    root = Path(coco_dir) / split
-    images = json.loads((root / "annotations.json").read_text())["images"]
-    return [(int(im["id"]), root / "images" / im["file_name"]) for im in sorted(images, key=lambda im: im["id"])]
 
 
 def engine_detections(bundle_path: str | Path, coco_dir: str | Path, split: str = "val", engine: str = "auto", *,
