@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from edgeinspect.bundle import Bundle
-from edgeinspect.errors import BundleError
+from edgeinspect.errors import BundleError, ConfigError
 from edgeinspect.export.parity import DetectionGate, DetectionParity, Gate, Parity, compare, compare_detections
 from edgeinspect.imageio import coco_images, read_image
 from edgeinspect.runtime.backends import backend_class
@@ -109,6 +109,9 @@ class DetectionsCheck:
     @staticmethod
     def open_data(bundle: Bundle, data_root: str | Path | None, category: str | None) -> Path:
         """The COCO folder of the check images: the one recorded in the bundle unless given."""
+        if category:
+            raise ConfigError(f"--category {category}: a detector bundle is checked on its COCO folder's "
+                              f"{DetectionsCheck.check_split} split; give --data COCO_DIR alone")
         root = Path(data_root or (bundle.manifest.get("data") or {}).get("root", ""))
         if not (root / DetectionsCheck.check_split / "annotations.json").is_file():
             raise BundleError(f"the bundle's COCO folder {root} is not here (no {DetectionsCheck.check_split}/"

@@ -8,7 +8,7 @@ becomes a region with its class name (and its mask's outline).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import cv2
@@ -83,7 +83,7 @@ class Outcome:
     raw_score: float                          # anomaly score, or the highest defect confidence
     regions: list[Region]
     anomaly_map: np.ndarray | None            # raw map in model-input geometry (anomaly maps only)
-    detections: Detections | None = field(default=None)  # every decoded detection (detectors only)
+    detections: Detections | None = None      # every decoded detection (detectors only)
 
 
 class Postprocess(Protocol):

@@ -16,7 +16,7 @@ from tiny_detector import TinySSD
 
 from edgeinspect.bundle import Bundle
 from edgeinspect.config import load_config
-from edgeinspect.errors import ExportError
+from edgeinspect.errors import ConfigError, ExportError
 from edgeinspect.export.exporter import export_bundle
 from edgeinspect.export.parity import DetectionGate, compare_detections, match_detections
 from edgeinspect.imageio import coco_images, read_image
@@ -188,6 +188,8 @@ def test_core_ml_refuses_a_whole_detector_graph(detector_bundle: Path, tiny_dete
     (copy_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ExportError, match="Core ML cannot take this tinyssd model: the engine is the whole detector"):
         export_bundle(copy_path, "coreml", progress=False)
+    with pytest.raises(ConfigError, match="--category washer: a detector bundle is checked on its COCO"):
+        export_bundle(copy_path, "onnx", category="washer", progress=False)
 
 
 def test_engine_detections_match_the_pytorch_model(detector_bundle: Path, detector_coco: Path,
