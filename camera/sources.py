@@ -47,7 +47,13 @@ class Frame:
 
 
 class FrameSource(ABC):
-    """An iterable of :class:`Frame` (iterated once) and a context manager; ``close()`` is idempotent."""
+    """An iterable of :class:`Frame` (iterated once) and a context manager; ``close()`` is idempotent.
+
+    ``live`` sources (cameras, streams) deliver frames whether or not they are read: the daemon judges
+    the newest and drops stale ones (:class:`ThreadedReader`); recorded ones (files, folders) lose no frame.
+    """
+
+    live: bool = False
 
     def __init__(self, description: str, *, max_frames: int | None = None, check: FrameCheck | None = None) -> None:
         if max_frames is not None and max_frames < 0:
@@ -57,6 +63,7 @@ class FrameSource(ABC):
         self.max_frames = max_frames
         self.end_reason: str | None = None
         self.frames_read = 0
+        self.reconnects = 0  # successful reopenings of a live source after a failed read
         self._closed = False
         self._iterated = False
 
@@ -248,6 +255,8 @@ class CaptureDeviceSource(FrameSource):
     :class:`SourceError`. ``timeout_s`` bounds opening and reading a URL stream.
     """
 
+    live = True
+
     def __init__(
         self,
         device: int | str,
@@ -312,6 +321,7 @@ class CaptureDeviceSource(FrameSource):
             if self._capture is None:
                 logger.warning("%s: reconnect attempt %d failed to open", self.description, failures)
             else:
+                self.reconnects += 1
                 logger.info("%s: reopened on attempt %d", self.description, failures)
 
     def _release(self) -> None:

@@ -322,15 +322,16 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def swap_in(staged: Path, target: str | Path) -> None:
+def swap_in(staged: Path, target: str | Path, *, sync_files: bool = True) -> None:
     """Put the complete bundle ``staged`` at ``target``; an existing bundle there is replaced atomically.
 
     With an atomic exchange a reader sees the old or the new directory at every instant. Without one
     (other systems, some network file systems) the old bundle is renamed aside first, so for a moment
-    ``target`` does not exist; :meth:`Bundle.open` retries in that case.
+    ``target`` does not exist; :meth:`Bundle.open` retries in that case. ``sync_files=False`` skips the
+    per-file fsync (for folders of thousands of files that can be rebuilt, e.g. converted datasets).
     """
     target = Path(target)
-    for path in (*staged.rglob("*"), staged):  # on disk before the rename makes them the bundle
+    for path in (*staged.rglob("*"), staged) if sync_files else (staged,):  # on disk before the rename
         _fsync(path)
     if not target.exists():
         os.rename(staged, target)

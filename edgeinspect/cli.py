@@ -6,6 +6,7 @@ and ``listen`` work with only the ``runtime`` extra installed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sys
@@ -67,7 +68,7 @@ def main(quiet: bool, verbose: bool, debug: bool) -> None:
 # ------------------------------------------------------------------------------------------- data
 @main.group(cls=_Group)
 def data() -> None:
-    """Datasets: synthesise the built-in demo parts, make videos for serving."""
+    """Datasets: synthesise the built-in demo parts, convert to COCO for detectors, augment, make videos."""
 
 
 @data.command("synth")
@@ -86,6 +87,60 @@ def data_synth(out: str, category: str, seed: int, n_train: int, n_test_good: in
     summary = MVTecCategory(out, category).summary()
     click.echo(f"wrote {path}: {summary['train_good']} good training images, {summary['test_good']} good and "
                f"{json.dumps(summary['test_defect'])} defective test images")
+
+
+@data.command("coco")
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.option("--category", required=True, help="Category folder under ROOT (e.g. bottle, steel_strip).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="COCO folder to write.")
+@click.option("--from", "source", type=click.Choice(["mvtec", "voc"]), default="mvtec", show_default=True,
+              help="mvtec: masks -> instances; voc: Pascal VOC XML boxes (NEU-DET layout).")
+@click.option("--train-ratio", default=0.8, show_default=True, help="Share of each defect type in train (rest: val).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the split (same seed, same split).")
+@click.option("--classes", "classes_mode", type=click.Choice(["per-type", "single"]), default="per-type",
+              show_default=True, help="One category per defect type, or one 'defect' category.")
+@click.option("--good-class", is_flag=True, help="Give good images a full-image box of class 'good'.")
+@click.option("--good-images", type=click.Choice(["all", "test", "none"]), default=None,
+              help="mvtec: good images kept as negatives: train/good + test/good (all, default), test/good, none.")
+@click.option("--min-area", type=click.IntRange(min=0), default=None,
+              help="mvtec: drop mask components below this many pixels (default 10).")
+@click.pass_context
+def data_coco(ctx: click.Context, root: str, category: str, out: str, source: str, train_ratio: float, seed: int,
+              classes_mode: str, good_class: bool, good_images: str | None, min_area: int | None) -> None:
+    """Convert an MVTec-layout (masks) or Pascal VOC (boxes) dataset into a COCO folder for detectors."""
+    from edgeinspect.train.data.coco import convert
+
+    options: dict = {"train_ratio": train_ratio, "seed": seed, "classes_mode": classes_mode,
+                     "good_class": good_class, "progress": _progress(ctx)}
+    if min_area is not None:
+        options["min_area"] = min_area
+    if good_images is not None:
+        if source != "mvtec":
+            raise click.UsageError("--good-images applies to --from mvtec only (VOC images without boxes are "
+                                   "always kept as negatives)")
+        options["good_images"] = good_images
+    info = convert(source, root, category, out, **options)
+    parts = [f"{name} {c['images']} images ({c['negative_images']} negative) / {c['annotations']} instances"
+             for name, c in info["splits"].items()]
+    dropped = f"; {info['dropped_components']} components below {info['min_component_area']} px dropped" \
+        if "dropped_components" in info else ""
+    click.echo(f"wrote {out}: {len(info['classes'])} classes ({', '.join(info['classes'])}); "
+               f"{'; '.join(parts)}{dropped}")
+
+
+@data.command("augment")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Augmented COCO folder to write.")
+@click.option("--factor", type=click.IntRange(min=1), required=True, help="Augmented copies per training image.")
+@click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same copies).")
+@click.pass_context
+def data_augment(ctx: click.Context, src: str, out: str, factor: int, seed: int) -> None:
+    """Copy a COCO folder adding FACTOR flipped / rotated / blurred / re-lit copies of every train image."""
+    from edgeinspect.train.data.augment import augment_dataset
+
+    info = augment_dataset(src, out, factor, seed=seed, progress=_progress(ctx))
+    parts = [f"{name} {c['images']} images / {c['annotations']} instances" for name, c in info["splits"].items()]
+    click.echo(f"wrote {out}: {'; '.join(parts)} (train: originals + {factor} augmented copies each)")
 
 
 @data.command("video")
@@ -309,16 +364,65 @@ def predict(bundle: str, images: tuple[str, ...], as_json: bool, engine: str, pr
 @click.option("--wait-timeout", default=10.0, show_default=True, help="Seconds to wait for them.")
 @click.option("--loop", is_flag=True, help="Restart a video file or folder at its end.")
 @click.option("--max-frames", default=None, type=click.IntRange(min=0), help="Stop after this many frames.")
+@click.option("--journal", "journal_dir", default=None, type=click.Path(file_okay=False),
+              help="Journal every verdict (JSON lines) under DIR/<line>.<camera-id>/ before publishing it; seq "
+                   "continues from it on restart.")
+@click.option("--journal-fsync", default="interval", show_default=True,
+              type=click.Choice(["interval", "always", "never"]),
+              help="interval: fsync at most once a second; always: every verdict; never: leave it to the OS. "
+                   "Every verdict is written to the OS before it is sent in all three.")
+@click.option("--metrics-port", default=None, type=click.IntRange(0, 65535),
+              help="Serve Prometheus /metrics and /healthz on this port (localhost; see --metrics-host).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics server binds.")
 @FRAMES_OPTION
 def serve(bundle: str, camera: str, publish: str, line: str, camera_id: str, engine: str, providers: tuple[str, ...],
-          wait_subscribers: int, wait_timeout: float, loop: bool, max_frames: int | None, frames: str) -> None:
+          wait_subscribers: int, wait_timeout: float, loop: bool, max_frames: int | None, journal_dir: str | None,
+          journal_fsync: str, metrics_port: int | None, metrics_host: str, frames: str) -> None:
     """Publish a verdict per frame on verdict.<line>.<camera-id> until the source ends or SIGINT/SIGTERM."""
     from edgeinspect.runtime.daemon import run_daemon
 
     stats = run_daemon(bundle, camera, publish, line=line, camera_id=camera_id, engine=engine, providers=providers,
                        wait_subscribers=wait_subscribers, wait_timeout_s=wait_timeout, loop=loop,
-                       max_frames=max_frames, convert_frames=frames == "convert")
+                       max_frames=max_frames, convert_frames=frames == "convert", journal_dir=journal_dir,
+                       journal_fsync=journal_fsync, metrics_port=metrics_port, metrics_host=metrics_host)
     click.echo(f"served {stats.frames} frames: {stats.ok} OK, {stats.nok} NOK, {stats.errors} errors", err=True)
+
+
+@main.group()
+def journal() -> None:
+    """Read and re-send the verdicts a daemon journalled (serve --journal)."""
+
+
+@journal.command("replay")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--since", default=0, show_default=True, type=click.IntRange(min=0), help="First seq to send.")
+@click.option("--until", default=None, type=click.IntRange(min=0), help="Last seq to send (default: the newest).")
+@click.option("--publish", default=None, help="ZeroMQ endpoint to bind and re-send on (default: print JSON lines).")
+@click.option("--wait-subscribers", default=1, show_default=True,
+              help="With --publish: wait for this many subscribers to the verdict topic first.")
+@click.option("--wait-timeout", default=10.0, show_default=True, help="Seconds to wait for them.")
+def journal_replay(directory: str, since: int, until: int | None, publish: str | None, wait_subscribers: int,
+                   wait_timeout: float) -> None:
+    """Re-send the verdicts seq SINCE..UNTIL of one camera's journal DIRECTORY (<journal>/<line>.<camera>), as they
+    were (same seq, marked "replayed": true), on their own topic; or print them."""
+    from edgeinspect.runtime.journal import read_journal
+    from edgeinspect.runtime.publisher import VerdictPublisher
+
+    records = read_journal(directory, since, until)
+    if publish is None:
+        for record in records:
+            click.echo(json.dumps(record, separators=(",", ":"), ensure_ascii=False))
+        return
+    first = next(records, None)
+    if first is None:
+        raise click.ClickException(f"the journal in {directory} has no verdict with seq >= {since}")
+    sent, last = 0, first
+    with VerdictPublisher(publish, first["line"], first["camera"]) as publisher:
+        publisher.wait_for_subscribers(wait_subscribers, wait_timeout)
+        for last in itertools.chain([first], records):
+            publisher.republish(last)
+            sent += 1
+    click.echo(f"replayed {sent} verdicts (seq {first['seq']}..{last['seq']}) on {publish}", err=True)
 
 
 @main.command()

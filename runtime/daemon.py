@@ -6,17 +6,30 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 from edgeinspect.camera import END, Frame, FrameSource, ThreadedReader, open_source
 from edgeinspect.errors import SourceError
+from edgeinspect.runtime.journal import VerdictJournal
+from edgeinspect.runtime.metrics import DaemonMetrics, MetricsServer
 from edgeinspect.runtime.predictor import NOK, Predictor
 from edgeinspect.runtime.publisher import Heartbeat, VerdictPublisher
+from edgeinspect.runtime.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
 ERROR = "ERROR"
+
+
+class Observer(Protocol):
+    """Something that follows the published messages (metrics, systemd's notify socket)."""
+
+    def on_verdict(self, payload: dict) -> None: ...
+
+    def on_status(self, payload: dict) -> None: ...
 
 
 @dataclass
@@ -84,8 +97,9 @@ def verdict_fields(frame: Frame, predictor: Predictor) -> dict:
 
 def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher, *,
           stop: StopFlag | None = None, heartbeat: Heartbeat | None = None,
-          on_verdict: Callable[[dict], None] | None = None) -> ServeStats:
-    """Publish one verdict per frame until the source ends or ``stop`` is set.
+          on_verdict: Callable[[dict], None] | None = None, observers: Sequence[Observer] = ()) -> ServeStats:
+    """Publish one verdict per frame until the source ends or ``stop`` is set; ``observers`` (metrics,
+    systemd) see every published message.
 
     The source is read in a background thread, so a heartbeat goes out on the status topic once
     per period even while a camera delivers no frames, and a stop request is honoured within a
@@ -96,7 +110,17 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
     heartbeat = heartbeat or Heartbeat()
     stats = ServeStats()
     common = {"bundle_id": predictor.bundle.bundle_id, "engine": predictor.engine, "source": source.description}
+
     reader = ThreadedReader(source).start()
+
+    def status(state: str, **extra: object) -> None:
+        journal = {"journal": publisher.journal.status()} if publisher.journal is not None else {}
+        payload = publisher.publish_status({**common, "state": state, **extra, **stats.snapshot(),
+                                            "dropped": publisher.dropped, "dropped_stale": reader.dropped_stale,
+                                            "reconnects": source.reconnects, **journal})
+        for observer in observers:
+            observer.on_status(payload)
+
     try:
         while not stop:
             item = reader.get(timeout=heartbeat.seconds_until_due())
@@ -105,20 +129,19 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
             if isinstance(item, Frame):
                 payload = publisher.publish_verdict(verdict_fields(item, predictor))
                 stats.count(payload["verdict"])
+                for observer in observers:
+                    observer.on_verdict(payload)
                 if on_verdict is not None:
                     on_verdict(payload)
             if heartbeat.due():
-                publisher.publish_status({**common, "state": "running", **stats.snapshot(),
-                                          "dropped": publisher.dropped})
+                status("running")
     except SourceError as exc:
-        publisher.publish_status({**common, "state": "failed", "error": str(exc), **stats.snapshot(),
-                                  "dropped": publisher.dropped})
+        status("failed", error=str(exc))
         raise
     finally:
         reader.stop()
     reason = "stopped by signal" if stop else source.end_reason
-    publisher.publish_status({**common, "state": "stopped", "end_reason": reason, **stats.snapshot(),
-                              "dropped": publisher.dropped})
+    status("stopped", end_reason=reason)
     log.info("served %d frames (%d OK, %d NOK, %d errors): %s", stats.frames, stats.ok, stats.nok,
              stats.errors, reason)
     return stats
@@ -127,21 +150,39 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
 def run_daemon(bundle: str, camera: str, endpoint: str, *, line: str = "line1", camera_id: str = "cam0",
                engine: str = "auto", providers: tuple[str, ...] = ("cpu",), wait_subscribers: int = 0,
                wait_timeout_s: float = 10.0, loop: bool = False, max_frames: int | None = None,
-               on_verdict: Callable[[dict], None] | None = None, convert_frames: bool = False) -> ServeStats:
+               on_verdict: Callable[[dict], None] | None = None, convert_frames: bool = False,
+               journal_dir: str | Path | None = None, journal_fsync: str = "interval",
+               metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> ServeStats:
     """Open bundle, source and publisher; serve until the source ends or SIGINT/SIGTERM.
 
     Frames unlike the training images get an ERROR verdict (``convert_frames``: converted and judged).
+    With ``journal_dir``, every verdict is journalled in ``<journal_dir>/<line>.<camera_id>/`` before it
+    is published, and ``seq`` continues from the journal (see :mod:`edgeinspect.runtime.journal`).
+    With ``metrics_port``, Prometheus metrics and ``/healthz`` are served there (0: any free port).
     """
     predictor = Predictor(bundle, engine=engine, providers=providers, convert_frames=convert_frames)
+    journal = VerdictJournal(Path(journal_dir) / f"{line}.{camera_id}", fsync=journal_fsync) if journal_dir else None
     stop = StopFlag()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, stop.set)
-    with VerdictPublisher(endpoint, line, camera_id) as publisher:
+    with VerdictPublisher(endpoint, line, camera_id, journal=journal) as publisher:
         if wait_subscribers:
             seen = publisher.wait_for_subscribers(wait_subscribers, wait_timeout_s)
             if seen < wait_subscribers:
                 log.warning("only %d of %d subscribers connected within %.1f s; starting anyway",
                             seen, wait_subscribers, wait_timeout_s)
         with open_source(camera, loop=loop, max_frames=max_frames, check=predictor.check) as source:
-            return serve(predictor, source, publisher, stop=stop, on_verdict=on_verdict)
+            observers: list[Observer] = [SystemdNotifier()]
+            server = None
+            if metrics_port is not None:
+                observers.append(DaemonMetrics(line, camera_id))
+                server = MetricsServer(observers[-1], metrics_port, metrics_host)
+            try:
+                return serve(predictor, source, publisher, stop=stop, on_verdict=on_verdict, observers=observers)
+            finally:
+                observers[0].close()
+                if server is not None:
+                    server.close()
+                if journal is not None:
+                    journal.close()

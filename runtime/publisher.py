@@ -23,6 +23,8 @@ from edgeinspect.errors import EdgeInspectError
 if TYPE_CHECKING:
     from typing import Self  # only for type checkers: typing.Self is Python 3.11+, the runtime supports 3.10
 
+    from edgeinspect.runtime.journal import VerdictJournal
+
 logger = logging.getLogger(__name__)
 
 VERDICT_SCHEMA_VERSION = 1
@@ -63,7 +65,8 @@ class VerdictPublisher:
     reaches no subscriber and is counted in ``dropped``. With the default, ZeroMQ drops it only for the
     subscribers whose queue is full, without telling the publisher (``dropped`` stays 0).
     Without ``context`` the publisher owns a context and terminates it on close, which waits up to
-    ``linger_ms`` for queued messages to be sent.
+    ``linger_ms`` for queued messages to be sent. With a ``journal``, each verdict is appended to it
+    before it is sent, and ``seq`` continues from the journal's (``first_seq`` otherwise).
     """
 
     def __init__(
@@ -76,6 +79,8 @@ class VerdictPublisher:
         sndhwm: int = 10000,
         linger_ms: int = 5000,
         nodrop: bool = False,
+        first_seq: int = 0,
+        journal: VerdictJournal | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.line = line
@@ -84,7 +89,8 @@ class VerdictPublisher:
         self.status_topic = f"status.{line}.{camera}"
         self.dropped = 0
         self.subscriptions = 0
-        self._seq = 0
+        self.journal = journal
+        self._seq = journal.next_seq if journal is not None else first_seq
         self._linger_ms = linger_ms
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context
@@ -151,9 +157,16 @@ class VerdictPublisher:
         """Publish one verdict with the envelope and the next ``seq``; return the full payload."""
         self._check_open()
         payload = self._envelope(fields, _VERDICT_ENVELOPE, {"seq": self._seq})
+        if self.journal is not None:
+            self.journal.append(payload)
         self._send(self.verdict_topic, payload)
         self._seq += 1
         return payload
+
+    def republish(self, payload: dict) -> None:
+        """Send a journalled verdict again, as it was (its own ``seq``), marked ``"replayed": true``."""
+        self._check_open()
+        self._send(self.verdict_topic, {**payload, "replayed": True})
 
     def publish_status(self, fields: dict) -> dict:
         """Publish a status (heartbeat) message on the status topic; return the full payload."""

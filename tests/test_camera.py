@@ -15,10 +15,13 @@ import numpy as np
 import pytest
 
 from edgeinspect.camera import (
+    END,
     CaptureDeviceSource,
     Frame,
+    FrameSource,
     ImageFolderSource,
     SingleImageSource,
+    ThreadedReader,
     VideoFileSource,
     open_source,
 )
@@ -233,5 +236,45 @@ def test_stream_reconnects_then_reports_disconnection(
     assert indices == list(range(len(indices))) and len(indices) >= N_FRAMES + 3
     assert str(info.value).startswith(f"camera {url} disconnected: no frame after 2 reconnect attempts")
     assert source.end_reason == str(info.value)
-    assert "reopened on attempt 1" in caplog.text
+    assert "reopened on attempt 1" in caplog.text and source.reconnects == 1
     assert "reconnect attempt 2 failed to open" in caplog.text
+
+
+class PacedLiveSource(FrameSource):
+    """A live source that produces numbered frames every ``period_s`` whether or not anyone reads them."""
+
+    live = True
+
+    def __init__(self, n: int, period_s: float) -> None:
+        super().__init__("paced test camera")
+        self.n, self.period_s = n, period_s
+
+    def _items(self) -> Iterator[tuple]:
+        for i in range(self.n):
+            time.sleep(self.period_s)
+            yield np.full((8, 8, 3), i % 256, np.uint8), f"{i}", None, ()
+        self.end_reason = "end of test camera"
+
+    def _release(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_a_slow_consumer_gets_the_newest_live_frame_and_every_recorded_one(live: bool) -> None:
+    source = PacedLiveSource(60, 0.002)
+    source.live = live  # the same frames, once as a camera and once as a recording
+    reader = ThreadedReader(source).start()
+    received = []
+    try:
+        while (item := reader.get(timeout=10.0)) is not END:
+            assert isinstance(item, Frame)
+            received.append(item.index)
+            time.sleep(0.02)  # a slow engine: ten frames arrive while it judges one
+    finally:
+        reader.stop()
+    assert received == sorted(set(received)) and received[-1] == 59  # in order, and the newest at the end
+    assert len(received) + reader.dropped_stale == 60  # every frame either judged or counted as stale
+    if live:
+        assert reader.dropped_stale >= 30 and len(received) <= 30
+    else:
+        assert received == list(range(60)) and reader.dropped_stale == 0

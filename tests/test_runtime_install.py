@@ -1,10 +1,11 @@
-"""`pip install '.[runtime]'` in a fresh virtualenv, without torch, serves a bundle."""
+"""deploy/install-runtime.sh (the container images' install step: `.[runtime]` in a fresh virtualenv, no
+torch) gives a runtime that predicts and serves a bundle."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_runtime_extra_alone_predicts_and_serves(patchcore_bundle: Path, synth_root: Path, tmp_path: Path) -> None:
     venv = tmp_path / "runtime-venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py, cli = venv / "bin" / "python", venv / "bin" / "edgeinspect"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", f"{REPO}[runtime]"], check=True, timeout=900)
+    subprocess.run(["sh", str(REPO / "deploy" / "install-runtime.sh"), str(venv), str(REPO)], check=True,
+                   timeout=900, env={**os.environ, "PIP_ARGS": "-q"})
     no_torch = subprocess.run([str(py), "-c", "import torch"], capture_output=True)
     assert no_torch.returncode != 0, "torch must not be installed by the runtime extra"
 
