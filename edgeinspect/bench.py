@@ -247,18 +247,17 @@ def detection_test_images(bundle: Any, data_root: str | Path | None, category: s
     """The ``test`` split of a detector bundle's COCO folder (``val`` when it has none); an image is defective
     when it has an annotation of a class not in the bundle's ``ok_classes``."""
     from edgeinspect.errors import DataError
-    from edgeinspect.imageio import coco_images
+    from edgeinspect.train.data.coco import CocoSplit
 
     root = Path(data_root or bundle.manifest["data"]["root"])
-    split = next((s for s in ("test", "val") if (root / s / "annotations.json").is_file()), None)
-    if split is None:
+    name = next((s for s in ("test", "val") if (root / s / "annotations.json").is_file()), None)
+    if name is None:
         raise DataError(f"{root} has no test/ or val/ annotations.json; give --data COCO_DIR")
-    coco = json.loads((root / split / "annotations.json").read_text())
+    split = CocoSplit(root, name)
     ok = set(bundle.manifest["detection"].get("ok_classes") or [])
-    defect_ids = {c["id"] for c in coco["categories"] if c["name"] not in ok}
-    defective = {a["image_id"] for a in coco["annotations"] if a["category_id"] in defect_ids}
-    images = coco_images(root, split)
-    return TestImages([p for _, p in images], np.array([i in defective for i, _ in images]), f"COCO {split}", False)
+    defect = {k + 1 for k, c in enumerate(split.classes) if c not in ok}
+    labels = [any(a["category_id"] in defect for a in split.coco.imgToAnns[i]) for i in split.image_ids]
+    return TestImages([split.path_of(i) for i in range(len(split))], np.array(labels), f"COCO {name}", False)
 
 
 TEST_IMAGES: dict[str, Callable[[Any, str | Path | None, str | None], TestImages]] = {

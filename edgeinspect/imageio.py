@@ -1,8 +1,7 @@
-"""Reading images from disk as RGB uint8 arrays, with errors that name the file; the image list of a COCO split."""
+"""Reading images from disk as RGB uint8 arrays, with errors that name the file."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
@@ -56,10 +55,3 @@ def read_mask(path: str | Path) -> np.ndarray:
 def list_images(folder: str | Path) -> list[Path]:
     """Image files directly inside a folder, sorted by name."""
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def coco_images(coco_dir: str | Path, split: str) -> list[tuple[int, Path]]:
-    """(image id, path) of every image of a COCO folder's split (``SPLIT/annotations.json``), by id."""
-    root = Path(coco_dir) / split
-    images = json.loads((root / "annotations.json").read_text())["images"]
-    return [(int(im["id"]), root / "images" / im["file_name"]) for im in sorted(images, key=lambda im: im["id"])]

@@ -19,12 +19,13 @@ from tqdm import tqdm
 from edgeinspect.bundle import Bundle
 from edgeinspect.errors import BundleError, ConfigError
 from edgeinspect.export.parity import DetectionGate, DetectionParity, Gate, Parity, compare, compare_detections
-from edgeinspect.imageio import coco_images, read_image
+from edgeinspect.imageio import read_image
 from edgeinspect.runtime.backends import backend_class
 from edgeinspect.runtime.detections import Detections
 from edgeinspect.runtime.postprocess import DetectionPostprocess
 from edgeinspect.train.data import MVTecCategory
 from edgeinspect.train.data.batches import Batches
+from edgeinspect.train.data.coco import CocoSplit
 from edgeinspect.train.data.split import DataSplit
 from edgeinspect.train.evaluate import infer_engine
 from edgeinspect.train.trainer import bundle_split, calibrate, infer
@@ -127,7 +128,7 @@ class DetectionsCheck:
     @cached_property
     def images(self) -> list[Path]:
         """The check images."""
-        return [path for _, path in coco_images(self.job.dataset, self.check_split)]
+        return split_paths(CocoSplit(self.job.dataset, self.check_split))
 
     def inputs(self, paths: list[Path]) -> list[np.ndarray]:
         """Preprocessed 1 x 3 x H x W inputs of image files."""
@@ -135,8 +136,7 @@ class DetectionsCheck:
 
     def calibration_inputs(self, count: int) -> list[np.ndarray]:
         """``count`` preprocessed training images, spread evenly over the train split (INT8 calibration)."""
-        return self.inputs(spread([path for _, path in coco_images(self.job.dataset, self.calibration_split)],
-                                  count))
+        return self.inputs(spread(split_paths(CocoSplit(self.job.dataset, self.calibration_split)), count))
 
     @cached_property
     def reference(self) -> tuple[list[Detections], float]:
@@ -189,3 +189,8 @@ def spread(items: list, count: int) -> list:
     """``count`` items (at most all of them) spread evenly over ``items``."""
     n = min(count, len(items))
     return [items[int(i * len(items) / n)] for i in range(n)]
+
+
+def split_paths(split: CocoSplit) -> list[Path]:
+    """The image files of a COCO split, in its image id order."""
+    return [split.path_of(i) for i in range(len(split))]

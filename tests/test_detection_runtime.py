@@ -19,11 +19,12 @@ from edgeinspect.config import load_config
 from edgeinspect.errors import ConfigError, ExportError
 from edgeinspect.export.exporter import export_bundle
 from edgeinspect.export.parity import DetectionGate, compare_detections, match_detections
-from edgeinspect.imageio import coco_images, read_image
+from edgeinspect.imageio import read_image
 from edgeinspect.preprocess import Preprocess
 from edgeinspect.runtime.detections import AnchorBoxes, Detections, FinalDetections, box_iou, mask_polygon
 from edgeinspect.runtime.postprocess import find_regions, normalize, postprocess_for
 from edgeinspect.runtime.predictor import Predictor
+from edgeinspect.train.data.coco import CocoSplit
 from edgeinspect.train.evaluate import engine_detections
 from edgeinspect.train.trainer import load_model
 
@@ -197,11 +198,11 @@ def test_engine_detections_match_the_pytorch_model(detector_bundle: Path, detect
     bundle = Bundle.open(detector_bundle)
     model = load_model(bundle)
     ids, predictions, ms, engine = engine_detections(detector_bundle, detector_coco, "val", progress=False)
-    images = coco_images(detector_coco, "val")
-    assert ids == [i for i, _ in images] and engine == "onnx:fp32" and ms > 0
-    for (_, path), ours in zip(images, predictions, strict=True):
+    images = CocoSplit(detector_coco, "val")
+    assert ids == images.image_ids and engine == "onnx:fp32" and ms > 0
+    for i, ours in enumerate(predictions):
         with torch.no_grad():
-            [theirs] = model.detect(torch.from_numpy(bundle.preprocess(read_image(path))))
+            [theirs] = model.detect(torch.from_numpy(bundle.preprocess(images.load(i)[0])))
         assert set(ours) == {"boxes", "labels", "scores"} and ours["boxes"].dtype == np.float32
         theirs = Detections.from_arrays(*(theirs[k].numpy() for k in ("boxes", "labels", "scores")))
         # near-equal confidences may swap places: matched as the export gate matches (IoU >= 0.99, class)
@@ -245,7 +246,7 @@ def test_detector_int8_calibrates_on_the_train_split_and_keeps_its_threshold(
     [result] = export_bundle(copy_path, "onnx", "int8", progress=False)
     assert result.status == "written" and result.parity.passed
     entry = Bundle.open(copy_path).find_engine("onnx", "int8")
-    n_train = len(coco_images(detector_coco, "train"))
+    n_train = len(CocoSplit(detector_coco, "train"))
     assert entry["int8"]["calibration_images"] == n_train and not entry["int8"]["statistics_refit_on_int8_features"]
     assert "decision" not in entry and entry["parity"]["gate"] == load_config("export")["detections"]["int8"]
     predictor = Predictor(copy_path, engine="onnx:int8")
@@ -284,5 +285,5 @@ def test_bench_measures_a_detector_bundle_on_its_coco_split(detector_bundle: Pat
     assert row["runtime_p50_ms"] > 0 and row["verdict_agreement"] == 1.0
     assert 0.0 <= row["image_auroc"] <= 1.0  # untrained weights: any value, but from labelled images
     assert report["bundle"]["category"] == "COCO val" and report["bundle"]["n_images"] == len(
-        coco_images(_manifest(detector_bundle)["data"]["root"], "val"))
+        CocoSplit(_manifest(detector_bundle)["data"]["root"], "val"))
     assert "COCO val" in markdown_table(report)

@@ -12,10 +12,11 @@ from tqdm import tqdm
 
 from edgeinspect.bundle import Bundle
 from edgeinspect.errors import BundleError
-from edgeinspect.imageio import coco_images, read_image
+from edgeinspect.imageio import read_image
 from edgeinspect.preprocess import Preprocess
 from edgeinspect.runtime.backends import Backend, open_engine
 from edgeinspect.train.data import MVTecCategory, Sample
+from edgeinspect.train.data.coco import CocoSplit
 from edgeinspect.train.trainer import bundle_test_samples, infer, load_model, test_metrics
 
 
@@ -74,13 +75,12 @@ def engine_detections(bundle_path: str | Path, coco_dir: str | Path, split: str 
     if predictor.bundle.manifest.get("task", "anomaly_map") != "detections":
         raise BundleError(f"bundle {predictor.bundle.path} is not a detector (task "
                           f"{predictor.bundle.manifest.get('task', 'anomaly_map')!r})")
-    ids, predictions, seconds = [], [], 0.0
-    for image_id, path in tqdm(coco_images(coco_dir, split), desc=f"inference {predictor.engine}",
-                               disable=not progress, unit="img"):
-        rgb = read_image(path)
+    images = CocoSplit(coco_dir, split)
+    predictions, seconds = [], 0.0
+    for i in tqdm(range(len(images)), desc=f"inference {predictor.engine}", disable=not progress, unit="img"):
+        rgb = read_image(images.path_of(i))
         t0 = time.perf_counter()
         prediction = predictor.predict(rgb)
         seconds += time.perf_counter() - t0
-        ids.append(image_id)
         predictions.append(prediction.detections.to_dict())
-    return ids, predictions, 1000.0 * seconds / max(len(ids), 1), predictor.engine
+    return list(images.image_ids), predictions, 1000.0 * seconds / max(len(images), 1), predictor.engine
