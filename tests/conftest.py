@@ -62,9 +62,6 @@ def padim_bundle(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 # ------------------------------------------------------------------------------ detectors (issue 7)
-DETECTOR_CLASSES = ["scratch", "good"]  # "good" is an ok class: it never makes a verdict NOK
-
-
 @pytest.fixture()
 def tiny_detector_family(monkeypatch: pytest.MonkeyPatch) -> str:
     """tests/tiny_detector.TinySSD registered as a model family for one test."""
@@ -78,27 +75,28 @@ def tiny_detector_family(monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture(scope="session")
 def detector_coco(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A COCO folder of synthetic parts: val = the test images (256 x 256), train = good training images."""
-    from tiny_detector import write_coco
+    """The synthetic parts as a COCO folder (``data coco``: one class per defect type plus ``good`` with a
+    whole-image box on good images; good images of test/ only), 256 x 256 images."""
+    from edgeinspect.train.data.coco import convert_mvtec
 
-    out = tmp_path_factory.mktemp("coco")
-    write_coco(sorted((synth_root / SYNTH_CATEGORY / "test").glob("*/*.png")), out, DETECTOR_CLASSES, "val")
-    write_coco(sorted((synth_root / SYNTH_CATEGORY / "train" / "good").glob("*.png"))[:16], out, DETECTOR_CLASSES,
-               "train")
+    out = tmp_path_factory.mktemp("coco") / SYNTH_CATEGORY
+    convert_mvtec(synth_root, SYNTH_CATEGORY, out, good_class=True, good_images="test", progress=False)
     return out
 
 
 @pytest.fixture(scope="session")
 def detector_bundle(detector_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A detector bundle with the contract's manifest (a small torchvision SSD's raw heads, anchors in
-    stats/, the anchor_boxes decoder) and its ONNX FP32 engine, exported with the parity check."""
+    stats/, the anchor_boxes decoder, ``good`` as ok class) and its ONNX FP32 engine, exported with the
+    parity check on the COCO val images."""
     from tiny_detector import FAMILY, TinySSD, write_detector_bundle
 
     from edgeinspect.export.exporter import export_bundle
+    from edgeinspect.train.data.coco import read_info
     from edgeinspect.train.models import MODELS
 
-    out = write_detector_bundle(tmp_path_factory.mktemp("bundles") / "tinyssd", detector_coco, DETECTOR_CLASSES,
-                                ok_classes=["good"])
+    out = write_detector_bundle(tmp_path_factory.mktemp("bundles") / "tinyssd", detector_coco,
+                                read_info(detector_coco)["classes"], ok_classes=["good"])
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(MODELS, FAMILY, TinySSD)
         export_bundle(out, "onnx", progress=False)

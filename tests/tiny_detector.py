@@ -3,14 +3,13 @@
 ``TinySSD`` follows the DetectorModel contract (DETECT.md section 2): ``forward`` is the engine graph
 (SSD's raw heads), ``detect`` is torchvision's own post-processing, ``statistics`` holds the anchors.
 :func:`write_detector_bundle` writes a bundle with the contract's manifest by hand (``Bundle``,
-``add_array``) on a small COCO folder, ready for ``export_bundle`` (with ``TinySSD`` registered).
+``add_array``) on a COCO folder, ready for ``export_bundle`` (with ``TinySSD`` registered).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 from collections import OrderedDict
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from torchvision.models.detection.ssd import SSD, SSDHead
 
 from edgeinspect import __version__
 from edgeinspect.bundle import Bundle
-from edgeinspect.imageio import read_image
 from edgeinspect.preprocess import Preprocess
+from edgeinspect.train.data.coco import CocoSplit
 
 FAMILY = "tinyssd"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -108,26 +107,6 @@ class TinySSD(nn.Module):
                 "ok_classes": self.ok_classes}
 
 
-def write_coco(images: list[Path], out: Path, classes: list[str], split: str = "val") -> Path:
-    """A COCO folder split holding ``images``; an image outside a ``good`` folder gets one whole-image
-    annotation of the first class (enough for image-level labels: the tests need no exact boxes)."""
-    folder = out / split / "images"
-    folder.mkdir(parents=True, exist_ok=True)
-    entries, annotations = [], []
-    for i, src in enumerate(images):
-        name = f"{i:04d}.png"
-        (folder / name).write_bytes(src.read_bytes())
-        h, w = read_image(src).shape[:2]
-        entries.append({"id": i + 1, "file_name": name, "height": h, "width": w})
-        if src.parent.name != "good":
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1,
-                                "bbox": [0, 0, w, h], "area": w * h, "iscrowd": 0})
-    categories = [{"id": i + 1, "name": c} for i, c in enumerate(classes)]
-    (out / split / "annotations.json").write_text(json.dumps({"images": entries, "annotations": annotations,
-                                                              "categories": categories}))
-    return out
-
-
 def write_detector_bundle(out: Path, coco: Path, classes: list[str], input_size: tuple[int, int] = (64, 64),
                           ok_classes: list[str] | None = None, conf: float | None = None) -> Path:
     """A detector bundle of :class:`TinySSD` with the contract's manifest, no engine yet.
@@ -138,9 +117,9 @@ def write_detector_bundle(out: Path, coco: Path, classes: list[str], input_size:
     model = TinySSD(classes, input_size, ok_classes=ok_classes).eval()
     pre = Preprocess(resize=input_size, crop=None, mean=MEAN, std=STD, interpolation="area")
     if conf is None:
-        paths = sorted((coco / "val" / "images").glob("*.png"))
+        val = CocoSplit(coco, "val")
         with torch.no_grad():
-            dets = model.detect(torch.from_numpy(pre.batch([read_image(p) for p in paths])))
+            dets = model.detect(torch.from_numpy(pre.batch([val.load(i)[0] for i in range(len(val))])))
         ok = [classes.index(c) + 1 for c in ok_classes or []]
         defect = [d["scores"][~torch.isin(d["labels"], torch.tensor(ok, dtype=torch.int64))] for d in dets]
         highest = sorted(float(s.max()) if len(s) else 0.0 for s in defect)
