@@ -287,3 +287,12 @@ def test_bench_measures_a_detector_bundle_on_its_coco_split(detector_bundle: Pat
     assert report["bundle"]["category"] == "COCO val" and report["bundle"]["n_images"] == len(
         CocoSplit(_manifest(detector_bundle)["data"]["root"], "val"))
     assert "COCO val" in markdown_table(report)
+
+
+def test_reduced_precision_needs_nodes_under_the_low_precision_modules(
+        detector_bundle: Path, tiny_detector_family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(TinySSD, "low_precision_modules", ("extractor",))  # no such submodule: nothing to quantize
+    copy_path = tmp_path / "b"
+    shutil.copytree(detector_bundle, copy_path)
+    with pytest.raises(ExportError, match="no node of the ONNX graph is under /extractor/"):
+        export_bundle(copy_path, "onnx", "fp16", progress=False)
