@@ -25,7 +25,7 @@ import numpy as np
 from edgeinspect.errors import BundleError
 
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)  # torchvision BoxCoder's default clamp of dw, dh
-MASK_THRESHOLD = 0.5  # a mask pixel belongs to the instance at this probability (torchvision's paste)
+MASK_THRESHOLD = 0.5  # a mask pixel belongs to the instance at this probability (unless detection.mask_threshold)
 
 
 @dataclass
@@ -187,9 +187,9 @@ def make_decoder(detection: dict[str, Any], load_array: Callable[[str], np.ndarr
     return DECODERS[name](detection, anchors, input_hw)
 
 
-def mask_polygon(mask: np.ndarray) -> np.ndarray | None:
-    """Outline (P x 2 x, y in mask pixels) of the largest part of ``mask >= 0.5``, or None when empty."""
-    binary = (mask >= MASK_THRESHOLD).astype(np.uint8)
+def mask_polygon(mask: np.ndarray, threshold: float = MASK_THRESHOLD) -> np.ndarray | None:
+    """Outline (P x 2 x, y in mask pixels) of the largest part of ``mask >= threshold``, or None when empty."""
+    binary = (mask >= threshold).astype(np.uint8)
     contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return None

@@ -123,6 +123,7 @@ class DetectionPostprocess:
         self.classes = list(detection["classes"])
         self.ok_labels = [self.classes.index(c) + 1 for c in detection.get("ok_classes") or [] if c in self.classes]
         self.threshold = float(decision["threshold"])
+        self.mask_threshold = float(detection.get("mask_threshold", MASK_THRESHOLD))
 
     def __call__(self, outputs: tuple[np.ndarray, ...], frame_hw: tuple[int, int]) -> Outcome:
         """Verdict and regions of one image."""
@@ -146,8 +147,8 @@ class DetectionPostprocess:
         area, polygon = int(round((x1 - x0) * (y1 - y0))), None
         if detections.masks is not None:
             mask = detections.masks[i]
-            area = int((mask >= MASK_THRESHOLD).sum())
-            outline = mask_polygon(mask)
+            area = int((mask >= self.mask_threshold).sum())
+            outline = mask_polygon(mask, self.mask_threshold)
             if outline is not None:
                 points = self.preprocess.points_to_frame(outline, frame_hw)
                 polygon = tuple((int(x), int(y)) for x, y in np.rint(points))

@@ -130,6 +130,9 @@ def test_detection_verdict_follows_confidence_and_ok_classes(tmp_path: Path) -> 
     assert not ok.nok and ok.raw_score == pytest.approx(0.4) and [r.label for r in ok.regions] == ["good"]
     assert normalize(ok.raw_score, bundle.decision["normalization"]) < 0.5
     assert not post(_outputs([], []), frame_hw).nok
+    bundle.manifest["detection"]["mask_threshold"] = 0.95  # the bundle's own mask threshold: no pixel passes
+    strict = postprocess_for(bundle, bundle.decision)(_outputs([0.8], [1]), frame_hw)
+    assert strict.regions[0].area == 0 and strict.regions[0].polygon is None
 
 
 def test_regions_keep_their_old_keys_and_gain_a_label() -> None:
