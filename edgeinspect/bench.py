@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -213,18 +214,19 @@ def backbone_engines(bundle: Any, workdir: Path, calibration: list[np.ndarray]) 
     return {"fp32": fp32, "int8": int8}
 
 
-# ------------------------------------------------------------------------------------------- bench
-def bench(bundle_path: str | Path, engines: Sequence[str] = (), *, data_root: str | Path | None = None,
-          category: str | None = None, warmup: int = 5, runs: int = 50, rounds: int = 5, threads: int | None = None,
-          backbone: bool = True, rss: bool = True) -> dict[str, Any]:
-    """``{"device": {...}, "rows": [...]}`` for the bundle's engines (or the ``engines`` selectors)."""
-    from edgeinspect.bundle import Bundle, size_path
-    from edgeinspect.runtime.backends import OnnxRuntimeBackend, backend_class, parse_selector
-    from edgeinspect.runtime.predictor import Predictor
-    from edgeinspect.train.metrics import image_auroc
+# ------------------------------------------------------------------------------------ the test images
+@dataclass
+class TestImages:
+    """The images a bundle is measured on, their labels (True: defective) and what they are."""
 
-    info = device_info()
-    bundle = Bundle.open(bundle_path)
+    paths: list[Path]
+    labels: np.ndarray
+    description: str
+    frozen_backbone: bool  # the model's backbone is frozen: its engine alone is the floor (reference rows)
+
+
+def anomaly_test_images(bundle: Any, data_root: str | Path | None, category: str | None) -> TestImages:
+    """The test split of an anomaly bundle's MVTec category (a family's own recorded hold-out, if any)."""
     data = bundle.manifest["data"]
     category_dir = Path(data_root or data["root"]) / (category or data["category"])
     test_dir = category_dir / "test"
@@ -238,7 +240,44 @@ def bench(bundle_path: str | Path, engines: Sequence[str] = (), *, data_root: st
 
         where = f"{missing[0]} (of the bundle's recorded test split)" if missing else f"no test images under {test_dir}"
         raise DataError(f"{where}; give --data ROOT --category CAT")
-    labels = np.array([p.parent.name != "good" for p in paths])
+    return TestImages(paths, np.array([p.parent.name != "good" for p in paths]), category or data["category"], True)
+
+
+def detection_test_images(bundle: Any, data_root: str | Path | None, category: str | None) -> TestImages:
+    """The ``test`` split of a detector bundle's COCO folder (``val`` when it has none); an image is defective
+    when it has an annotation of a class not in the bundle's ``ok_classes``."""
+    from edgeinspect.errors import DataError
+    from edgeinspect.train.data.coco import CocoSplit
+
+    root = Path(data_root or bundle.manifest["data"]["root"])
+    name = next((s for s in ("test", "val") if (root / s / "annotations.json").is_file()), None)
+    if name is None:
+        raise DataError(f"{root} has no test/ or val/ annotations.json; give --data COCO_DIR")
+    split = CocoSplit(root, name)
+    ok = set(bundle.manifest["detection"].get("ok_classes") or [])
+    defect = {k + 1 for k, c in enumerate(split.classes) if c not in ok}
+    labels = [any(a["category_id"] in defect for a in split.coco.imgToAnns[i]) for i in split.image_ids]
+    return TestImages([split.path_of(i) for i in range(len(split))], np.array(labels), f"COCO {name}", False)
+
+
+TEST_IMAGES: dict[str, Callable[[Any, str | Path | None, str | None], TestImages]] = {
+    "anomaly_map": anomaly_test_images, "detections": detection_test_images}
+
+
+# ------------------------------------------------------------------------------------------- bench
+def bench(bundle_path: str | Path, engines: Sequence[str] = (), *, data_root: str | Path | None = None,
+          category: str | None = None, warmup: int = 5, runs: int = 50, rounds: int = 5, threads: int | None = None,
+          backbone: bool = True, rss: bool = True) -> dict[str, Any]:
+    """``{"device": {...}, "rows": [...]}`` for the bundle's engines (or the ``engines`` selectors)."""
+    from edgeinspect.bundle import Bundle, size_path
+    from edgeinspect.runtime.backends import OnnxRuntimeBackend, backend_class, parse_selector
+    from edgeinspect.runtime.predictor import Predictor
+    from edgeinspect.train.metrics import image_auroc
+
+    info = device_info()
+    bundle = Bundle.open(bundle_path)
+    test = TEST_IMAGES[bundle.manifest.get("task", "anomaly_map")](bundle, data_root, category)
+    paths, labels = test.paths, test.labels
     images = load_images(paths)
     tensors = [bundle.preprocess(rgb) for rgb in images]
     selected = [parse_selector(s) for s in engines] or [(e["format"], e["precision"]) for e in bundle.engines]
@@ -267,7 +306,7 @@ def bench(bundle_path: str | Path, engines: Sequence[str] = (), *, data_root: st
         cases[f"runtime|{key}"] = (predictor.predict, images)
 
     with tempfile.TemporaryDirectory() as tmp:
-        if backbone and "backbone" in bundle.manifest["model"]:  # a family trained from scratch has none
+        if backbone and test.frozen_backbone and "backbone" in bundle.manifest["model"]:  # none when trained
             for precision, path in backbone_engines(bundle, Path(tmp), tensors[:16]).items():
                 rows.append({"format": "backbone alone", "precision": precision, "status": "ok",
                              "size_mb": round(path.stat().st_size / MB, 2)})
@@ -306,7 +345,7 @@ def bench(bundle_path: str | Path, engines: Sequence[str] = (), *, data_root: st
     gc.collect()
     info["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {"device": info, "bundle": {"path": str(bundle.path), "bundle_id": bundle.bundle_id,
-                                       "family": bundle.family, "category": category or data["category"],
+                                       "family": bundle.family, "category": test.description,
                                        "n_images": len(paths), "threads": threads or os.cpu_count(),
                                        "warmup": warmup, "runs": runs, "rounds": rounds},
             "rows": rows}

@@ -284,8 +284,10 @@ def evaluate(ctx: click.Context, bundle: str, data_root: str, category: str, eng
               help="YAML file overriding configs/export.yaml (gates, INT8 calibration, TensorRT, Core ML, Triton).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one export setting.")
 @click.option("--data", "data_root", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Check / calibration images: dataset root (default: the one recorded in the bundle).")
-@click.option("--category", default=None, help="Check / calibration images: category (default: the bundle's).")
+              help="Check / calibration images: dataset root, a COCO folder for detectors (default: the one "
+                   "recorded in the bundle).")
+@click.option("--category", default=None, help="Check / calibration images: category (default: the bundle's; "
+                                               "not for detectors).")
 @click.pass_context
 def export(ctx: click.Context, bundle: str, fmt: str, precision: str | None, config_path: str | None,
            overrides: tuple[str, ...], data_root: str | None, category: str | None) -> None:

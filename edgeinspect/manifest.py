@@ -93,11 +93,21 @@ class ModelEntry(_Entry):
     family: str
 
 
+class DetectionEntry(_Entry):
+    """How a detector's engine outputs become detections (the decoder's parameters are its own)."""
+
+    decoder: str
+    classes: list[str]
+    ok_classes: list[str] = []
+
+
 class Manifest(_Entry):
     """manifest.json, as far as the runtime reads it."""
 
     schema_version: Literal[1]
     bundle_id: str
+    task: Literal["anomaly_map", "detections"] = "anomaly_map"  # absent: an anomaly model
+    detection: DetectionEntry | None = None  # detectors only
     model: ModelEntry
     preprocess: PreprocessEntry
     input_images: InputImages | None = None

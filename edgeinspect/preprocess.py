@@ -86,11 +86,14 @@ class Preprocess:
     def box_to_frame(self, box: tuple[float, float, float, float], frame_hw: tuple[int, int]
                      ) -> tuple[int, int, int, int]:
         """Map an (x0, y0, x1, y1) box in model-input pixels to pixels of the original frame."""
+        (x0, y0), (x1, y1) = self.points_to_frame([box[:2], box[2:]], frame_hw)
+        return int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1))
+
+    def points_to_frame(self, points: np.ndarray | list, frame_hw: tuple[int, int]) -> np.ndarray:
+        """Map P x 2 (x, y) model-input pixel coordinates to (float) pixels of the original frame."""
         top, left = self.crop_offset()
-        sy, sx = frame_hw[0] / self.resize[0], frame_hw[1] / self.resize[1]
-        x0, y0, x1, y1 = box
-        return (int(round((x0 + left) * sx)), int(round((y0 + top) * sy)),
-                int(round((x1 + left) * sx)), int(round((y1 + top) * sy)))
+        scale = np.array([frame_hw[1] / self.resize[1], frame_hw[0] / self.resize[0]])
+        return (np.asarray(points, np.float64).reshape(-1, 2) + (left, top)) * scale
 
     def to_dict(self) -> dict:
         """JSON-ready form for the manifest."""

@@ -22,8 +22,18 @@ if TYPE_CHECKING:
     from edgeinspect.export.exporter import ExportJob
 
 
+# Engines Core ML cannot take, by the runtime decoder that reads their outputs: why, in one line.
+UNCONVERTIBLE = {
+    "final_detections": "the engine is the whole detector (RPN, RoIAlign and NonMaxSuppression with a dynamic "
+                        "detection count), which Core ML cannot convert; export onnx or tensorrt instead",
+}
+
+
 def export_coreml(job: ExportJob, precision: str, path: Path) -> dict[str, Any]:
     """Convert the PyTorch model to an ``.mlpackage`` at ``precision`` with the bundle metadata inside."""
+    reason = UNCONVERTIBLE.get((job.bundle.manifest.get("detection") or {}).get("decoder"))
+    if reason:
+        raise ExportError(f"Core ML cannot take this {job.bundle.family} model: {reason}")
     import coremltools as ct
 
     cfg = job.settings["coreml"]
@@ -55,7 +65,7 @@ def export_coreml(job: ExportJob, precision: str, path: Path) -> dict[str, Any]:
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
         raise ExportError(f"Core ML conversion failed: {exc}") from exc
     metadata = job.metadata("coreml", precision)
-    mlmodel.short_description = f"edgeinspect {metadata['family']} anomaly model {metadata['bundle_id']} ({precision})"
+    mlmodel.short_description = f"edgeinspect {metadata['family']} model {metadata['bundle_id']} ({precision})"
     mlmodel.version = metadata["edgeinspect_version"]
     for key, value in metadata.items():
         mlmodel.user_defined_metadata[key] = value if isinstance(value, str) else json.dumps(value)

@@ -2,10 +2,12 @@
 
 One flow for every row of the format table: the row's exporter writes the engine through an
 :class:`ExportJob` (which hands it the PyTorch model, source engines, calibration images and the
-gate), then the engine runs on the bundle's test images with the runtime backend of its format,
+gate), then the engine runs on the bundle's check images with the runtime backend of its format,
 is compared with PyTorch under the gate of its precision, and is recorded with its figures, or
 deleted and refused. A format whose backend cannot run on this machine (CoreML off macOS) is
-recorded with ``parity.status`` saying so.
+recorded with ``parity.status`` saying so. What the check images, the reference and the comparison
+are depends on the bundle's task (anomaly map or detections): one object per task, from the table
+:data:`checks.TASK_CHECKS`.
 """
 
 from __future__ import annotations
@@ -20,18 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from edgeinspect.bundle import Bundle, bundle_target, sha256_path, size_path, staging_dir, swap_in
-from edgeinspect.errors import BundleError, ConfigError, EdgeInspectError, ExportError
+from edgeinspect.errors import ConfigError, EdgeInspectError, ExportError
+from edgeinspect.export.checks import TASK_CHECKS, AnomalyMapCheck, DetectionsCheck
 from edgeinspect.export.formats import FORMATS, PRECISIONS, EngineFormat, get_format
-from edgeinspect.export.parity import Gate, Parity, compare
+from edgeinspect.export.parity import DetectionParity, Parity
 from edgeinspect.runtime.backends import backend_class
-from edgeinspect.train.data import MVTecCategory
-from edgeinspect.train.data.batches import Batches
-from edgeinspect.train.data.split import DataSplit
-from edgeinspect.train.evaluate import infer_engine
+from edgeinspect.runtime.postprocess import bundle_task
 from edgeinspect.train.models import AnomalyModel
-from edgeinspect.train.trainer import bundle_split, calibrate, infer, load_model
+from edgeinspect.train.trainer import load_model
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class ExportResult:
     status: str                 # "written", "skipped" or "refused"
     detail: str                 # path and parity, or the reason
     path: Path | None = None
-    parity: Parity | None = None
+    parity: Parity | DetectionParity | None = None
 
     def describe(self) -> str:
         """One line for people."""
@@ -58,19 +59,33 @@ class ExportResult:
 
 @dataclass
 class ExportJob:
-    """Everything an exporter may need, built lazily and shared by the engines of one export run."""
+    """Everything an exporter may need, built lazily and shared by the engines of one export run.
+
+    ``dataset`` holds the check images of the bundle's task (see :meth:`open_data`): an MVTec category
+    for anomaly models, a COCO folder for detectors.
+    """
 
     bundle: Bundle
-    dataset: MVTecCategory
+    dataset: Any
     settings: dict[str, Any]
     progress: bool = True
-    _checked: dict[tuple[str, str, str], tuple[Parity, dict[str, Any] | None, float]] = field(default_factory=dict)
+    _checked: dict[tuple[str, str, str], tuple[Any, dict[str, Any] | None, float]] = field(default_factory=dict)
+
+    @staticmethod
+    def open_data(bundle: Bundle, data_root: str | Path | None = None, category: str | None = None) -> Any:
+        """The check images of ``bundle``'s task: recorded in the bundle unless ``data_root``/``category``."""
+        return TASK_CHECKS[bundle_task(bundle)].open_data(bundle, data_root, category)
 
     # ------------------------------------------------------------------------- what exporters use
     @cached_property
-    def model(self) -> AnomalyModel:
+    def model(self) -> nn.Module:
         """The bundle's PyTorch model, on the CPU, in eval mode."""
         return load_model(self.bundle, "cpu")
+
+    @cached_property
+    def task(self) -> AnomalyMapCheck | DetectionsCheck:
+        """Check images, PyTorch reference and comparison of the bundle's task."""
+        return TASK_CHECKS[bundle_task(self.bundle)](self)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -86,8 +101,10 @@ class ExportJob:
         """What every engine carries inside its file, so a bare engine still says what it is."""
         m = self.bundle.manifest
         return {"bundle_id": self.bundle.bundle_id, "family": self.bundle.family, "format": fmt,
-                "precision": precision, "input": m["input"], "outputs": m["outputs"], "preprocess": m["preprocess"],
-                "decision": self.bundle.decision, "edgeinspect_version": m["edgeinspect_version"]}
+                "precision": precision, "task": bundle_task(self.bundle), "input": m["input"], "outputs": m["outputs"],
+                "preprocess": m["preprocess"], "decision": self.bundle.decision,
+                **({"detection": m["detection"]} if "detection" in m else {}),
+                "edgeinspect_version": m["edgeinspect_version"]}
 
     def low_precision_prefixes(self) -> tuple[str, ...]:
         """ONNX node-name prefixes of the submodules that may run in FP16/INT8 (the rest stays float)."""
@@ -103,21 +120,9 @@ class ExportJob:
             entry = self.bundle.find_engine(fmt, precision)
         return self.bundle.path / entry["file"]
 
-    @cached_property
-    def split(self) -> DataSplit:
-        """Training's fit, threshold and test images (:func:`trainer.bundle_split`)."""
-        return bundle_split(self.bundle, self.dataset)
-
-    @property
-    def calibration_split(self) -> tuple[list, list, bool]:
-        """Training's (fit images, threshold images, labelled) split."""
-        return self.split.fit, self.split.calibration, self.split.labelled
-
     def calibration_inputs(self, count: int) -> list[np.ndarray]:
-        """``count`` preprocessed fit images, spread evenly over the fit split (INT8 calibration)."""
-        fit = self.calibration_split[0]
-        picks = [fit[int(i * len(fit) / min(count, len(fit)))] for i in range(min(count, len(fit)))]
-        return [self.bundle.preprocess(self.dataset.load_image(s)) for s in picks]
+        """``count`` preprocessed training images of the task's calibration images (INT8 calibration)."""
+        return self.task.calibration_inputs(count)
 
     def refit_on_engine(self, engine: Path) -> AnomalyModel:
         """A copy of the model with its statistics fit on the features ``engine`` computes.
@@ -132,50 +137,22 @@ class ExportJob:
         example = self.calibration_inputs(1)[0]
         for name in model.low_precision_modules:
             setattr(model, name, OnnxSubgraph(engine, f"/{name}/", getattr(self.model, name), example))
-        fit = self.calibration_split[0]
         batch_size = int(self.bundle.manifest["config"]["train"]["batch_size"])
-        model.fit(Batches(self.dataset, fit, self.bundle.preprocess, batch_size), progress=self.progress)
+        model.fit(self.task.fit_batches(batch_size), progress=self.progress)
         for name in model.low_precision_modules:
             setattr(model, name, getattr(self.model, name))
         return model
 
-    @property
-    def test_samples(self) -> list:
-        """The test images every engine is checked on: the bundle's test split."""
-        return self.split.test
+    def check(self, fmt: str, precision: str, path: Path) -> tuple[Parity | DetectionParity, dict[str, Any] | None,
+                                                                    float]:
+        """Run the engine on the task's check images and apply the gate of ``precision``.
 
-    @cached_property
-    def reference(self) -> tuple[np.ndarray, np.ndarray, float]:
-        """PyTorch maps, scores and ms per image on the test images."""
-        return infer(self.model, self.dataset, self.test_samples, self.bundle.preprocess, batch_size=1,
-                     progress=self.progress)
-
-    def run_engine(self, fmt: str, path: Path, samples: list) -> tuple[np.ndarray, np.ndarray, float]:
-        """Maps, scores and ms per image of an engine file on ``samples``, through its runtime backend."""
-        backend = backend_class(fmt)(path, output_names=self.output_names)
-        return infer_engine(backend, self.dataset, samples, self.bundle.preprocess, self.progress)
-
-    def check(self, fmt: str, precision: str, path: Path) -> tuple[Parity, dict[str, Any] | None, float]:
-        """Run the engine on the test images and apply the gate of ``precision``.
-
-        INT8 engines get their own decision, calibrated like training's on the same images (quantized
-        features move every score); returns (parity, that decision or None, engine ms per image).
+        Returns (parity, the engine's own decision or None (INT8 anomaly engines are recalibrated),
+        engine ms per image).
         """
         key = (fmt, precision, sha256_path(path))
-        if key in self._checked:  # an exporter that retries (INT8) already checked this very file
-            return self._checked[key]
-        decision = None
-        if precision == "int8":
-            _, calib, labelled = self.calibration_split
-            _, calib_scores, _ = self.run_engine(fmt, path, calib)
-            decision = calibrate(calib, calib_scores, labelled, self.bundle.manifest["config"]["decision"])
-        maps, scores, ms = self.run_engine(fmt, path, self.test_samples)
-        labels = np.array([s.label for s in self.test_samples])
-        ref_maps, ref_scores, _ = self.reference
-        threshold = self.bundle.decision["threshold"]
-        parity = compare((ref_maps, ref_scores), (maps, scores), labels, threshold,
-                         (decision or self.bundle.decision)["threshold"], Gate.from_config(self.settings[precision]))
-        self._checked[key] = parity, decision, ms
+        if key not in self._checked:  # an exporter that retries (INT8) already checked this very file
+            self._checked[key] = self.task.check(fmt, precision, path)
         return self._checked[key]
 
 
@@ -219,7 +196,7 @@ def export_engine(job: ExportJob, engine_format: EngineFormat, precision: str) -
                 _remove(tmp)
                 return ExportResult(fmt, precision, "refused", f"gate failed: {parity.describe()}", parity=parity)
             entry["parity"] = {"status": "passed", **parity.to_dict()}
-            entry["ms_per_image"] = {"torch_cpu": round(job.reference[2], 2), "engine": round(ms, 2)}
+            entry["ms_per_image"] = {"torch_cpu": round(job.task.reference_ms, 2), "engine": round(ms, 2)}
             if decision:
                 entry["decision"] = decision
     _remove(final)
@@ -251,12 +228,7 @@ def export_bundle(bundle_path: str | Path, fmt: str = "onnx", precision: str = "
     if precision != "all" and precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)} or all")
     settings = validate("export", settings) if settings is not None else load_config("export")
-    data = original.manifest.get("data") or {}
-    root = Path(data_root or data.get("root", ""))
-    if not root.is_dir() or not (category or data.get("category")):
-        raise BundleError(f"the bundle's dataset {root} is not here; give --data ROOT [--category CAT] for "
-                          f"the images the engine is checked and calibrated on")
-    dataset = MVTecCategory(root, category or data["category"])
+    dataset = ExportJob.open_data(original, data_root, category)
     staged = staging_dir(target)
     try:
         bundle = original.staged_copy(staged)

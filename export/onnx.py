@@ -215,8 +215,16 @@ def sort_topologically(graph: onnx.GraphProto) -> None:
 
 
 def float_nodes(model: onnx.ModelProto, low_precision_prefixes: tuple[str, ...]) -> list[str]:
-    """Names of the nodes outside the low-precision submodules: they stay in float."""
-    return [n.name for n in model.graph.node if not n.name.startswith(low_precision_prefixes)]
+    """Names of the nodes outside the low-precision submodules: they stay in float.
+
+    ExportError when no node is inside them (the model's ``low_precision_modules`` name no submodule the
+    graph was traced through): the FP16 / INT8 engine would silently be the FP32 one.
+    """
+    names = [n.name for n in model.graph.node if not n.name.startswith(low_precision_prefixes)]
+    if len(names) == len(model.graph.node):
+        raise ExportError(f"no node of the ONNX graph is under {', '.join(low_precision_prefixes)} (the model's "
+                          f"low_precision_modules): nothing would run in reduced precision")
+    return names
 
 
 def boundary_producers(model: onnx.ModelProto, float_names: list[str]) -> list[str]:

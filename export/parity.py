@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeinspect.runtime.detections import Detections, box_iou
 from edgeinspect.train.metrics import image_auroc
 
 
@@ -92,3 +93,123 @@ def compare(reference: tuple[np.ndarray, np.ndarray], engine: tuple[np.ndarray, 
     return Parity(len(scores), map_delta, score_delta, score_delta / scale, agreement, int((~clear).sum()),
                   float(np.mean(~flips)), int((flips & (nok == labels.astype(bool))).sum()),
                   int((flips & (ref_nok == labels.astype(bool))).sum()), ref_auroc, auroc, asdict(gate), failures)
+
+
+# ------------------------------------------------------------------------------------------- detectors
+@dataclass(frozen=True)
+class DetectionGate:
+    """What a detector engine must meet against the PyTorch model; one per precision
+    (``detections:`` in configs/export.yaml)."""
+
+    min_iou: float                # a detection matches one of the same class with at least this box IoU
+    score_tolerance: float | None  # max |d confidence| of a matched pair; None: not required
+    min_score: float              # detections below this confidence need not be matched (nor counted)
+    max_unmatched: float          # unmatched detections (either side, >= min_score) per reference detection
+    min_verdict_agreement: float  # fraction of images with the same OK/NOK, outside the borderline band
+    borderline_band: float = 0.0  # images whose highest defect confidence (PyTorch) is within this fraction
+    #                               of the threshold are not counted in the agreement
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any]) -> DetectionGate:
+        """Build from a precision's section of ``detections`` in the export config."""
+        return cls(float(section["min_iou"]), section.get("score_tolerance"), float(section["min_score"]),
+                   float(section["max_unmatched"]), float(section["min_verdict_agreement"]),
+                   float(section.get("borderline_band") or 0.0))
+
+
+@dataclass(frozen=True)
+class DetectionParity:
+    """Agreement of a detector engine's detections with the PyTorch model's on the same images."""
+
+    n_images: int
+    n_reference: int              # PyTorch detections at or above the gate's min_score
+    n_matched: int
+    unmatched_reference: int      # PyTorch detections >= min_score the engine does not have
+    unmatched_engine: int         # engine detections >= min_score PyTorch does not have
+    min_matched_iou: float
+    max_abs_score_delta: float    # over matched pairs
+    verdict_agreement: float      # same OK/NOK, over the images outside the band
+    n_borderline: int
+    verdict_agreement_all: float
+    gate: dict[str, Any]
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True when every criterion of the gate is met."""
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form for the manifest."""
+        return {**asdict(self), "passed": self.passed}
+
+    def describe(self) -> str:
+        """One line for people."""
+        line = (f"{self.n_images} images: {self.n_matched} of {self.n_reference} detections matched (IoU >= "
+                f"{self.gate['min_iou']:g}, same class; min IoU {self.min_matched_iou:.4f}), max |d confidence| "
+                f"{self.max_abs_score_delta:.3g}, unmatched {self.unmatched_reference} PyTorch / "
+                f"{self.unmatched_engine} engine, verdict agreement {100 * self.verdict_agreement:.1f}% "
+                f"({100 * self.verdict_agreement_all:.1f}% with the {self.n_borderline} borderline)")
+        return line + (f"; failed: {', '.join(self.failures)}" if self.failures else "")
+
+
+def box_agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix of N x 4 and M x 4 boxes; boxes equal within 0.01 px count 1 (a box clamped to no area)."""
+    iou = box_iou(a, b)
+    same = np.abs(a[:, None, :] - b[None, :, :]).max(axis=-1) <= 0.01
+    return np.where(same, 1.0, iou)
+
+
+def match_detections(reference: Detections, engine: Detections, min_iou: float, min_score: float
+                     ) -> tuple[list[tuple[int, int, float]], int, int]:
+    """Greedy matching of one image's detections (PyTorch's by decreasing confidence, each to the unmatched
+    engine detection of its class with the highest IoU >= ``min_iou``): (pairs (i, j, iou), PyTorch
+    and engine detections >= ``min_score`` left unmatched)."""
+    iou = box_agreement(reference.boxes, engine.boxes) if len(reference) and len(engine) else None
+    taken = np.zeros(len(engine), bool)
+    pairs = []
+    for i in np.argsort(-reference.scores, kind="stable"):
+        if iou is None:
+            break
+        candidates = (engine.labels == reference.labels[i]) & ~taken & (iou[i] >= min_iou)
+        if candidates.any():
+            j = int(np.argmax(np.where(candidates, iou[i], -1.0)))
+            taken[j] = True
+            pairs.append((int(i), j, float(iou[i, j])))
+    matched_ref = np.zeros(len(reference), bool)
+    matched_ref[[i for i, _, _ in pairs]] = True
+    return (pairs, int(((reference.scores >= min_score) & ~matched_ref).sum()),
+            int(((engine.scores >= min_score) & ~taken).sum()))
+
+
+def compare_detections(reference: list[Detections], engine: list[Detections], reference_nok: np.ndarray,
+                       engine_nok: np.ndarray, reference_raw: np.ndarray, threshold: float, gate: DetectionGate
+                       ) -> DetectionParity:
+    """Compare an engine's decoded detections (one :class:`Detections` per image) and OK/NOK with
+    the PyTorch model's; ``reference_raw`` is PyTorch's highest defect confidence per image."""
+    finite = all(np.isfinite(d.scores).all() and np.isfinite(d.boxes).all() for d in engine)
+    n_ref = matched = unmatched_ref = unmatched_eng = 0
+    ious, deltas = [], []
+    for ref, eng in zip(reference, engine, strict=True):
+        pairs, u_ref, u_eng = match_detections(ref, eng, gate.min_iou, gate.min_score)
+        n_ref += int((ref.scores >= gate.min_score).sum())
+        matched += sum(ref.scores[i] >= gate.min_score for i, _, _ in pairs)
+        unmatched_ref, unmatched_eng = unmatched_ref + u_ref, unmatched_eng + u_eng
+        ious += [iou for _, _, iou in pairs]
+        deltas += [abs(float(ref.scores[i]) - float(eng.scores[j])) for i, j, _ in pairs]
+    max_delta = max(deltas, default=0.0)
+    clear = np.abs(reference_raw - threshold) > gate.borderline_band * max(abs(threshold), 1e-12)
+    agreement = float(np.mean(reference_nok[clear] == engine_nok[clear])) if clear.any() else 1.0
+    failures = [] if finite else ["the engine outputs NaN or infinity"]
+    unmatched = (unmatched_ref + unmatched_eng) / max(n_ref, 1)
+    if unmatched > gate.max_unmatched:
+        failures.append(f"{unmatched_ref} PyTorch and {unmatched_eng} engine detections >= {gate.min_score:g} "
+                        f"unmatched ({unmatched:.3g} per reference detection > {gate.max_unmatched:g})")
+    if gate.score_tolerance is not None and max_delta > gate.score_tolerance:
+        failures.append(f"max |d confidence| {max_delta:.3g} > tolerance {gate.score_tolerance:g}")
+    if agreement < gate.min_verdict_agreement:
+        failures.append(f"verdict agreement {100 * agreement:.1f}% < {100 * gate.min_verdict_agreement:g}%")
+    return DetectionParity(len(reference), n_ref, int(matched), unmatched_ref, unmatched_eng,
+                           min(ious, default=1.0), max_delta, agreement, int((~clear).sum()),
+                           float(np.mean(reference_nok == engine_nok)) if len(reference) else 1.0, asdict(gate),
+                           failures)

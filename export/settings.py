@@ -1,4 +1,5 @@
-"""The schema of configs/export.yaml: gates per precision, INT8 calibration, TensorRT, Core ML, Triton."""
+"""The schema of configs/export.yaml: gates per precision (anomaly models, detectors), INT8 calibration,
+TensorRT, Core ML, Triton."""
 
 from __future__ import annotations
 
@@ -25,6 +26,25 @@ class Int8Section(GateSection):
     per_channel: bool
     exclusion_rounds: integer(0, 100)
     exclude_per_round: integer(1, 10_000)
+
+
+class DetectionGateSection(Section):
+    """The parity gate of a detector engine at one precision (export/parity.py DetectionGate)."""
+
+    min_iou: real(0.0, 1.0)
+    score_tolerance: real(0.0, 1.0) | None
+    min_score: real(0.0, 1.0)
+    max_unmatched: real(0.0, 1e6)
+    min_verdict_agreement: real(0.0, 1.0)
+    borderline_band: real(0.0, 1.0, hi_open=True)
+
+
+class DetectionGatesSection(Section):
+    """The detector gates, one per precision."""
+
+    fp32: DetectionGateSection
+    fp16: DetectionGateSection
+    int8: DetectionGateSection
 
 
 class TensorRTSection(Section):
@@ -56,6 +76,7 @@ class ExportConfig(Section):
     fp32: GateSection
     fp16: GateSection
     int8: Int8Section
+    detections: DetectionGatesSection
     tensorrt: TensorRTSection
     coreml: CoreMLSection
     triton: TritonSection

@@ -72,3 +72,45 @@ def padim_engine_bundle(padim_bundle: Path, tmp_path_factory: pytest.TempPathFac
     shutil.copytree(padim_bundle, out)
     export_bundle(out, "onnx", progress=False)
     return out
+
+
+# ------------------------------------------------------------------------------ detectors (issue 7)
+@pytest.fixture()
+def tiny_detector_family(monkeypatch: pytest.MonkeyPatch) -> str:
+    """tests/tiny_detector.TinySSD registered as a model family for one test."""
+    from tiny_detector import FAMILY, TinySSD
+
+    from edgeinspect.train.models import MODELS
+
+    monkeypatch.setitem(MODELS, FAMILY, TinySSD)
+    return FAMILY
+
+
+@pytest.fixture(scope="session")
+def detector_coco(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic parts as a COCO folder (``data coco``: one class per defect type plus ``good`` with a
+    whole-image box on good images; good images of test/ only), 256 x 256 images."""
+    from edgeinspect.train.data.coco import convert_mvtec
+
+    out = tmp_path_factory.mktemp("coco") / SYNTH_CATEGORY
+    convert_mvtec(synth_root, SYNTH_CATEGORY, out, good_class=True, good_images="test", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def detector_bundle(detector_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A detector bundle with the contract's manifest (a small torchvision SSD's raw heads, anchors in
+    stats/, the anchor_boxes decoder, ``good`` as ok class) and its ONNX FP32 engine, exported with the
+    parity check on the COCO val images."""
+    from tiny_detector import FAMILY, TinySSD, write_detector_bundle
+
+    from edgeinspect.export.exporter import export_bundle
+    from edgeinspect.train.data.coco import read_info
+    from edgeinspect.train.models import MODELS
+
+    out = write_detector_bundle(tmp_path_factory.mktemp("bundles") / "tinyssd", detector_coco,
+                                read_info(detector_coco)["classes"], ok_classes=["good"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(MODELS, FAMILY, TinySSD)
+        export_bundle(out, "onnx", progress=False)
+    return out

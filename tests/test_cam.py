@@ -114,7 +114,7 @@ def test_split_is_stratified_seeded_recorded_and_used(cam_root: Path, cam_bundle
     bundle = Bundle.open(cam_bundle)
     assert bundle_split(bundle, dataset) == split
     job = ExportJob(bundle, dataset, {})
-    assert job.test_samples == split.test and job.calibration_split[0] == split.fit
+    assert job.task.split.test == split.test and job.task.split.fit == split.fit
     result = evaluate(cam_bundle, cam_root, SYNTH_CATEGORY, progress=False)
     assert result["n_images"] == len(split.test) and result["split"] == split.description
     assert not set(parts[0]) & set(parts[2])  # no test image was fit on
