@@ -28,8 +28,23 @@ class Gate:
                    float(section.get("borderline_band") or 0.0))
 
 
+class GateResult:
+    """What every parity result shares: the gate's failures decide, and it is recorded as a dict."""
+
+    failures: list[str]
+
+    @property
+    def passed(self) -> bool:
+        """True when every criterion of the gate is met."""
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form for the manifest."""
+        return {**asdict(self), "passed": self.passed}
+
+
 @dataclass(frozen=True)
-class Parity:
+class Parity(GateResult):
     """Agreement figures of an engine against the PyTorch model on the same images."""
 
     n_images: int
@@ -45,15 +60,6 @@ class Parity:
     image_auroc: float           # image AUROC of the engine
     gate: dict[str, Any]
     failures: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        """True when every criterion of the gate is met."""
-        return not self.failures
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form for the manifest."""
-        return {**asdict(self), "passed": self.passed}
 
     def describe(self) -> str:
         """One line for people."""
@@ -118,7 +124,7 @@ class DetectionGate:
 
 
 @dataclass(frozen=True)
-class DetectionParity:
+class DetectionParity(GateResult):
     """Agreement of a detector engine's detections with the PyTorch model's on the same images."""
 
     n_images: int
@@ -133,15 +139,6 @@ class DetectionParity:
     verdict_agreement_all: float
     gate: dict[str, Any]
     failures: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        """True when every criterion of the gate is met."""
-        return not self.failures
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form for the manifest."""
-        return {**asdict(self), "passed": self.passed}
 
     def describe(self) -> str:
         """One line for people."""
