@@ -318,14 +318,16 @@ FRAMES_OPTION = click.option(
                    "with a CUDA GPU, Core ML on macOS, else ONNX INT8, else ONNX FP32.")
 @click.option("--provider", "providers", multiple=True, default=("cpu",), show_default=True,
               help="ONNX Runtime execution provider: cpu, cuda, tensorrt (repeatable, in order).")
+@click.option("--triton-url", default=None, help="Triton server (gRPC HOST:PORT) for --engine triton[:PRECISION].")
 @FRAMES_OPTION
 def predict(bundle: str, images: tuple[str, ...], as_json: bool, engine: str, providers: tuple[str, ...],
-            frames: str) -> None:
+            triton_url: str | None, frames: str) -> None:
     """Print one verdict per image. Exit code 1 if any image could not be read or was refused."""
     from edgeinspect.imageio import read_raw
     from edgeinspect.runtime.predictor import Predictor
 
-    predictor = Predictor(bundle, engine=engine, providers=providers, convert_frames=frames == "convert")
+    predictor = Predictor(bundle, engine=engine, providers=providers, convert_frames=frames == "convert",
+                          remote=triton_url)
     failed = 0
     for image in images:
         shown = image.encode("utf-8", "backslashreplace").decode()  # names that are not UTF-8 still print
@@ -377,6 +379,7 @@ def predict(bundle: str, images: tuple[str, ...], as_json: bool, engine: str, pr
 @click.option("--metrics-port", default=None, type=click.IntRange(0, 65535),
               help="Serve Prometheus /metrics and /healthz on this port (localhost; see --metrics-host).")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics server binds.")
+@click.option("--triton-url", default=None, help="Triton server (gRPC HOST:PORT) for --engine triton[:PRECISION].")
 @click.option("--control", default=None,
               help="Bind the control socket here (e.g. tcp://127.0.0.1:5556): edgeinspect ctl status|reload|...")
 @FRAMES_OPTION
@@ -384,7 +387,7 @@ def predict(bundle: str, images: tuple[str, ...], as_json: bool, engine: str, pr
 def serve(ctx: click.Context, config_path: str | None, bundle: str | None, camera: str | None, publish: str, line: str,
           camera_id: str, engine: str, providers: tuple[str, ...], wait_subscribers: int, wait_timeout: float,
           loop: bool, max_frames: int | None, journal_dir: str | None, journal_fsync: str, metrics_port: int | None,
-          metrics_host: str, control: str | None, frames: str) -> None:
+          metrics_host: str, triton_url: str | None, control: str | None, frames: str) -> None:
     """Publish a verdict per frame on verdict.<line>.<camera-id> until the sources end or SIGINT/SIGTERM."""
     from edgeinspect.runtime.daemon import run_line
     from edgeinspect.runtime.line import line_config, load_line_config
@@ -401,6 +404,7 @@ def serve(ctx: click.Context, config_path: str | None, bundle: str | None, camer
         config = line_config({"line": line, "publish": publish, "journal": journal_dir, "journal_fsync": journal_fsync,
                               "metrics_port": metrics_port, "metrics_host": metrics_host, "providers": list(providers),
                               "wait_subscribers": wait_subscribers, "wait_timeout_s": wait_timeout, "control": control,
+                              "triton_url": triton_url,
                               "cameras": [{"id": camera_id, "source": camera, "bundle": bundle, "engine": engine,
                                            "loop": loop, "max_frames": max_frames, "frames": frames}]},
                              "serve options")

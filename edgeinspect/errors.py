@@ -31,3 +31,7 @@ class ExportError(EdgeInspectError):
 
 class ConfigError(EdgeInspectError):
     """A configuration file or override is invalid."""
+
+
+class EngineError(EdgeInspectError):
+    """An engine could not judge a frame (a remote inference server that is down or failing)."""

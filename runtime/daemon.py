@@ -15,7 +15,7 @@ from types import FrameType
 from typing import Protocol
 
 from edgeinspect.camera import END, Frame, FrameSource, ThreadedReader, open_source
-from edgeinspect.errors import SourceError
+from edgeinspect.errors import EngineError, SourceError
 from edgeinspect.frames import FrameCheck
 from edgeinspect.runtime.control import CameraControl, ControlServer
 from edgeinspect.runtime.journal import VerdictJournal
@@ -97,10 +97,15 @@ def verdict_fields(frame: Frame, predictor: Predictor, offset: tuple[int, int] =
     """
     body: dict = {"frame_index": frame.index, "frame_name": frame.name, "capture_ts": frame.capture_ts,
                   "bundle_id": predictor.bundle.bundle_id, "engine": predictor.engine}
-    if frame.image is None:
-        return {**body, "verdict": ERROR, "error": frame.error, "score": None, "threshold": 0.5,
+    error = frame.error
+    if frame.image is not None:
+        try:
+            prediction = predictor.predict(frame.image)
+        except EngineError as exc:  # a remote engine that is down: this frame is not judged, the next may be
+            error = str(exc)
+    if frame.image is None or error:
+        return {**body, "verdict": ERROR, "error": error, "score": None, "threshold": 0.5,
                 "regions": [], "latency_ms": {}}
-    prediction = predictor.predict(frame.image)
     body.update(prediction.to_dict())
     if offset != (0, 0):
         for region in body["regions"]:
@@ -190,8 +195,8 @@ def run_line(config: LineConfig, *, on_verdict: Callable[[dict], None] | None = 
     cameras = config.cameras
     keys = sorted({(str(Path(c.bundle).resolve()), c.engine) for c in cameras})
     threads = max(1, (os.cpu_count() or 1) // len(keys)) if len(keys) > 1 else None
-    predictors = {key: Predictor(key[0], engine=key[1], providers=tuple(config.providers), threads=threads)
-                  for key in keys}
+    predictors = {key: Predictor(key[0], engine=key[1], providers=tuple(config.providers), threads=threads,
+                                 remote=config.triton_url) for key in keys}
     stop = StopFlag()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -223,7 +228,8 @@ def run_line(config: LineConfig, *, on_verdict: Callable[[dict], None] | None = 
                                                                            journal=journal), observers))
         if config.control:
             def open_predictor(bundle: str, control: CameraControl) -> Predictor:
-                return Predictor(bundle, engine=control.engine, providers=tuple(config.providers), threads=threads)
+                return Predictor(bundle, engine=control.engine, providers=tuple(config.providers), threads=threads,
+                                 remote=config.triton_url)
 
             stack.callback(ControlServer(config.control, controls, open_predictor, token=config.control_token).close)
         if config.wait_subscribers:

@@ -47,6 +47,7 @@ class LineConfig(Section):
     metrics_port: integer(0, 65535) | None = None
     metrics_host: str = "127.0.0.1"
     providers: list[Literal["cpu", "cuda", "tensorrt", "coreml"]] = ["cpu"]
+    triton_url: str | None = None            # Triton server (gRPC host:port) for cameras with engine: triton[:p]
     wait_subscribers: integer(0) = 0
     wait_timeout_s: real(0.0) = 10.0
     cameras: list[CameraEntry] = Field(min_length=1)

@@ -43,10 +43,12 @@ class Predictor:
     """Loads a bundle's engine once; :meth:`predict` is the per-frame hot path."""
 
     def __init__(self, bundle: str | Path | Bundle, *, engine: str = "auto",
-                 providers: tuple[str, ...] = ("cpu",), threads: int | None = None, convert_frames: bool = False):
+                 providers: tuple[str, ...] = ("cpu",), threads: int | None = None, convert_frames: bool = False,
+                 remote: str | None = None):
+        """``remote``: the server of an engine that runs on one (``--engine triton --triton-url``)."""
         for _ in range(OPEN_ATTEMPTS):  # a bundle swapped in while its engine loads is opened again
             self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-            self.engine_entry, self.backend = open_engine(self.bundle, engine, providers, threads)
+            self.engine_entry, self.backend = open_engine(self.bundle, engine, providers, threads, remote)
             if isinstance(bundle, Bundle) or not self.bundle.replaced():
                 break
         spec = self.bundle.manifest.get("input_images")

@@ -17,6 +17,7 @@ from edgeinspect.errors import BundleError, ConfigError
 from edgeinspect.runtime.backends.coreml import CoreMLBackend
 from edgeinspect.runtime.backends.onnx import ORT_PROVIDERS, OnnxRuntimeBackend
 from edgeinspect.runtime.backends.tensorrt import TensorRTBackend
+from edgeinspect.runtime.backends.triton import TritonBackend
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ class Backend(Protocol):
     def run(self, x: np.ndarray) -> tuple[np.ndarray, ...]: ...
 
 
-BACKENDS: dict[str, type] = {"onnx": OnnxRuntimeBackend, "tensorrt": TensorRTBackend, "coreml": CoreMLBackend}
+BACKENDS: dict[str, type] = {"onnx": OnnxRuntimeBackend, "tensorrt": TensorRTBackend, "coreml": CoreMLBackend,
+                             "triton": TritonBackend}
 
 # `--engine auto`: the first engine present whose backend runs here and whose parity gate passed.
 AUTO_ORDER: tuple[tuple[str, str], ...] = (
@@ -68,16 +70,25 @@ def select_engine(bundle: Bundle, selector: str = "auto") -> dict[str, Any]:
 
 
 def open_engine(bundle: Bundle, selector: str = "auto", providers: tuple[str, ...] = ("cpu",),
-                threads: int | None = None) -> tuple[dict[str, Any], Backend]:
-    """(manifest entry, loaded backend) of the selected engine; logs which one was taken."""
+                threads: int | None = None, remote: str | None = None) -> tuple[dict[str, Any], Backend]:
+    """(manifest entry, loaded backend) of the selected engine; logs which one was taken.
+
+    ``remote``: the server address of an engine that runs on a server (Triton), for backends with
+    ``remote = True``; an error for the others.
+    """
     entry = select_engine(bundle, selector)
+    cls = backend_class(entry["format"])
+    if remote and not getattr(cls, "remote", False):
+        raise ConfigError(f"a server address (--triton-url {remote}) is only for engines that run on a server "
+                          f"(--engine triton); {entry['format']}:{entry['precision']} runs here")
     path, _ = bundle.engine(entry["format"], entry["precision"])  # verifies the sha256
-    backend = backend_class(entry["format"])(path, output_names=list(bundle.manifest["outputs"]),
-                                             providers=providers, threads=threads)
+    backend = cls(path, output_names=list(bundle.manifest["outputs"]), providers=providers, threads=threads,
+                  **({"url": remote} if getattr(cls, "remote", False) else {}))
     log.info("engine %s:%s (%s) selected by --engine %s; %s", entry["format"], entry["precision"], entry["file"],
              selector, backend.description)
     return entry, backend
 
 
 __all__ = ["BACKENDS", "ORT_PROVIDERS", "Backend", "CoreMLBackend", "OnnxRuntimeBackend", "TensorRTBackend",
+           "TritonBackend",
            "backend_class", "open_engine", "parse_selector", "select_engine"]
