@@ -221,7 +221,9 @@ def run_line(config: LineConfig, *, on_verdict: Callable[[dict], None] | None = 
             predictor = predictors[(str(Path(camera.bundle).resolve()), camera.engine)]
             check = FrameCheck(predictor.check.spec, convert=camera.frames == "convert", roi=camera.roi)
             source = stack.enter_context(open_source(camera.source, loop=camera.loop, max_frames=camera.max_frames,
-                                                     check=check, fps=camera.fps))
+                                                     check=check, fps=camera.fps,
+                                                     reconnect_attempts=camera.reconnect_attempts,
+                                                     reconnect_delay_s=camera.reconnect_delay_s))
             observers = [notifier, *([metrics.camera(camera.id)] if metrics is not None else [])]
             controls[camera.id] = CameraControl(camera.id, predictor, camera.engine)
             workers.append((camera.id, predictor, source, VerdictPublisher(socket, config.line, camera.id,

@@ -26,6 +26,8 @@ class CameraEntry(Section):
     loop: bool = False                       # restart a video file or folder at its end
     max_frames: integer(0) | None = None     # stop this camera after this many frames
     frames: Literal["strict", "convert"] = "strict"  # frames unlike the training images: ERROR or converted
+    reconnect_attempts: integer(0, 1000) = 5  # live source: reopen attempts after a failed read before it fails
+    reconnect_delay_s: real(0.0, 60.0) = 1.0  # first wait before reopening, doubling up to 10 s
 
     @field_validator("roi")
     @classmethod

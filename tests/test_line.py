@@ -6,6 +6,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
@@ -115,3 +118,54 @@ def test_the_example_line_config_is_valid() -> None:
     example = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "line.example.yaml").read_text())
     config = line_config(example)
     assert [c.id for c in config.cameras] == ["cam1", "cam2"] and config.cameras[1].roi == (100, 50, 740, 530)
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+def test_a_camera_that_drops_out_comes_back_and_one_that_fails_does_not_stop_the_line(
+        patchcore_bundle: Path, synth_root: Path, tmp_path: Path) -> None:
+    images = sorted((synth_root / SYNTH_CATEGORY / "test").glob("*/*.png"))
+    write_video(images[:6], tmp_path / "www" / "cam.avi", fps=25)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(tmp_path / "www")))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, src in enumerate(images[:12]):
+        (folder / f"{i:02d}.png").write_bytes(src.read_bytes())
+    config = {"line": "L4", "publish": free_tcp_endpoint(), "wait_subscribers": 1, "cameras": [
+        # a network camera whose stream ends every 6 frames (it drops out), reopened after 0.05 s
+        {"id": "net", "source": f"http://127.0.0.1:{server.server_address[1]}/cam.avi", "bundle": str(patchcore_bundle),
+         "reconnect_attempts": 1, "reconnect_delay_s": 0.05},
+        {"id": "rec", "source": str(folder), "bundle": str(patchcore_bundle), "fps": 2}]}
+    path = tmp_path / "line.yaml"
+    path.write_text(yaml.safe_dump(config))
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.connect(config["publish"])
+    sub.setsockopt_string(zmq.SUBSCRIBE, "")
+    proc = subprocess.Popen([sys.executable, "-m", "edgeinspect", "-q", "serve", "--config", str(path)],
+                            stderr=subprocess.PIPE, text=True)
+    final: dict[str, dict] = {}
+    rec_verdicts = 0
+    try:
+        while len(final) < 2:
+            assert sub.poll(120_000), "no message from the line within 120 s"
+            topic, payload = decode_message(sub.recv_multipart())
+            if topic == "verdict.L4.rec":
+                rec_verdicts += 1
+            elif topic.startswith("status.") and payload["state"] in ("stopped", "failed"):
+                final[payload["camera"]] = payload
+            elif topic == "status.L4.net" and payload["reconnects"] >= 2 and server.socket.fileno() != -1:
+                server.shutdown()  # the camera came back twice; now it goes away for good
+                server.server_close()
+    finally:
+        sub.close(linger=0)
+        code = proc.wait(timeout=60)
+    stderr = proc.stderr.read()
+    assert final["net"]["state"] == "failed" and "disconnected" in final["net"]["error"]
+    assert final["net"]["reconnects"] >= 2 and final["net"]["frames"] >= 12
+    assert final["rec"]["state"] == "stopped" and final["rec"]["frames"] == 12 == rec_verdicts  # not stopped by net
+    last = stderr.strip().splitlines()[-1]  # after the reconnect warnings: one error line naming the camera
+    assert code == 1 and last.startswith("Error: ") and "camera net" in last
