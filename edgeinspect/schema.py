@@ -95,6 +95,7 @@ class DetectorTrainSection(Section):
     hflip: real(0.0, 1.0)
     vflip: real(0.0, 1.0)
     save_every: integer(0, 100_000)
+    cache_features: bool
     map_every: integer(0, 100_000)
     seed: integer(0, 2**32 - 1)
     workers: integer(0, 0)

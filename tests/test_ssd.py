@@ -17,8 +17,8 @@ from edgeinspect.errors import BundleError, ConfigError
 from edgeinspect.train.data import DEFECT_TYPES, synthesize
 
 SIZE = 128  # synthetic image side and model input: small enough for one CPU core
-FAST = ["preprocess.input_size=[128,128]", "train.epochs=8", "train.batch_size=8", "train.lr=0.002",
-        "train.map_every=4", "train.warmup_epochs=0.5", "model.train_backbone_stages=2",
+FAST = ["preprocess.input_size=[128,128]", "train.epochs=12", "train.batch_size=8", "train.lr=0.003",
+        "train.map_every=6", "train.warmup_epochs=0.5", "model.neck_channels=64",
         "model.extra_channels=[64,64]", "model.aspect_ratios=[[2],[2],[2],[2],[2]]", "model.min_ratio=0.1"]
 
 
@@ -63,7 +63,7 @@ def write_coco(root: Path, category: str, out: Path, n_val: int = 6) -> Path:
 @pytest.fixture(scope="module")
 def coco_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth_det")
-    synthesize(root, "washer", seed=1, n_train=1, n_test_good=6, n_test_per_defect=9, size=SIZE)
+    synthesize(root, "washer", seed=1, n_train=1, n_test_good=6, n_test_per_defect=15, size=SIZE)
     return write_coco(root, "washer", root / "coco")
 
 
@@ -143,9 +143,9 @@ def test_vgg16_is_torchvisions_ssd300(tmp_path: Path) -> None:
 
 
 def test_detection_metrics_on_known_cases() -> None:
-    from edgeinspect.train.detection import detection_metrics
-
     from pycocotools.coco import COCO
+
+    from edgeinspect.train.detection import detection_metrics
 
     coco = COCO()  # two images: one with a defect box, one good
     coco.dataset = {"images": [{"id": 1, "height": 100, "width": 100}, {"id": 2, "height": 100, "width": 100}],
@@ -176,7 +176,8 @@ def test_training_learns_boxes_on_the_defects(ssd_bundle: Path, coco_dir: Path) 
     bundle = Bundle.open(ssd_bundle)
     history = bundle.manifest["training"]["history"]
     assert history["train_loss"][-1] < 0.6 * history["train_loss"][0]
-    assert history["val_loss"][-1] < history["val_loss"][0]
+    assert history["val_loss"][-1] < 0.6 * history["val_loss"][0]
+    assert history["val_map50"][-1] > history["val_map50"][0]
     model = load_model(bundle)
     split = open_split(coco_dir, "train")
     predictions = predict(model, split, bundle.preprocess, progress=False)
@@ -188,7 +189,7 @@ def test_training_learns_boxes_on_the_defects(ssd_bundle: Path, coco_dir: Path) 
         total += 1
         top = p["boxes"][:3]  # the three most confident detections
         hits += bool(len(top)) and float(_iou(gt, top).max()) >= 0.3
-    assert total >= 20 and hits / total >= 0.6, (hits, total)
+    assert total >= 40 and hits / total >= 0.6, (hits, total)  # 0.8 measured
 
 
 def test_bundle_contents(ssd_bundle: Path) -> None:

@@ -164,26 +164,52 @@ class DetectionBatches:
         self._epoch = i
         return self
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[dict[str, torch.Tensor]]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[dict[str, torch.Tensor]], list[tuple[int, bool, bool]]]]:
+        """(images, targets, keys): each image's key is (index in the split, flipped horizontally, vertically)."""
         rng = np.random.default_rng([self.seed, self._epoch])
         order = rng.permutation(len(self.split)) if self.shuffle else np.arange(len(self.split))
         for start in range(0, len(order), self.batch_size):
-            images, targets = [], []
+            images, targets, keys = [], [], []
             for i in order[start:start + self.batch_size]:
                 rgb, target = self.split.load(int(i))
                 images.append(rgb)
                 targets.append(to_input(target, rgb.shape[:2], self.preprocess))
+                keys.append((int(i), bool(self.hflip and rng.random() < self.hflip),
+                             bool(self.vflip and rng.random() < self.vflip)))
             x = torch.from_numpy(self.preprocess.batch(images))
             xs = []
-            for k in range(len(images)):
+            for k, (_, h, v) in enumerate(keys):
                 xi, ti = x[k], targets[k]
-                if self.hflip and rng.random() < self.hflip:
+                if h:
                     xi, ti = _flip(xi, ti, horizontal=True)
-                if self.vflip and rng.random() < self.vflip:
+                if v:
                     xi, ti = _flip(xi, ti, horizontal=False)
                 xs.append(xi)
                 targets[k] = ti
-            yield torch.stack(xs), targets
+            yield torch.stack(xs), targets, keys
+
+
+class FeatureCache:
+    """Each image's (and flip's) :meth:`DetectorModel.frozen_features`, computed on first use and kept in
+    float16: with a frozen backbone, later epochs only run the trained layers."""
+
+    def __init__(self) -> None:
+        self._store: dict[tuple[int, bool, bool], list[torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    @torch.no_grad()
+    def features(self, model: DetectorModel, x: torch.Tensor, keys: Sequence[tuple[int, bool, bool]]
+                 ) -> list[torch.Tensor]:
+        """The batch's frozen features (float32), computing only the images not seen before."""
+        missing = [k for k, key in enumerate(keys) if key not in self._store]
+        if missing:
+            computed = model.frozen_features(x[missing])
+            for j, k in enumerate(missing):
+                self._store[keys[k]] = [f[j].to(torch.float16) for f in computed]
+        return [torch.stack([self._store[key][level] for key in keys]).to(x.device, torch.float32)
+                for level in range(len(self._store[keys[0]]))]
 
 
 # --------------------------------------------------------------------------------------- training
@@ -211,15 +237,24 @@ def _to(targets: list[dict[str, torch.Tensor]], dev: torch.device) -> list[dict[
     return [{k: v.to(dev) for k, v in t.items()} for t in targets]
 
 
+def _loss(model: DetectorModel, x: torch.Tensor, targets: list[dict[str, torch.Tensor]],
+          keys: Sequence[tuple[int, bool, bool]], cache: FeatureCache | None, dev: torch.device
+          ) -> dict[str, torch.Tensor]:
+    targets = _to(targets, dev)
+    if cache is None:
+        return model.loss(x.to(dev), targets)
+    return model.loss_on_features(cache.features(model, x.to(dev), keys), targets)
+
+
 @torch.no_grad()
-def validation_loss(model: DetectorModel, batches: DetectionBatches, dev: torch.device, progress: bool
-                    ) -> dict[str, float]:
+def validation_loss(model: DetectorModel, batches: DetectionBatches, dev: torch.device, progress: bool,
+                    cache: FeatureCache | None = None) -> dict[str, float]:
     """Mean loss terms over a split (training loss, no gradient, no flips)."""
     model.train()
     sums: dict[str, float] = {}
     n = 0
-    for x, targets in tqdm(batches, desc="val loss", disable=not progress, unit="batch", leave=False):
-        parts = model.loss(x.to(dev), _to(targets, dev))
+    for x, targets, keys in tqdm(batches, desc="val loss", disable=not progress, unit="batch", leave=False):
+        parts = _loss(model, x, targets, keys, cache, dev)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v) * x.shape[0]
         n += x.shape[0]
@@ -287,6 +322,8 @@ def train(family: str, data_dir: str | Path, out: str | Path, config: dict[str, 
         start, best, seconds = state["epoch"], state["best_val_loss"], state["seconds"]
         log.info("resuming %s at epoch %d of %d", family, start + 1, tcfg["epochs"])
     (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    cached = tcfg["cache_features"] and model.features_frozen
+    cache, val_cache = (FeatureCache(), FeatureCache()) if cached else (None, None)
     total = tcfg["epochs"] * len(batches)
     warmup = int(round(tcfg["warmup_epochs"] * len(batches)))
     for epoch in range(start, tcfg["epochs"]):
@@ -296,11 +333,11 @@ def train(family: str, data_dir: str | Path, out: str | Path, config: dict[str, 
         n = 0
         bar = tqdm(batches.epoch(epoch), desc=f"epoch {epoch + 1}/{tcfg['epochs']}", disable=not progress,
                    unit="batch")
-        for b, (x, targets) in enumerate(bar):
+        for b, (x, targets, keys) in enumerate(bar):
             lr = tcfg["lr"] * lr_factor(epoch * len(batches) + b, total, warmup, tcfg["min_lr_ratio"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            parts = model.loss(x.to(dev), _to(targets, dev))
+            parts = _loss(model, x, targets, keys, cache, dev)
             loss = sum(parts.values())
             if not torch.isfinite(loss):
                 raise ConfigError(f"the loss became {float(loss)} at epoch {epoch + 1}; lower train.lr "
@@ -309,10 +346,10 @@ def train(family: str, data_dir: str | Path, out: str | Path, config: dict[str, 
             loss.backward()
             optimizer.step()
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * x.shape[0]
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * x.shape[0]
             n += x.shape[0]
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-        val = validation_loss(model, val_batches, dev, progress)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        val = validation_loss(model, val_batches, dev, progress, val_cache)
         entry = {**{f"train_{k}": v / n for k, v in sums.items()}, "train_loss": sum(sums.values()) / n,
                  **{f"val_{k}": v for k, v in val.items()}, "val_loss": sum(val.values()), "lr": lr}
         if tcfg["map_every"] and ((epoch + 1) % tcfg["map_every"] == 0 or epoch + 1 == tcfg["epochs"]):
@@ -628,5 +665,5 @@ def evaluate(bundle_path: str | Path, data_dir: str | Path, *, split: str = "tes
     return metrics
 
 
-__all__ = ["CocoSplit", "DetectionBatches", "coco_eval", "coco_results", "detection_metrics", "draw", "evaluate",
-           "lr_factor", "open_split", "predict", "predict_engine", "save_viz", "to_input", "train"]
+__all__ = ["CocoSplit", "DetectionBatches", "FeatureCache", "coco_eval", "coco_results", "detection_metrics", "draw",
+           "evaluate", "lr_factor", "open_split", "predict", "predict_engine", "save_viz", "to_input", "train"]

@@ -70,6 +70,20 @@ class DetectorModel(nn.Module):
         (``boxes`` K x 4 xyxy input pixels, ``labels`` K in 1..C; ``masks`` K x H x W for Mask R-CNN)."""
         raise NotImplementedError
 
+    @property
+    def features_frozen(self) -> bool:
+        """Whether :meth:`frozen_features` never changes during training (the trainer may then cache it)."""
+        return False
+
+    def frozen_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of the part of the network that is not trained (default: the input itself)."""
+        return [x]
+
+    def loss_on_features(self, features: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
+                         ) -> dict[str, torch.Tensor]:
+        """:meth:`loss` from :meth:`frozen_features`' output (default: the input itself)."""
+        return self.loss(features[0], targets)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Exactly the engine graph (eval mode): the outputs named by ``output_names``."""
         raise NotImplementedError

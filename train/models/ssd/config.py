@@ -21,6 +21,7 @@ class SsdSection(Section):
     weights: str | None = None
     stages: list[str]
     train_backbone_stages: integer(0, 7)
+    neck_channels: integer(0, 4096)
     extra_channels: list[integer(8, 4096)]
     aspect_ratios: list[list[real(1.0, 10.0)]]
     min_ratio: real(0.0, 1.0, lo_open=True)

@@ -38,7 +38,7 @@ class LiteSSDBackbone(nn.Module):
     followed by extra layers like SSD300's (1x1 reduce, 3x3 stride 2 conv, ReLU) down to a 1 x 1 map."""
 
     def __init__(self, backbone: str, stages: list[str], extra_channels: list[int], train_stages: int,
-                 input_size: tuple[int, int], *, pretrained: bool, weights: str | None):
+                 neck_channels: int, input_size: tuple[int, int], *, pretrained: bool, weights: str | None):
         super().__init__()
         self.extractor = FeatureExtractor(backbone, stages, pretrained=pretrained, weights=weights)
         trunk = self.extractor.trunk
@@ -49,7 +49,11 @@ class LiteSSDBackbone(nn.Module):
         with torch.no_grad():
             feature = self.extractor(torch.zeros(1, 3, *input_size))[-1]
         cin, size = feature.shape[1], tuple(feature.shape[-2:])
-        self.out_channels = [*self.extractor.channels()]
+        # the neck: one trainable 3x3 conv + ReLU on each stage map (the heads' only non-linear layer on frozen
+        # stages); none with neck_channels 0
+        self.neck = nn.ModuleList(nn.Sequential(nn.Conv2d(c, neck_channels, 3, padding=1), nn.ReLU(inplace=True))
+                                  for c in (self.extractor.channels() if neck_channels else []))
+        self.out_channels = [neck_channels] * len(stages) if neck_channels else [*self.extractor.channels()]
         extras = []
         for cout in extra_channels:
             # 3x3 stride 2 while the map is larger than 3 x 3, then one conv over the whole map (-> 1 x 1)
@@ -60,15 +64,19 @@ class LiteSSDBackbone(nn.Module):
             cin = cout
             self.out_channels.append(cout)
         self.extras = nn.ModuleList(extras)
-        for layer in self.extras.modules():
+        for layer in [*self.extras.modules(), *self.neck.modules()]:
             if isinstance(layer, nn.Conv2d):
                 nn.init.xavier_uniform_(layer.weight)
                 nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        """Feature maps, finest first: the stages, then the extra layers."""
-        features = self.extractor(x)
-        y = features[-1]
+        """Feature maps, finest first: the stages (through the neck), then the extra layers."""
+        return self.tail(self.extractor(x))
+
+    def tail(self, stages: list[torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+        """The feature maps from the stage outputs: the neck, the extra layers on the last stage."""
+        features = [neck(f) for neck, f in zip(self.neck, stages, strict=True)] if len(self.neck) else list(stages)
+        y = stages[-1]
         for extra in self.extras:
             y = extra(y)
             features.append(y)
@@ -111,11 +119,13 @@ class SSDDetector(DetectorModel):
 
     def __init__(self, classes: list[str], input_size: tuple[int, int], *, pretrained: bool = True,
                  backbone: str, weights: str | None, stages: list[str], train_backbone_stages: int,
-                 extra_channels: list[int], aspect_ratios: list[list[float]], min_ratio: float, max_ratio: float,
+                 neck_channels: int, extra_channels: list[int], aspect_ratios: list[list[float]], min_ratio: float,
+                 max_ratio: float,
                  iou_thresh: float, positive_fraction: float, score_thresh: float, nms_thresh: float,
                  topk_candidates: int, detections_per_img: int, seed: int = 0):
         super().__init__(classes, input_size, pretrained=pretrained, backbone=backbone, weights=weights,
-                         stages=stages, train_backbone_stages=train_backbone_stages, extra_channels=extra_channels,
+                         stages=stages, train_backbone_stages=train_backbone_stages, neck_channels=neck_channels,
+                         extra_channels=extra_channels,
                          aspect_ratios=aspect_ratios, min_ratio=min_ratio, max_ratio=max_ratio,
                          iou_thresh=iou_thresh, positive_fraction=positive_fraction, score_thresh=score_thresh,
                          nms_thresh=nms_thresh, topk_candidates=topk_candidates,
@@ -130,8 +140,8 @@ class SSDDetector(DetectorModel):
             net, detector_state = _vgg_backbone(weights, pretrained, min(train_backbone_stages, 5))
             anchors = DefaultBoxGenerator(ratios, scales=VGG_SCALES, steps=VGG_STEPS)
         else:
-            net = LiteSSDBackbone(backbone, stages, extra_channels, train_backbone_stages, self.input_size,
-                                  pretrained=pretrained, weights=weights)
+            net = LiteSSDBackbone(backbone, stages, extra_channels, train_backbone_stages, neck_channels,
+                                  self.input_size, pretrained=pretrained, weights=weights)
             anchors = DefaultBoxGenerator(ratios, min_ratio=min_ratio, max_ratio=max_ratio)
         self.ssd = SSD(net, anchors, self.input_size, self.num_classes, image_mean=[0.0] * 3, image_std=[1.0] * 3,
                        score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img,
@@ -153,24 +163,43 @@ class SSDDetector(DetectorModel):
             return VGG_MEAN, VGG_STD
         return super().normalization(model_config)
 
-    def _heads(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.ssd.head(list(self.ssd.backbone(x).values()))
+    @property
+    def _lite(self) -> bool:
+        return isinstance(self.ssd.backbone, LiteSSDBackbone)
+
+    @property
+    def features_frozen(self) -> bool:
+        """Whether the whole Lite trunk is frozen (``train_backbone_stages: 0``): its stage outputs can be cached."""
+        return self._lite and self.model_config["train_backbone_stages"] == 0
+
+    def frozen_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The Lite stage outputs (vgg16: the input itself)."""
+        return self.ssd.backbone.extractor(x) if self._lite else [x]
+
+    def _heads(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        maps = self.ssd.backbone.tail(features) if self._lite else self.ssd.backbone(features[0])
+        return self.ssd.head(list(maps.values()))
 
     def loss(self, x: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """torchvision's SSD loss (smooth L1 on matched boxes, cross-entropy with 3:1 hard negative mining)."""
-        heads = self._heads(x)
-        anchors = [self.anchors] * x.shape[0]
+        return self.loss_on_features(self.frozen_features(x), targets)
+
+    def loss_on_features(self, features: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
+                         ) -> dict[str, torch.Tensor]:
+        """:meth:`loss` from :meth:`frozen_features`' output."""
+        heads = self._heads(features)
+        anchors = [self.anchors] * len(targets)
         matched = []
         for t in targets:
             if t["boxes"].numel() == 0:
-                matched.append(torch.full((self.anchors.shape[0],), -1, dtype=torch.int64, device=x.device))
+                matched.append(torch.full((self.anchors.shape[0],), -1, dtype=torch.int64, device=self.anchors.device))
             else:
                 matched.append(self.ssd.proposal_matcher(box_ops.box_iou(t["boxes"], self.anchors)))
         return self.ssd.compute_loss(targets, heads, anchors, matched)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw head outputs: box deltas N x A x 4 and class logits N x A x (C+1)."""
-        heads = self._heads(x)
+        heads = self._heads(self.frozen_features(x))
         return heads["bbox_regression"], heads["cls_logits"]
 
     @torch.no_grad()
