@@ -18,7 +18,7 @@ MODELS: dict[str, type[AnomalyModel] | type[DetectorModel]] = {
     "ssd": SSDDetector}
 # the whole configuration schema of a family, by the task it serves (detectors train for epochs on labelled
 # boxes and decide on a confidence; anomaly models calibrate a threshold on held-out scores)
-_SCHEMAS = {"anomaly_map": family_config, "detections": detector_config}
+SCHEMAS_BY_TASK = {"anomaly_map": family_config, "detections": detector_config}
 
 
 def get_model_class(family: str) -> type[AnomalyModel] | type[DetectorModel]:
@@ -32,8 +32,8 @@ def get_model_class(family: str) -> type[AnomalyModel] | type[DetectorModel]:
 def config_schema(family: str) -> type[Section]:
     """The whole configuration schema of a family: its own ``model`` section and the shared ones."""
     cls = get_model_class(family)
-    return _SCHEMAS[cls.task](cls.config_section)
+    return SCHEMAS_BY_TASK[cls.task](cls.config_section)
 
 
-__all__ = ["MODELS", "AnomalyModel", "Autoencoder", "BackboneAnomalyModel", "Cam", "DetectorModel", "GLASS",
-           "PatchCore", "Padim", "SSDDetector", "config_schema", "get_model_class"]
+__all__ = ["MODELS", "SCHEMAS_BY_TASK", "AnomalyModel", "Autoencoder", "BackboneAnomalyModel", "Cam", "DetectorModel",
+           "GLASS", "PatchCore", "Padim", "SSDDetector", "config_schema", "get_model_class"]
