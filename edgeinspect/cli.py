@@ -199,40 +199,14 @@ def backbones() -> None:
         click.echo(f"    stages: {stages}")
 
 
-@main.command()
-@click.argument("family")
-@click.option("--data", "data_root", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Dataset root in the MVTec layout.")
-@click.option("--category", required=True, help="Category folder under the root.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out (atomically).")
-@click.option("--backbone", default=None, help="Override model.backbone (see `edgeinspect backbones`).")
-@click.option("--weights", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="Backbone weights file (for torchvision backbones without internet).")
-@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="YAML file overriding configs/<family>.yaml.")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
-@click.pass_context
-def train(ctx: click.Context, family: str, data_root: str, category: str, out: str, overwrite: bool,
-          backbone: str | None, weights: str | None, config_path: str | None, overrides: tuple[str, ...],
-          device: str) -> None:
-    """Train FAMILY (patchcore, padim, autoencoder, glass; cam is supervised) and write a model bundle (threshold
-    included)."""
-    from edgeinspect.config import load_config
-    from edgeinspect.train.models import MODELS
+def _train_anomaly(ctx: click.Context, family: str, data_root: str, out: str, config: dict, *, category: str | None,
+                   device: str, overwrite: bool, resume: bool) -> None:
     from edgeinspect.train.trainer import train as run_train
 
-    if family not in MODELS:
-        raise click.BadParameter(f"{family!r} is not one of {', '.join(MODELS)}", param_hint="FAMILY")
-    keys = MODELS[family].config_section.model_fields
-    for option, value, key in (("--backbone", backbone, "backbone"), ("--weights", weights, "weights")):
-        if value and key not in keys:
-            raise click.UsageError(f"{option}: {family} has no backbone (it trains its own network from scratch); "
-                                   f"drop {option}")
-    extra = [f"model.backbone={backbone}"] if backbone else []
-    extra += [f"model.weights={weights}"] if weights else []
-    config = load_config(family, config_path, [*overrides, *extra])
+    if not category:
+        raise click.UsageError(f"--category is required for {family} (a category folder of the MVTec-layout root)")
+    if resume:
+        raise click.UsageError(f"--resume: {family} trains in one go; drop --resume")
     bundle = run_train(family, data_root, category, out, config, device=device, progress=_progress(ctx),
                        overwrite=overwrite)
     m = bundle.manifest["metrics"]
@@ -242,21 +216,86 @@ def train(ctx: click.Context, family: str, data_root: str, category: str, out: s
                f"threshold {bundle.decision['threshold']:.4g}")
 
 
+def _train_detector(ctx: click.Context, family: str, data_root: str, out: str, config: dict, *,
+                    category: str | None, device: str, overwrite: bool, resume: bool) -> None:
+    from edgeinspect.train.detection import train as run_train
+
+    if category:
+        raise click.UsageError(f"--category: {family} trains on a COCO folder (--data), not a category; drop it")
+    bundle = run_train(family, data_root, out, config, device=device, progress=_progress(ctx), overwrite=overwrite,
+                       resume=resume)
+    m = bundle.manifest["metrics"]
+    click.echo(f"bundle {bundle.path} ({bundle.bundle_id}): bbox mAP@0.5 {m['bbox']['map50']:.4f}, "
+               f"mAP {m['bbox']['map']:.4f}, image F1 {m['f1']:.4f} at conf {m['conf']:g} on {m['n_images']} "
+               f"{m['split']} images; best epoch {m['best_epoch']} of {m['epochs']}")
+
+
+# what `train` does by the task the family serves
+_TRAINERS = {"anomaly_map": _train_anomaly, "detections": _train_detector}
+# train options that set a key of the detector's `train` section (None = not given)
+_TRAIN_KEYS = (("--epochs", "epochs"), ("--batch-size", "batch_size"), ("--lr", "lr"), ("--save-every", "save_every"))
+
+
 @main.command()
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--data", "data_root", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--category", required=True)
-@click.option("--engine", default="torch", show_default=True,
-              help="torch, or an engine of the bundle: auto, onnx, onnx:int8, tensorrt:fp16, ...")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
-              help="Torch device for --engine torch.")
-@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the metrics here.")
+@click.argument("family")
+@click.option("--data", "data_root", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Dataset root: the MVTec layout (anomaly families) or a COCO folder (ssd, maskrcnn).")
+@click.option("--category", default=None, help="Category folder under the root (anomaly families only).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out (atomically).")
+@click.option("--backbone", default=None, help="Override model.backbone (see `edgeinspect backbones`).")
+@click.option("--weights", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Backbone weights file (for torchvision backbones without internet).")
+@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="YAML file overriding configs/<family>.yaml.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Detectors: train.epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Detectors: train.batch_size.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Detectors: train.lr.")
+@click.option("--save-every", type=click.IntRange(min=0), default=None,
+              help="Detectors: also keep checkpoints/epoch_N.pt every N epochs.")
+@click.option("--resume", is_flag=True, help="Detectors: continue the interrupted run in <out>.work/.")
 @click.pass_context
-def evaluate(ctx: click.Context, bundle: str, data_root: str, category: str, engine: str, device: str,
-             json_out: str | None) -> None:
-    """Image, pixel and box metrics of BUNDLE on a test split."""
+def train(ctx: click.Context, family: str, data_root: str, category: str | None, out: str, overwrite: bool,
+          backbone: str | None, weights: str | None, config_path: str | None, overrides: tuple[str, ...],
+          device: str, epochs: int | None, batch_size: int | None, lr: float | None, save_every: int | None,
+          resume: bool) -> None:
+    """Train FAMILY and write a model bundle: anomaly models (patchcore, padim, autoencoder, glass; cam is
+    supervised) with their threshold, or detectors (ssd, maskrcnn) on a COCO folder."""
+    from edgeinspect.config import load_config
+    from edgeinspect.train.models import MODELS
+
+    if family not in MODELS:
+        raise click.BadParameter(f"{family!r} is not one of {', '.join(MODELS)}", param_hint="FAMILY")
+    cls = MODELS[family]
+    keys = cls.config_section.model_fields
+    for option, value, key in (("--backbone", backbone, "backbone"), ("--weights", weights, "weights")):
+        if value and key not in keys:
+            raise click.UsageError(f"{option}: {family} has no backbone (it trains its own network from scratch); "
+                                   f"drop {option}")
+    extra = [f"model.backbone={backbone}"] if backbone else []
+    extra += [f"model.weights={weights}"] if weights else []
+    given = {option: (key, ctx.params[key]) for option, key in _TRAIN_KEYS if ctx.params[key] is not None}
+    if given and cls.task != "detections":
+        raise click.UsageError(f"{', '.join(given)}: {family} is not trained for epochs; use --set for its keys")
+    extra += [f"train.{key}={value}" for key, value in given.values()]
+    config = load_config(family, config_path, [*overrides, *extra])
+    _TRAINERS[cls.task](ctx, family, data_root, out, config, category=category, device=device, overwrite=overwrite,
+                        resume=resume)
+
+
+def _evaluate_anomaly(ctx: click.Context, bundle: str, data_root: str, *, category: str | None, engine: str,
+                      device: str, split: str | None, conf: float | None, save_viz: str | None,
+                      predictions: str | None) -> dict:
     from edgeinspect.train.evaluate import evaluate as run_evaluate
 
+    if not category:
+        raise click.UsageError("--category is required for an anomaly-map bundle")
+    for option, value in (("--split", split), ("--conf", conf), ("--save-viz", save_viz),
+                          ("--predictions", predictions)):
+        if value is not None:
+            raise click.UsageError(f"{option} is for detector bundles; drop it")
     m = run_evaluate(bundle, data_root, category, engine, device=device, progress=_progress(ctx))
     c = m["confusion"]
     rows = [("image", f"AUROC {m['image_auroc']:.4f}  AUPR {m['aupr']:.4f}  "
@@ -270,6 +309,67 @@ def evaluate(ctx: click.Context, bundle: str, data_root: str, category: str, eng
             ("engine", f"{m['engine']}, {m['ms_per_image']:.1f} ms / image")]
     for key, value in rows:
         click.echo(f"{key:<14}{value}")
+    return m
+
+
+def _evaluate_detector(ctx: click.Context, bundle: str, data_root: str, *, category: str | None, engine: str,
+                       device: str, split: str | None, conf: float | None, save_viz: str | None,
+                       predictions: str | None) -> dict:
+    from edgeinspect.train.detection import evaluate as run_evaluate
+
+    if category:
+        raise click.UsageError("--category: a detector bundle is evaluated on a COCO folder (--data); drop it")
+    m = run_evaluate(bundle, data_root, split=split or "test", conf=conf, engine=engine, device=device,
+                     save_viz_dir=save_viz, predictions_path=predictions, progress=_progress(ctx))
+    c = m["confusion"]
+    rows = [(f"{kind}", f"mAP {m[kind]['map']:.4f}  mAP@0.5 {m[kind]['map50']:.4f}  mAP@0.75 {m[kind]['map75']:.4f}")
+            for kind in ("bbox", "segm") if kind in m]
+    rows += [(f"@ conf {m['conf']:g}", f"accuracy {m['accuracy']:.4f}  precision {m['precision']:.4f}  "
+                                       f"recall {m['recall']:.4f}  F1 {m['f1']:.4f}  "
+                                       f"TP {c['tp']} FN {c['fn']} FP {c['fp']} TN {c['tn']}"),
+             ("defects", f"detection rate {m['defect_detection_rate']:.4f} of {m['n_defect_boxes']} boxes  "
+                         f"mean confidence {m['mean_confidence']:.4f}  composite {m['composite']:.4f}"),
+             ("images", f"{m['n_images']} ({m['n_defective']} defective): {m['split']}"),
+             ("engine", f"{m['engine']}, {m['ms_per_image']:.1f} ms / image")]
+    for key, value in rows:
+        click.echo(f"{key:<14}{value}")
+    return m
+
+
+# what `evaluate` does by the task the bundle serves (manifest "task"; absent = anomaly_map)
+_EVALUATORS = {"anomaly_map": _evaluate_anomaly, "detections": _evaluate_detector}
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", "data_root", required=True, type=click.Path(exists=True, file_okay=False),
+              help="MVTec-layout root (anomaly bundles) or COCO folder (detector bundles).")
+@click.option("--category", default=None, help="Category under the root (anomaly bundles).")
+@click.option("--engine", default="torch", show_default=True,
+              help="torch, or an engine of the bundle: auto, onnx, onnx:int8, tensorrt:fp16, ...")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+              help="Torch device for --engine torch.")
+@click.option("--split", default=None, type=click.Choice(["train", "val", "test"]),
+              help="Detector bundles: the COCO split  [default: test]")
+@click.option("--conf", default=None, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Detector bundles: confidence of a defect detection for the image-level metrics "
+                   "[default: the bundle's decision threshold]")
+@click.option("--save-viz", default=None, type=click.Path(file_okay=False),
+              help="Detector bundles: write one PNG per image (ground truth green, detections red) here.")
+@click.option("--predictions", default=None, type=click.Path(dir_okay=False),
+              help="Detector bundles: write the detections here (COCO results JSON).")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the metrics here.")
+@click.pass_context
+def evaluate(ctx: click.Context, bundle: str, data_root: str, category: str | None, engine: str, device: str,
+             split: str | None, conf: float | None, save_viz: str | None, predictions: str | None,
+             json_out: str | None) -> None:
+    """Metrics of BUNDLE: image, pixel and box metrics on a test split (anomaly bundles), COCO mAP and
+    image-level metrics on a COCO split (detector bundles)."""
+    from edgeinspect.bundle import Bundle
+
+    task = Bundle.open(bundle).manifest.get("task", "anomaly_map")
+    m = _EVALUATORS[task](ctx, bundle, data_root, category=category, engine=engine, device=device, split=split,
+                          conf=conf, save_viz=save_viz, predictions=predictions)
     if json_out:
         Path(json_out).write_text(json.dumps(m, indent=2) + "\n")
 

@@ -81,6 +81,41 @@ def family_config(model_section: type[Section]) -> type[Section]:
                         train=(TrainSection, ...), decision=(DecisionSection, ...))
 
 
+class DetectorTrainSection(Section):
+    """``train`` of a detector: epochs, batching, optimizer and schedule, flips, checkpoints."""
+
+    epochs: integer(1, 100_000)
+    batch_size: integer(1, 1024)
+    lr: real(0.0, 10.0, lo_open=True)
+    optimizer: Literal["adamw", "sgd"]
+    weight_decay: real(0.0, 1.0)
+    momentum: real(0.0, 1.0, hi_open=True)
+    warmup_epochs: real(0.0, 1000.0)
+    min_lr_ratio: real(0.0, 1.0)
+    hflip: real(0.0, 1.0)
+    vflip: real(0.0, 1.0)
+    save_every: integer(0, 100_000)
+    cache_features: bool
+    map_every: integer(0, 100_000)
+    seed: integer(0, 2**32 - 1)
+    workers: integer(0, 0)
+
+
+class DetectorDecisionSection(Section):
+    """``decision`` of a detector: the confidence a defect detection needs to make the verdict NOK."""
+
+    conf: real(0.0, 1.0, lo_open=True, hi_open=True)
+
+
+@cache
+def detector_config(model_section: type[Section]) -> type[Section]:
+    """The whole configuration of a detector family: its ``model`` section plus the detector sections."""
+    name = model_section.__name__.removesuffix("Section") + "Config"
+    return create_model(name, __base__=Section, __doc__=f"Configuration of {name.removesuffix('Config')}.",
+                        model=(model_section, ...), preprocess=(PreprocessSection, ...),
+                        train=(DetectorTrainSection, ...), decision=(DetectorDecisionSection, ...))
+
+
 # ------------------------------------------------------------------------------------- errors
 def validation_errors(exc: ValidationError, schema: type[BaseModel], where: dict[str, str] | None = None
                       ) -> list[str]:

@@ -34,11 +34,12 @@ def test_defaults_match_their_schema_key_for_key_and_every_key_is_commented(name
 
 
 def test_every_family_goes_through_the_one_schema() -> None:
-    from edgeinspect.train.models import MODELS
+    from edgeinspect.train.models import MODELS, SCHEMAS_BY_TASK
 
+    assert SCHEMAS_BY_TASK["anomaly_map"] is family_config
     for family, cls in MODELS.items():
         schema = schema_for(family)
-        assert schema is family_config(cls.config_section)
+        assert schema is SCHEMAS_BY_TASK[cls.task](cls.config_section)
         assert set(schema.model_fields) == {"model", "preprocess", "train", "decision"}
 
 

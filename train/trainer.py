@@ -166,6 +166,13 @@ def test_metrics(dataset: MVTecCategory, samples: Sequence[Sample], preprocess: 
             "n_images": int(len(samples)), "n_defective": int(labels.sum())}
 
 
+def content_digest(stats: dict[str, np.ndarray], state: dict[str, torch.Tensor]) -> str:
+    """sha256 of what a model computes with, its statistics and its weights (trained ones included): the
+    bundle id's hash."""
+    arrays = [*stats.values(), *(v.detach().cpu().numpy() for v in state.values())]
+    return hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes() for v in arrays)).hexdigest()
+
+
 def _npz_bytes(state: dict[str, torch.Tensor]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **{k: v.detach().cpu().numpy() for k, v in state.items()})
@@ -246,12 +253,9 @@ def _train_into(out: Path, family: str, data_root: str | Path, dataset: MVTecCat
 
     stats = model.statistics()
     state = model.state_dict()
-    # the id hashes what the model computes with: its statistics and its weights (trained ones included)
-    arrays = [*stats.values(), *(v.detach().cpu().numpy() for v in state.values())]
-    digest = hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes() for v in arrays)).hexdigest()
     bundle = Bundle(out, {
         "schema_version": SCHEMA_VERSION,
-        "bundle_id": f"{family}-{model.tag()}-{digest[:12]}",
+        "bundle_id": f"{family}-{model.tag()}-{content_digest(stats, state)[:12]}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "edgeinspect_version": __version__,
         "model": {"family": family, **model.hyperparameters(), "weights_source": model.weights_source()},

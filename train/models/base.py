@@ -68,6 +68,8 @@ class AnomalyModel(nn.Module):
     (:meth:`hyperparameters`, :meth:`weights_source`, :meth:`tag`)."""
 
     family: str = ""
+    # what the bundle serves (DetectorModel: "detections"); selects the config schema, trainer and runtime
+    task: str = "anomaly_map"
     # The family's ``model`` config section (declared beside it, in <family>/config.py).
     config_section: type[Section] = Section
     # Submodules whose operations may run in FP16/INT8 engines; everything else (the statistics,

@@ -1,0 +1,262 @@
+"""SSD: the family on synthetic parts turned into a small COCO folder (a short training run that learns,
+the bundle, resume, evaluation), the detection metrics on hand-made cases, the config and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from edgeinspect.bundle import Bundle
+from edgeinspect.config import load_config
+from edgeinspect.errors import BundleError, ConfigError
+from edgeinspect.train.data import DEFECT_TYPES, synthesize
+
+SIZE = 128  # synthetic image side and model input: small enough for one CPU core
+FAST = ["preprocess.input_size=[128,128]", "train.epochs=12", "train.batch_size=8", "train.lr=0.003",
+        "train.map_every=6", "train.warmup_epochs=0.5", "model.neck_channels=64",
+        "model.extra_channels=[64,64]", "model.aspect_ratios=[[2],[2],[2],[2],[2]]", "model.min_ratio=0.1"]
+
+
+def write_coco(root: Path, category: str, out: Path, n_val: int = 6) -> Path:
+    """MVTec-layout synthetic parts -> a COCO folder with one ``defect`` class: a box (and polygon) per
+    connected component of each defect mask, good images as negatives; train/ and val/."""
+    base = root / category
+    items = [(p, base / "ground_truth" / d / f"{p.stem}_mask.png") for d in DEFECT_TYPES
+             for p in sorted((base / "test" / d).glob("*.png"))]
+    items += [(p, None) for p in sorted((base / "test" / "good").glob("*.png"))]
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(items))
+    splits = {"val": [items[i] for i in order[:n_val]], "train": [items[i] for i in order[n_val:]]}
+    for split, chosen in splits.items():
+        (out / split / "images").mkdir(parents=True, exist_ok=True)
+        images, anns = [], []
+        for k, (image, mask_path) in enumerate(chosen, 1):
+            name = f"{image.parent.name}_{image.name}"
+            (out / split / "images" / name).write_bytes(image.read_bytes())
+            h, w = cv2.imread(str(image)).shape[:2]
+            images.append({"id": k, "file_name": name, "height": h, "width": w})
+            if mask_path is None:
+                continue
+            mask = (cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE) > 0).astype(np.uint8)
+            n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+            for c in range(1, n):
+                x, y, bw, bh, area = (int(v) for v in stats[c])
+                if area < 4:
+                    continue
+                contours, _ = cv2.findContours((labels == c).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                               cv2.CHAIN_APPROX_SIMPLE)
+                polys = [c_.reshape(-1).astype(float).tolist() for c_ in contours if len(c_) >= 3]
+                anns.append({"id": len(anns) + 1, "image_id": k, "category_id": 1, "bbox": [x, y, bw, bh],
+                             "area": area, "iscrowd": 0, "segmentation": polys})
+        data = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "defect"}]}
+        (out / split / "annotations.json").write_text(json.dumps(data))
+    (out / "dataset_info.json").write_text(json.dumps({"source": "mvtec", "category": category,
+                                                       "classes": ["defect"], "classes_mode": "single"}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def coco_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synth_det")
+    synthesize(root, "washer", seed=1, n_train=1, n_test_good=6, n_test_per_defect=15, size=SIZE)
+    return write_coco(root, "washer", root / "coco")
+
+
+@pytest.fixture(scope="module")
+def ssd_bundle(coco_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from edgeinspect.train.detection import train
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("bundles") / "ssd"
+    train("ssd", coco_dir, out, load_config("ssd", overrides=FAST), device="cpu", progress=False)
+    return out
+
+
+def test_config_defaults_and_schema() -> None:
+    config = load_config("ssd")
+    assert config["preprocess"]["input_size"] == [300, 300] and config["decision"]["conf"] == 0.5
+    with pytest.raises(ConfigError, match="aspect_ratios"):
+        load_config("ssd", overrides=["model.aspect_ratios=[[2]]"])
+    with pytest.raises(ConfigError, match="conf"):
+        load_config("ssd", overrides=["decision.conf=1.5"])
+
+
+def test_default_ssd300_layout_and_detect_is_torchvision_postprocess() -> None:
+    from torchvision.models.detection.ssd import SSD
+
+    from edgeinspect.train.trainer import build_model
+
+    config = load_config("ssd")
+    model = build_model("ssd", {**config["model"], "classes": ["a", "b"]}, (300, 300), pretrained=False).eval()
+    assert model.anchors.shape == (8732, 4)  # SSD300's 38/19/10/5/3/1 maps with 4/6/6/6/4/4 boxes per cell
+    assert model.statistics()["anchors"].dtype == np.float32
+    x = torch.randn(2, 3, 300, 300)
+    bbox, logits = model(x)
+    assert bbox.shape == (2, 8732, 4) and logits.shape == (2, 8732, 3)
+    ours = model.detect(x)
+    theirs = SSD.postprocess_detections(model.ssd, {"bbox_regression": bbox, "cls_logits": logits},
+                                        [model.anchors] * 2, [(300, 300)] * 2)
+    for a, b in zip(ours, theirs, strict=True):
+        for key in ("boxes", "labels", "scores"):
+            assert torch.equal(a[key], b[key])
+    trainable = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad}
+    assert {"extractor", "extras"} <= trainable or "head" in {n.split(".")[1] for n, p in model.named_parameters()}
+    frozen_stem = model.ssd.backbone.extractor.trunk._conv_stem.weight
+    assert not frozen_stem.requires_grad
+
+
+def test_vgg16_without_weights_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision
+
+    from edgeinspect.train.trainer import build_model
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("no internet")
+
+    monkeypatch.setattr(torchvision.models.VGG16_Weights.IMAGENET1K_FEATURES.__class__, "get_state_dict", offline)
+    config = load_config("ssd", overrides=["model.backbone=vgg16"])
+    with pytest.raises(ConfigError, match="--weights PATH"):
+        build_model("ssd", {**config["model"], "classes": ["a"]}, (300, 300))
+    with pytest.raises(ConfigError, match="300, 300"):
+        build_model("ssd", {**config["model"], "classes": ["a"]}, (256, 256), pretrained=False)
+
+
+def test_vgg16_is_torchvisions_ssd300(tmp_path: Path) -> None:
+    import torchvision
+
+    from edgeinspect.train.trainer import build_model
+
+    reference = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=3)
+    weights = tmp_path / "ssd300.pth"
+    torch.save(reference.state_dict(), weights)  # a whole SSD300 checkpoint: all but the class scores load
+    config = load_config("ssd", overrides=["model.backbone=vgg16", f"model.weights={weights}"])
+    model = build_model("ssd", {**config["model"], "classes": ["a", "b"]}, (300, 300)).eval()
+    assert model.anchors.shape == (8732, 4)
+    ours = model.ssd.state_dict()
+    assert ours.keys() == reference.state_dict().keys()
+    assert all(torch.equal(ours[k], v) for k, v in reference.state_dict().items())
+
+
+def test_detection_metrics_on_known_cases() -> None:
+    from pycocotools.coco import COCO
+
+    from edgeinspect.train.detection import detection_metrics
+
+    coco = COCO()  # two images: one with a defect box, one good
+    coco.dataset = {"images": [{"id": 1, "height": 100, "width": 100}, {"id": 2, "height": 100, "width": 100}],
+                    "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20],
+                                     "area": 400, "iscrowd": 0}],
+                    "categories": [{"id": 1, "name": "scratch"}, {"id": 2, "name": "good"}]}
+    coco.createIndex()
+    hit = {"image_id": 1, "boxes": np.array([[10, 10, 30, 30]], np.float32), "labels": np.array([1]),
+           "scores": np.array([0.9], np.float32)}
+    good_ok = {"image_id": 2, "boxes": np.array([[0, 0, 100, 100]], np.float32), "labels": np.array([2]),
+               "scores": np.array([0.99], np.float32)}
+    m = detection_metrics(coco, [hit, good_ok], 0.5, ["good"])
+    assert m["bbox"]["map50"] == pytest.approx(1.0)
+    assert m["confusion"] == {"tp": 1, "fn": 0, "fp": 0, "tn": 1}
+    assert m["f1"] == 1.0 and m["defect_detection_rate"] == 1.0 and m["mean_confidence"] == pytest.approx(0.9)
+    # without `good` being ok, the full-image good box makes the good image NOK
+    assert detection_metrics(coco, [hit, good_ok], 0.5, [])["confusion"]["fp"] == 1
+    # below conf: the defect is missed at image level, mAP (no conf cut) is unchanged
+    low = {**hit, "scores": np.array([0.3], np.float32)}
+    m = detection_metrics(coco, [low, good_ok], 0.5, ["good"])
+    assert m["confusion"]["fn"] == 1 and m["defect_detection_rate"] == 0.0 and m["bbox"]["map50"] == pytest.approx(1.0)
+
+
+def test_training_learns_boxes_on_the_defects(ssd_bundle: Path, coco_dir: Path) -> None:
+    from edgeinspect.train.detection import _iou, open_split, predict
+    from edgeinspect.train.trainer import load_model
+
+    bundle = Bundle.open(ssd_bundle)
+    history = bundle.manifest["training"]["history"]
+    assert history["train_loss"][-1] < 0.6 * history["train_loss"][0]
+    assert history["val_loss"][-1] < 0.6 * history["val_loss"][0]
+    assert history["val_map50"][-1] > history["val_map50"][0]
+    model = load_model(bundle)
+    split = open_split(coco_dir, "train")
+    predictions = predict(model, split, bundle.preprocess, progress=False)
+    hits = total = 0
+    for i, p in enumerate(predictions):
+        gt = split.load(i)[1]["boxes"]
+        if len(gt) == 0:
+            continue
+        total += 1
+        top = p["boxes"][:3]  # the three most confident detections
+        hits += bool(len(top)) and float(_iou(gt, top).max()) >= 0.3
+    assert total >= 40 and hits / total >= 0.6, (hits, total)  # 0.8 measured
+
+
+def test_bundle_contents(ssd_bundle: Path) -> None:
+    bundle = Bundle.open(ssd_bundle)
+    m = bundle.manifest
+    assert m["task"] == "detections" and m["model"]["family"] == "ssd" and m["model"]["classes"] == ["defect"]
+    anchors = bundle.load_array("anchors")
+    assert m["outputs"] == {"bbox_regression": [1, len(anchors), 4], "cls_logits": [1, len(anchors), 2]}
+    assert m["detection"]["decoder"] == "anchor_boxes" and m["detection"]["ok_classes"] == []
+    assert m["detection"]["box_coder_weights"] == [10.0, 10.0, 5.0, 5.0]
+    assert m["decision"]["threshold"] == 0.5 and m["decision"]["normalization"]["center"] == 0.5
+    for name in ("config.json", "history.json", "checkpoints/best.pt", "checkpoints/last.pt",
+                 "reports/training_curves.png", "reports/predictions.json", "weights.npz"):
+        assert (ssd_bundle / name).is_file(), name
+    assert json.loads((ssd_bundle / "history.json").read_text())["val_loss"] == m["training"]["history"]["val_loss"]
+    assert "val_map50" in m["training"]["history"] and m["metrics"]["split"] == "val"
+    assert not (ssd_bundle.parent / "ssd.work").exists()
+    assert m["bundle_id"].startswith("ssd-efficientnet_lite0-")
+
+
+def test_resume_continues_an_interrupted_run(coco_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    from edgeinspect.train import detection
+
+    config = load_config("ssd", overrides=[*FAST, "train.epochs=2", "train.map_every=0", "train.save_every=1"])
+    out = tmp_path / "b"
+    calls = {"n": 0}
+    real = detection.validation_loss
+
+    def crash_in_second_epoch(*args: object, **kwargs: object) -> dict[str, float]:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(detection, "validation_loss", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        detection.train("ssd", coco_dir, out, config, device="cpu", progress=False)
+    assert (tmp_path / "b.work" / "checkpoints" / "last.pt").is_file() and not out.exists()
+    with pytest.raises(BundleError, match="--resume"):
+        detection.train("ssd", coco_dir, out, config, device="cpu", progress=False)
+    monkeypatch.setattr(detection, "validation_loss", real)
+    bundle = detection.train("ssd", coco_dir, out, config, device="cpu", progress=False, resume=True)
+    history = bundle.manifest["training"]["history"]
+    assert len(history["val_loss"]) == 2 and bundle.manifest["metrics"]["epochs"] == 2
+    assert (out / "checkpoints" / "epoch_1.pt").is_file() and (out / "checkpoints" / "epoch_2.pt").is_file()
+
+
+def test_evaluate_and_cli(ssd_bundle: Path, coco_dir: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgeinspect.cli import main
+
+    result = CliRunner().invoke(main, ["-q", "evaluate", str(ssd_bundle), "--data", str(coco_dir), "--split", "val",
+                                       "--save-viz", str(tmp_path / "viz"), "--json", str(tmp_path / "m.json"),
+                                       "--predictions", str(tmp_path / "p.json")])
+    assert result.exit_code == 0, result.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    manifest = Bundle.open(ssd_bundle).manifest["metrics"]
+    assert m["bbox"] == manifest["bbox"] and m["confusion"] == manifest["confusion"]
+    assert sum(m["confusion"].values()) == m["n_images"] == 6
+    assert "mAP@0.5" in result.output and "composite" in result.output
+    assert len(list((tmp_path / "viz").glob("*.png"))) == 6
+    assert isinstance(json.loads((tmp_path / "p.json").read_text()), list)
+    result = CliRunner().invoke(main, ["-q", "evaluate", str(ssd_bundle), "--data", str(coco_dir), "--split", "val",
+                                       "--engine", "onnx"])
+    assert result.exit_code == 1 and "torch" in result.output
+    result = CliRunner().invoke(main, ["-q", "train", "ssd", "--data", str(coco_dir), "--out", str(tmp_path / "o"),
+                                       "--category", "x"])
+    assert result.exit_code == 2 and "--category" in result.output

@@ -1,0 +1,669 @@
+"""Training a defect detector (SSD, Mask R-CNN) on a COCO folder into a bundle, and evaluating it.
+
+Training: AdamW (or SGD with Nesterov momentum), the learning rate warmed up linearly over
+``train.warmup_epochs`` then decayed by a cosine to ``lr * min_lr_ratio``, both per step; optional flips of
+the training images with their boxes (and masks). After every epoch the validation loss (the training loss
+on the ``val`` images: no flips, no gradient) and, every ``map_every`` epochs, the val COCO mAP@0.5. The best
+checkpoint is the one with the lowest validation loss (steadier than mAP on a small val split).
+
+Checkpoints go to ``<out>.work/checkpoints/`` while training (kept when training fails or is stopped;
+``resume=True`` continues from its ``last.pt``); the finished bundle (the best weights) is built beside
+``out`` and swapped in atomically, with the checkpoints, ``config.json`` and ``history.json``.
+
+Evaluation (:func:`detection_metrics`): pycocotools COCOeval (bbox, and segm when the predictions have
+masks) plus image-level metrics, see its docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from edgeinspect import __version__
+from edgeinspect.bundle import Bundle, atomic_write_bytes, bundle_target, staging_dir, swap_in
+from edgeinspect.config import validate
+from edgeinspect.errors import BundleError, ConfigError, DataError
+from edgeinspect.frames import FrameSpec
+from edgeinspect.imageio import read_image, read_raw
+from edgeinspect.manifest import SCHEMA_VERSION
+from edgeinspect.preprocess import Preprocess
+from edgeinspect.train.metrics import accuracy
+from edgeinspect.train.models import DetectorModel
+from edgeinspect.train.plots import curves_png
+from edgeinspect.train.trainer import (
+    _npz_bytes,
+    build_model,
+    check_out,
+    content_digest,
+    load_model,
+    make_preprocess,
+    resolve_device,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------- data
+class _CocoSplitStandIn:
+    """Minimal reader of one split of a COCO folder (DETECT.md section 1), used until
+    ``train/data/coco.py:CocoSplit`` is there (same interface)."""
+
+    def __init__(self, root: str | Path, split: str):
+        from pycocotools.coco import COCO
+
+        self.root = Path(root) / split
+        path = self.root / "annotations.json"
+        if not path.is_file():
+            raise DataError(f"no {split} split in {root}: {path} is missing (a COCO folder from `edgeinspect data "
+                            f"coco` has train/, val/ and maybe test/)")
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco = COCO(str(path))
+        cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
+        self.classes = [c["name"] for c in cats]
+        self.image_ids = sorted(self.coco.getImgIds())
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def path_of(self, i: int) -> Path:
+        """The image file of the i-th image."""
+        return self.root / "images" / self.coco.imgs[self.image_ids[i]]["file_name"]
+
+    def load(self, i: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """(RGB uint8 image, target with ``boxes`` xyxy px, ``labels`` 1..C, ``masks`` or None)."""
+        info = self.coco.imgs[self.image_ids[i]]
+        anns = [a for a in self.coco.imgToAnns.get(self.image_ids[i], []) if not a.get("iscrowd", 0)]
+        boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                          for a in anns], np.float32).reshape(-1, 4)
+        has_masks = bool(anns) and all(a.get("segmentation") for a in anns)
+        masks = np.stack([self.coco.annToMask(a) for a in anns]).astype(np.uint8) if has_masks else None
+        target = {"boxes": boxes, "labels": np.array([a["category_id"] for a in anns], np.int64), "masks": masks}
+        if masks is None and not anns:
+            target["masks"] = np.zeros((0, info["height"], info["width"]), np.uint8)
+        return read_image(self.path_of(i)), target
+
+
+try:  # the reader of the `coco` helper (DETECT.md section 1), when it is there
+    from edgeinspect.train.data.coco import CocoSplit
+except ImportError:  # pragma: no cover - until train/data/coco.py lands
+    CocoSplit = _CocoSplitStandIn
+
+
+def open_split(root: str | Path, split: str) -> Any:
+    """One split (train, val, test) of a COCO folder."""
+    return CocoSplit(root, split)
+
+
+def has_split(root: str | Path, split: str) -> bool:
+    """Whether the COCO folder has that split."""
+    return (Path(root) / split / "annotations.json").is_file()
+
+
+def to_input(target: dict[str, Any], image_hw: tuple[int, int], preprocess: Preprocess) -> dict[str, torch.Tensor]:
+    """A target in image pixels -> torch tensors in model-input pixels (scaled, cropped, clipped; boxes that
+    leave the input are dropped)."""
+    top, left = preprocess.crop_offset()
+    ih, iw = preprocess.input_size
+    sy, sx = preprocess.resize[0] / image_hw[0], preprocess.resize[1] / image_hw[1]
+    boxes = np.asarray(target["boxes"], np.float32).reshape(-1, 4) * np.array([sx, sy, sx, sy], np.float32)
+    boxes -= np.array([left, top, left, top], np.float32)
+    boxes = np.clip(boxes, 0, np.array([iw, ih, iw, ih], np.float32))
+    keep = (boxes[:, 2] - boxes[:, 0] >= 1.0) & (boxes[:, 3] - boxes[:, 1] >= 1.0)
+    out = {"boxes": torch.from_numpy(boxes[keep]), "labels": torch.from_numpy(np.asarray(target["labels"])[keep])}
+    masks = target.get("masks")
+    if masks is not None:
+        resized = [preprocess.mask(m) for m in np.asarray(masks)[keep]]
+        out["masks"] = torch.from_numpy(np.stack(resized).astype(np.uint8) if resized
+                                        else np.zeros((0, ih, iw), np.uint8))
+    return out
+
+
+def _flip(x: torch.Tensor, target: dict[str, torch.Tensor], horizontal: bool) -> tuple[torch.Tensor, dict]:
+    """Flip one image 3 x H x W and its target (boxes, masks) horizontally or vertically."""
+    h, w = x.shape[-2:]
+    boxes = target["boxes"].clone()
+    if horizontal:
+        boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
+    else:
+        boxes[:, [1, 3]] = h - target["boxes"][:, [3, 1]]
+    dim = -1 if horizontal else -2
+    out = {**target, "boxes": boxes}
+    if "masks" in target:
+        out["masks"] = torch.flip(target["masks"], [dim])
+    return torch.flip(x, [dim]), out
+
+
+class DetectionBatches:
+    """Batches (normalised images N x 3 x H x W, targets in input pixels) of a COCO split."""
+
+    def __init__(self, split: Any, preprocess: Preprocess, batch_size: int, *, shuffle: bool = False,
+                 hflip: float = 0.0, vflip: float = 0.0, seed: int = 0):
+        self.split, self.preprocess, self.batch_size = split, preprocess, batch_size
+        self.shuffle, self.hflip, self.vflip, self.seed = shuffle, hflip, vflip, seed
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.split) / self.batch_size)
+
+    def epoch(self, i: int) -> DetectionBatches:
+        """The batches of epoch ``i`` (its own order and flips, from the seed)."""
+        self._epoch = i
+        return self
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[dict[str, torch.Tensor]], list[tuple[int, bool, bool]]]]:
+        """(images, targets, keys): each image's key is (index in the split, flipped horizontally, vertically)."""
+        rng = np.random.default_rng([self.seed, self._epoch])
+        order = rng.permutation(len(self.split)) if self.shuffle else np.arange(len(self.split))
+        for start in range(0, len(order), self.batch_size):
+            images, targets, keys = [], [], []
+            for i in order[start:start + self.batch_size]:
+                rgb, target = self.split.load(int(i))
+                images.append(rgb)
+                targets.append(to_input(target, rgb.shape[:2], self.preprocess))
+                keys.append((int(i), bool(self.hflip and rng.random() < self.hflip),
+                             bool(self.vflip and rng.random() < self.vflip)))
+            x = torch.from_numpy(self.preprocess.batch(images))
+            xs = []
+            for k, (_, h, v) in enumerate(keys):
+                xi, ti = x[k], targets[k]
+                if h:
+                    xi, ti = _flip(xi, ti, horizontal=True)
+                if v:
+                    xi, ti = _flip(xi, ti, horizontal=False)
+                xs.append(xi)
+                targets[k] = ti
+            yield torch.stack(xs), targets, keys
+
+
+class FeatureCache:
+    """Each image's (and flip's) :meth:`DetectorModel.frozen_features`, computed on first use and kept in
+    float16: with a frozen backbone, later epochs only run the trained layers."""
+
+    def __init__(self) -> None:
+        self._store: dict[tuple[int, bool, bool], list[torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    @torch.no_grad()
+    def features(self, model: DetectorModel, x: torch.Tensor, keys: Sequence[tuple[int, bool, bool]]
+                 ) -> list[torch.Tensor]:
+        """The batch's frozen features (float32), computing only the images not seen before."""
+        missing = [k for k, key in enumerate(keys) if key not in self._store]
+        if missing:
+            computed = model.frozen_features(x[missing])
+            for j, k in enumerate(missing):
+                self._store[keys[k]] = [f[j].to(torch.float16) for f in computed]
+        return [torch.stack([self._store[key][level] for key in keys]).to(x.device, torch.float32)
+                for level in range(len(self._store[keys[0]]))]
+
+
+# --------------------------------------------------------------------------------------- training
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Learning-rate multiplier at ``step``: linear warmup over ``warmup`` steps, then cosine to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: torch.nn.Module, tcfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW or SGD (Nesterov) over the trainable parameters; no weight decay on biases and norm weights."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": tcfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    if tcfg["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=tcfg["lr"], momentum=tcfg["momentum"], nesterov=tcfg["momentum"] > 0)
+    return torch.optim.AdamW(groups, lr=tcfg["lr"])
+
+
+def _to(targets: list[dict[str, torch.Tensor]], dev: torch.device) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.to(dev) for k, v in t.items()} for t in targets]
+
+
+def _loss(model: DetectorModel, x: torch.Tensor, targets: list[dict[str, torch.Tensor]],
+          keys: Sequence[tuple[int, bool, bool]], cache: FeatureCache | None, dev: torch.device
+          ) -> dict[str, torch.Tensor]:
+    targets = _to(targets, dev)
+    if cache is None:
+        return model.loss(x.to(dev), targets)
+    return model.loss_on_features(cache.features(model, x.to(dev), keys), targets)
+
+
+@torch.no_grad()
+def validation_loss(model: DetectorModel, batches: DetectionBatches, dev: torch.device, progress: bool,
+                    cache: FeatureCache | None = None) -> dict[str, float]:
+    """Mean loss terms over a split (training loss, no gradient, no flips)."""
+    model.train()
+    sums: dict[str, float] = {}
+    n = 0
+    for x, targets, keys in tqdm(batches, desc="val loss", disable=not progress, unit="batch", leave=False):
+        parts = _loss(model, x, targets, keys, cache, dev)
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * x.shape[0]
+        n += x.shape[0]
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BundleError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
+def train(family: str, data_dir: str | Path, out: str | Path, config: dict[str, Any], *, device: str = "auto",
+          progress: bool = True, overwrite: bool = False, resume: bool = False) -> Bundle:
+    """Train a detector family on the COCO folder ``data_dir`` (train/ and val/) and write a bundle at ``out``.
+
+    ``resume`` continues the interrupted run in ``<out>.work/`` (its saved configuration; only
+    ``train.epochs`` is taken from ``config``, so a finished run can also be extended).
+    """
+    out = bundle_target(out)
+    check_out(out, overwrite)
+    config = validate(family, config)
+    work = out.parent / f"{out.name}.work"
+    ckpt_dir = work / "checkpoints"
+    state = None
+    if resume:
+        if not (ckpt_dir / "last.pt").is_file():
+            raise BundleError(f"--resume: no interrupted run at {work} (no checkpoints/last.pt); train without "
+                              f"--resume")
+        state = _load_checkpoint(ckpt_dir / "last.pt")
+        config = validate(family, {**state["config"], "train": {**state["config"]["train"],
+                                                                "epochs": config["train"]["epochs"]}})
+    elif work.exists():
+        if not overwrite:
+            raise BundleError(f"{work} holds the checkpoints of an unfinished run; continue it with --resume, or "
+                              f"start again with --overwrite (discards them)")
+        shutil.rmtree(work)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    tcfg = config["train"]
+    train_split, val_split = open_split(data_dir, "train"), open_split(data_dir, "val")
+    if len(train_split) == 0 or len(val_split) == 0:
+        raise DataError(f"{data_dir}: the train and val splits must both have images "
+                        f"({len(train_split)} and {len(val_split)})")
+    preprocess = make_preprocess(family, config)
+    torch.manual_seed(tcfg["seed"])
+    model = build_model(family, {**config["model"], "classes": train_split.classes},
+                        preprocess.input_size).to(dev)
+    optimizer = make_optimizer(model, tcfg)
+    batches = DetectionBatches(train_split, preprocess, tcfg["batch_size"], shuffle=True, hflip=tcfg["hflip"],
+                               vflip=tcfg["vflip"], seed=tcfg["seed"])
+    val_batches = DetectionBatches(val_split, preprocess, tcfg["batch_size"])
+    start, best, seconds = 0, math.inf, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        model.history = {k: list(v) for k, v in state["history"].items()}
+        start, best, seconds = state["epoch"], state["best_val_loss"], state["seconds"]
+        log.info("resuming %s at epoch %d of %d", family, start + 1, tcfg["epochs"])
+    (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    cached = tcfg["cache_features"] and model.features_frozen
+    cache, val_cache = (FeatureCache(), FeatureCache()) if cached else (None, None)
+    total = tcfg["epochs"] * len(batches)
+    warmup = int(round(tcfg["warmup_epochs"] * len(batches)))
+    for epoch in range(start, tcfg["epochs"]):
+        t0 = time.perf_counter()
+        model.train()
+        sums: dict[str, float] = {}
+        n = 0
+        bar = tqdm(batches.epoch(epoch), desc=f"epoch {epoch + 1}/{tcfg['epochs']}", disable=not progress,
+                   unit="batch")
+        for b, (x, targets, keys) in enumerate(bar):
+            lr = tcfg["lr"] * lr_factor(epoch * len(batches) + b, total, warmup, tcfg["min_lr_ratio"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            parts = _loss(model, x, targets, keys, cache, dev)
+            loss = sum(parts.values())
+            if not torch.isfinite(loss):
+                raise ConfigError(f"the loss became {float(loss)} at epoch {epoch + 1}; lower train.lr "
+                                  f"(now {tcfg['lr']})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * x.shape[0]
+            n += x.shape[0]
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        val = validation_loss(model, val_batches, dev, progress, val_cache)
+        entry = {**{f"train_{k}": v / n for k, v in sums.items()}, "train_loss": sum(sums.values()) / n,
+                 **{f"val_{k}": v for k, v in val.items()}, "val_loss": sum(val.values()), "lr": lr}
+        if tcfg["map_every"] and ((epoch + 1) % tcfg["map_every"] == 0 or epoch + 1 == tcfg["epochs"]):
+            preds = predict(model, val_split, preprocess, tcfg["batch_size"], progress=False)
+            entry["val_map50"] = coco_eval(val_split.coco, preds, "bbox")["map50"]
+        for k, v in entry.items():
+            model.history.setdefault(k, []).append(float(v))
+        seconds += time.perf_counter() - t0
+        log.info("epoch %d/%d: %s (%.0f s)", epoch + 1, tcfg["epochs"],
+                 ", ".join(f"{k} {v:.4g}" for k, v in entry.items()), time.perf_counter() - t0)
+        checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                      "history": model.history, "config": config, "seconds": seconds,
+                      "best_val_loss": min(best, entry["val_loss"])}
+        if entry["val_loss"] < best:
+            best = entry["val_loss"]
+            _save(ckpt_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch + 1, "val_loss": best})
+        if tcfg["save_every"] and (epoch + 1) % tcfg["save_every"] == 0:
+            _save(ckpt_dir / f"epoch_{epoch + 1}.pt", {"model": model.state_dict(), "epoch": epoch + 1})
+        _save(ckpt_dir / "last.pt", checkpoint)
+    (work / "history.json").write_text(json.dumps(model.history, indent=2) + "\n")
+    best_state = _load_checkpoint(ckpt_dir / "best.pt")
+    model.load_state_dict(best_state["model"])
+    model.eval()
+    staged = staging_dir(out)
+    try:
+        bundle = _write_bundle(staged, family, model, data_dir, train_split, preprocess, config, work, dev,
+                               seconds, int(best_state["epoch"]), progress)
+        swap_in(staged, out)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return Bundle(out, bundle.manifest)
+
+
+def _write_bundle(path: Path, family: str, model: DetectorModel, data_dir: str | Path, train_split: Any,
+                  preprocess: Preprocess, config: dict[str, Any], work: Path, dev: torch.device,
+                  seconds: float, best_epoch: int, progress: bool) -> Bundle:
+    """The bundle of a trained detector (evaluated on test/, or val/ when there is no test split)."""
+    split_name = "test" if has_split(data_dir, "test") else "val"
+    split = open_split(data_dir, split_name)
+    conf = config["decision"]["conf"]
+    t0 = time.perf_counter()
+    predictions = predict(model, split, preprocess, config["train"]["batch_size"], progress=progress)
+    ms = 1000.0 * (time.perf_counter() - t0) / max(len(split), 1)
+    metrics = {**detection_metrics(split.coco, predictions, conf, model.ok_classes), "split": split_name,
+               "engine": "torch", "device": str(dev), "ms_per_image": ms, "fit_seconds": seconds,
+               "epochs": config["train"]["epochs"], "best_epoch": best_epoch}
+    stats = model.statistics()
+    state = model.state_dict()
+    info_path = Path(data_dir) / "dataset_info.json"
+    picks = range(0, len(train_split), max(1, len(train_split) // 16))
+    bundle = Bundle(path, {
+        "schema_version": SCHEMA_VERSION,
+        "bundle_id": f"{family}-{model.tag()}-{content_digest(stats, state)[:12]}",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "edgeinspect_version": __version__,
+        "task": model.task,
+        "model": {"family": family, **model.hyperparameters(), "weights_source": model.weights_source()},
+        "preprocess": preprocess.to_dict(),
+        "input_images": FrameSpec.of(read_raw(train_split.path_of(i)) for i in list(picks)[:16]).to_dict(),
+        "input": {"name": "image", "shape": [1, 3, *preprocess.input_size], "dtype": "float32"},
+        "outputs": output_shapes(model),
+        "detection": model.decoder_config(),
+        "decision": {"threshold": conf, "normalization": {"method": "threshold_centered", "center": conf,
+                                                          "scale": conf},
+                     "calibration": {"source": "confidence threshold"}, "min_region_area": 0},
+        "files": {},
+        "engines": [],
+        "data": {"root": str(Path(data_dir).resolve()), "format": "coco", "train_images": len(train_split),
+                 "val_images": len(open_split(data_dir, "val")), "test_split": split_name,
+                 **({"dataset_info": json.loads(info_path.read_text())} if info_path.is_file() else {})},
+        "metrics": metrics,
+        "config": config,
+        "training": {"history": model.history},
+    })
+    bundle.add_file("weights", "weights.npz", _npz_bytes(state))
+    for key, array in stats.items():
+        bundle.add_array(key, array)
+    bundle.add_report("config", "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    bundle.add_report("history", "history.json", (json.dumps(model.history, indent=2) + "\n").encode())
+    bundle.add_report("predictions", "reports/predictions.json",
+                      json.dumps(coco_results(predictions)).encode())
+    for ckpt in sorted((work / "checkpoints").glob("*.pt")):
+        bundle.add_report(f"checkpoint_{ckpt.stem}", f"checkpoints/{ckpt.name}", ckpt.read_bytes())
+    bundle.add_report("training_curves", "reports/training_curves.png",
+                      curves_png({k: v for k, v in model.history.items() if k != "lr"}, f"{family} training"))
+    bundle.save()
+    return bundle
+
+
+@torch.no_grad()
+def output_shapes(model: DetectorModel) -> dict[str, list[int]]:
+    """The engine outputs' shapes for one image (-1 for a dynamic detection count)."""
+    model.eval()
+    outputs = model(torch.zeros(1, 3, *model.input_size, device=next(model.parameters()).device))
+    dynamic = model.decoder == "final_detections"
+    return {name: [-1 if dynamic and i == 0 else int(s) for i, s in enumerate(o.shape)]
+            for name, o in zip(model.output_names, outputs, strict=True)}
+
+
+# ------------------------------------------------------------------------------------- evaluation
+def to_image(detections: dict[str, torch.Tensor], preprocess: Preprocess, image_hw: tuple[int, int]
+             ) -> dict[str, np.ndarray]:
+    """``detect()``'s output for one image (input pixels) -> numpy in the image's pixels (masks resized)."""
+    top, left = preprocess.crop_offset()
+    sy, sx = image_hw[0] / preprocess.resize[0], image_hw[1] / preprocess.resize[1]
+    boxes = detections["boxes"].detach().cpu().numpy().astype(np.float32).reshape(-1, 4)
+    boxes = (boxes + np.array([left, top, left, top], np.float32)) * np.array([sx, sy, sx, sy], np.float32)
+    out = {"boxes": boxes, "labels": detections["labels"].detach().cpu().numpy().astype(np.int64),
+           "scores": detections["scores"].detach().cpu().numpy().astype(np.float32)}
+    if "masks" in detections:
+        masks = detections["masks"].detach().cpu().numpy().astype(np.float32)
+        masks = masks.reshape(-1, *masks.shape[-2:])
+        canvas = np.zeros((len(masks), *preprocess.resize), np.float32)
+        canvas[:, top:top + masks.shape[1], left:left + masks.shape[2]] = masks
+        out["masks"] = np.stack([cv2.resize(m, (image_hw[1], image_hw[0]), interpolation=cv2.INTER_LINEAR)
+                                 for m in canvas]) if len(canvas) else np.zeros((0, *image_hw), np.float32)
+    return out
+
+
+@torch.no_grad()
+def predict(model: DetectorModel, split: Any, preprocess: Preprocess, batch_size: int = 8, *,
+            progress: bool = True) -> list[dict[str, Any]]:
+    """``model.detect`` over a split: per image ``image_id`` and numpy ``boxes`` (xyxy image px), ``labels``,
+    ``scores`` (and ``masks`` K x H x W in [0, 1])."""
+    model.eval()
+    dev = next(model.parameters()).device
+    out = []
+    for start in tqdm(range(0, len(split), batch_size), desc="detect", disable=not progress, unit="batch"):
+        idx = range(start, min(start + batch_size, len(split)))
+        images = [split.load(i)[0] for i in idx]
+        detections = model.detect(torch.from_numpy(preprocess.batch(images)).to(dev))
+        for i, rgb, det in zip(idx, images, detections, strict=True):
+            out.append({"image_id": split.image_ids[i], **to_image(det, preprocess, rgb.shape[:2])})
+    model.train(False)
+    return out
+
+
+def coco_results(predictions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-image predictions -> the COCO results format (bbox [x, y, w, h]; RLE segmentation with masks)."""
+    from pycocotools import mask as mask_utils
+
+    results = []
+    for p in predictions:
+        for k, (box, label, score) in enumerate(zip(p["boxes"], p["labels"], p["scores"], strict=True)):
+            x0, y0, x1, y1 = (float(v) for v in box)
+            r = {"image_id": int(p["image_id"]), "category_id": int(label),
+                 "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)], "score": float(score)}
+            if "masks" in p:
+                rle = mask_utils.encode(np.asfortranarray((p["masks"][k] >= 0.5).astype(np.uint8)))
+                r["segmentation"] = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
+            results.append(r)
+    return results
+
+
+def coco_eval(coco_gt: Any, predictions: Sequence[dict[str, Any]], iou_type: str = "bbox") -> dict[str, float]:
+    """pycocotools COCOeval: mAP (IoU 0.5:0.95), mAP@0.5, mAP@0.75 (0 when nothing was detected)."""
+    from pycocotools.cocoeval import COCOeval
+
+    results = coco_results(predictions)
+    if not results or not coco_gt.getAnnIds():
+        return {"map": 0.0, "map50": 0.0, "map75": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, dt, iou_type)
+        ev.params.imgIds = [int(p["image_id"]) for p in predictions]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"map": max(float(ev.stats[0]), 0.0), "map50": max(float(ev.stats[1]), 0.0),
+            "map75": max(float(ev.stats[2]), 0.0)}
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix of xyxy boxes a (n x 4) and b (m x 4)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=1)  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+
+
+def detection_metrics(coco_gt: Any, predictions: Sequence[dict[str, Any]], conf: float,
+                      ok_classes: Sequence[str] = ()) -> dict[str, Any]:
+    """COCO and image-level metrics of per-image predictions (``image_id``; numpy ``boxes`` xyxy in the image's
+    pixels, ``labels`` 1..C, ``scores``; ``masks`` K x H x W in [0, 1] adds the segm metrics).
+
+    - ``bbox`` (and ``segm``): COCOeval mAP, mAP@0.5, mAP@0.75 over every detection (no ``conf`` cut).
+    - Image level, at ``conf``: an image is predicted defective when any detection of a class not in
+      ``ok_classes`` has a score >= conf, and is defective when it has a ground-truth box of such a class:
+      ``confusion`` (tp, fn, fp, tn; defective = positive), accuracy, precision, recall, F1.
+    - ``defect_detection_rate``: the share of ground-truth defect boxes matched (IoU >= 0.5, same class) by a
+      detection >= conf; ``mean_confidence``: the mean score of the detections >= conf (NaN when none).
+    - ``composite``: the mean of bbox mAP@0.5, image F1 and the defect detection rate (one number to rank
+      runs by: localisation, verdicts and instances found).
+    """
+    cats = {c["id"]: c["name"] for c in coco_gt.loadCats(coco_gt.getCatIds())}
+    ok_ids = {i for i, name in cats.items() if name in ok_classes}
+    counts = {"tp": 0, "fn": 0, "fp": 0, "tn": 0}
+    found = total = 0
+    kept_scores: list[float] = []
+    for p in predictions:
+        anns = [a for a in coco_gt.imgToAnns.get(int(p["image_id"]), []) if a["category_id"] not in ok_ids]
+        keep = (np.asarray(p["scores"]) >= conf) & ~np.isin(np.asarray(p["labels"]), list(ok_ids))
+        kept_scores.extend(np.asarray(p["scores"])[keep].tolist())
+        truth, said = bool(anns), bool(keep.any())
+        counts[("tp" if said else "fn") if truth else ("fp" if said else "tn")] += 1
+        if anns:
+            gt = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                           for a in anns], np.float32)
+            gt_labels = np.array([a["category_id"] for a in anns])
+            boxes, labels = np.asarray(p["boxes"]).reshape(-1, 4)[keep], np.asarray(p["labels"])[keep]
+            iou = _iou(gt, boxes) if len(boxes) else np.zeros((len(gt), 0))
+            same = gt_labels[:, None] == labels[None, :]
+            found += int(np.sum(np.any((iou >= 0.5) & same, axis=1)))
+            total += len(gt)
+    tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
+    precision = tp / (tp + fp) if tp + fp else float("nan")
+    recall = tp / (tp + fn) if tp + fn else float("nan")
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+    metrics: dict[str, Any] = {"bbox": coco_eval(coco_gt, predictions, "bbox")}
+    if predictions and all("masks" in p for p in predictions):
+        metrics["segm"] = coco_eval(coco_gt, predictions, "segm")
+    rate = found / total if total else float("nan")
+    parts = [metrics["bbox"]["map50"], f1, rate]
+    metrics.update({"conf": conf, "confusion": counts, "accuracy": accuracy(counts), "precision": precision,
+                    "recall": recall, "f1": f1, "defect_detection_rate": rate,
+                    "mean_confidence": float(np.mean(kept_scores)) if kept_scores else float("nan"),
+                    "composite": float(np.mean([v for v in parts if not math.isnan(v)])),
+                    "n_images": len(predictions), "n_defective": tp + fn, "n_defect_boxes": total})
+    return metrics
+
+
+# ------------------------------------------------------------------------------- visualisation
+_GT_COLOUR, _DET_COLOUR = (0, 200, 0), (230, 40, 40)
+
+
+def draw(rgb: np.ndarray, prediction: dict[str, Any], classes: Sequence[str], conf: float,
+         gt_boxes: np.ndarray | None = None) -> np.ndarray:
+    """The image with ground-truth boxes (green), detections >= conf (red, ``class score``) and their masks."""
+    img = rgb.copy()
+    keep = np.asarray(prediction["scores"]) >= conf
+    if "masks" in prediction:
+        for m in np.asarray(prediction["masks"])[keep]:
+            on = m >= 0.5
+            img[on] = (0.5 * img[on] + 0.5 * np.array(_DET_COLOUR)).astype(np.uint8)
+    for box in [] if gt_boxes is None else gt_boxes:
+        cv2.rectangle(img, tuple(int(v) for v in box[:2]), tuple(int(v) for v in box[2:]), _GT_COLOUR, 1)
+    for box, label, score in zip(np.asarray(prediction["boxes"])[keep], np.asarray(prediction["labels"])[keep],
+                                 np.asarray(prediction["scores"])[keep], strict=True):
+        p0, p1 = tuple(int(round(v)) for v in box[:2]), tuple(int(round(v)) for v in box[2:])
+        cv2.rectangle(img, p0, p1, _DET_COLOUR, 1)
+        name = classes[int(label) - 1] if 0 < int(label) <= len(classes) else str(int(label))
+        cv2.putText(img, f"{name} {score:.2f}", (p0[0], max(p0[1] - 3, 9)), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
+                    _DET_COLOUR, 1, cv2.LINE_AA)
+    return img
+
+
+def save_viz(folder: str | Path, split: Any, predictions: Sequence[dict[str, Any]], conf: float) -> int:
+    """One PNG per image of ``split`` (same file name) with :func:`draw`; returns how many were written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    by_id = {int(p["image_id"]): p for p in predictions}
+    written = 0
+    for i, image_id in enumerate(split.image_ids):
+        if int(image_id) not in by_id:
+            continue
+        rgb, target = split.load(i)
+        img = draw(rgb, by_id[int(image_id)], split.classes, conf, target["boxes"])
+        name = Path(split.path_of(i)).with_suffix(".png").name
+        ok, data = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        atomic_write_bytes(folder / name, data.tobytes())
+        written += 1
+    return written
+
+
+def predict_engine(bundle: Bundle, engine: str, split: Any, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Predictions of an exported engine (through the runtime's decoder), as :func:`predict` returns them.
+
+    Hook for the runtime's detection decoders (DETECT.md section 4); until they exist only ``torch`` runs.
+    """
+    raise ConfigError(f"--engine {engine}: detector engines are evaluated through the runtime's detection "
+                      f"decoders, which this edgeinspect does not have yet; use --engine torch")
+
+
+def evaluate(bundle_path: str | Path, data_dir: str | Path, *, split: str = "test", conf: float | None = None,
+             engine: str = "torch", device: str = "cpu", save_viz_dir: str | Path | None = None,
+             predictions_path: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """:func:`detection_metrics` of a detector bundle on a split of a COCO folder (``conf`` defaults to the
+    bundle's ``decision.threshold``); optionally visualisations and the COCO results file."""
+    bundle = Bundle.open(bundle_path)
+    if not has_split(data_dir, split):
+        raise DataError(f"{data_dir} has no {split} split ({Path(data_dir) / split / 'annotations.json'})")
+    coco_split = open_split(data_dir, split)
+    conf = bundle.decision["threshold"] if conf is None else conf
+    classes = bundle.manifest["model"]["classes"]
+    if coco_split.classes != classes:
+        raise DataError(f"{data_dir} has the classes {coco_split.classes}, the bundle was trained on {classes}")
+    t0 = time.perf_counter()
+    if engine == "torch":
+        predictions = predict(load_model(bundle, device), coco_split, bundle.preprocess, progress=progress)
+    else:
+        predictions = predict_engine(bundle, engine, coco_split, progress=progress)
+    ms = 1000.0 * (time.perf_counter() - t0) / max(len(coco_split), 1)
+    ok = bundle.manifest.get("detection", {}).get("ok_classes", [])
+    metrics = {**detection_metrics(coco_split.coco, predictions, conf, ok), "split": split, "engine": engine,
+               "ms_per_image": ms, "bundle_id": bundle.bundle_id, "data_root": str(Path(data_dir).resolve())}
+    if save_viz_dir is not None:
+        save_viz(save_viz_dir, coco_split, predictions, conf)
+    if predictions_path is not None:
+        atomic_write_bytes(predictions_path, json.dumps(coco_results(predictions)).encode())
+    return metrics
+
+
+__all__ = ["CocoSplit", "DetectionBatches", "FeatureCache", "coco_eval", "coco_results", "detection_metrics", "draw",
+           "evaluate", "lr_factor", "open_split", "predict", "predict_engine", "save_viz", "to_input", "train"]
