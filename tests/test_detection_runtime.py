@@ -25,7 +25,7 @@ from edgeinspect.runtime.detections import AnchorBoxes, Detections, FinalDetecti
 from edgeinspect.runtime.postprocess import find_regions, normalize, postprocess_for
 from edgeinspect.runtime.predictor import Predictor
 from edgeinspect.train.data.coco import CocoSplit
-from edgeinspect.train.evaluate import engine_detections
+from edgeinspect.train.detection import predict, predict_engine
 from edgeinspect.train.trainer import load_model
 
 
@@ -196,22 +196,22 @@ def test_core_ml_refuses_a_whole_detector_graph(detector_bundle: Path, tiny_dete
         export_bundle(copy_path, "onnx", category="washer", progress=False)
 
 
-def test_engine_detections_match_the_pytorch_model(detector_bundle: Path, detector_coco: Path,
-                                                   tiny_detector_family: str) -> None:
+def test_engine_predictions_match_the_pytorch_model(detector_bundle: Path, detector_coco: Path,
+                                                    tiny_detector_family: str) -> None:
+    """evaluate --engine onnx's predictions (runtime Predictor and decoder) against evaluate --engine torch's."""
     bundle = Bundle.open(detector_bundle)
-    model = load_model(bundle)
-    ids, predictions, ms, engine = engine_detections(detector_bundle, detector_coco, "val", progress=False)
     images = CocoSplit(detector_coco, "val")
-    assert ids == images.image_ids and engine == "onnx:fp32" and ms > 0
-    for i, ours in enumerate(predictions):
-        with torch.no_grad():
-            [theirs] = model.detect(torch.from_numpy(bundle.preprocess(images.load(i)[0])))
-        assert set(ours) == {"boxes", "labels", "scores"} and ours["boxes"].dtype == np.float32
-        theirs = Detections.from_arrays(*(theirs[k].numpy() for k in ("boxes", "labels", "scores")))
+    ours = predict_engine(bundle, "onnx:fp32", images, progress=False)
+    theirs = predict(load_model(bundle), images, bundle.preprocess, progress=False)
+    assert [p["image_id"] for p in ours] == [p["image_id"] for p in theirs] == images.image_ids
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["boxes"].dtype == np.float32 and set(a) == {"image_id", "boxes", "labels", "scores"}
         # near-equal confidences may swap places: matched as the export gate matches (IoU >= 0.99, class)
-        pairs, unmatched_ours, unmatched_theirs = match_detections(Detections(**ours), theirs, 0.99, 0.0)
-        assert len(pairs) == len(theirs) == len(ours["scores"]) and unmatched_ours == unmatched_theirs == 0
-        assert max(abs(ours["scores"][i] - theirs.scores[j]) for i, j, _ in pairs) < 1e-5
+        pairs, unmatched_ours, unmatched_theirs = match_detections(
+            Detections.from_arrays(a["boxes"], a["labels"], a["scores"]),
+            Detections.from_arrays(b["boxes"], b["labels"], b["scores"]), 0.99, 0.0)
+        assert len(pairs) == len(b["scores"]) == len(a["scores"]) and unmatched_ours == unmatched_theirs == 0
+        assert max((abs(a["scores"][i] - b["scores"][j]) for i, j, _ in pairs), default=0.0) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------ daemon

@@ -452,17 +452,22 @@ def output_shapes(model: DetectorModel) -> dict[str, list[int]]:
 
 
 # ------------------------------------------------------------------------------------- evaluation
-def to_image(detections: dict[str, torch.Tensor], preprocess: Preprocess, image_hw: tuple[int, int]
+def _numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def to_image(detections: dict[str, torch.Tensor | np.ndarray], preprocess: Preprocess, image_hw: tuple[int, int]
              ) -> dict[str, np.ndarray]:
-    """``detect()``'s output for one image (input pixels) -> numpy in the image's pixels (masks resized)."""
+    """``detect()``'s output for one image (input pixels; tensors, or numpy from the runtime's decoder) ->
+    numpy in the image's pixels (masks resized)."""
     top, left = preprocess.crop_offset()
     sy, sx = image_hw[0] / preprocess.resize[0], image_hw[1] / preprocess.resize[1]
-    boxes = detections["boxes"].detach().cpu().numpy().astype(np.float32).reshape(-1, 4)
+    boxes = _numpy(detections["boxes"]).astype(np.float32).reshape(-1, 4)
     boxes = (boxes + np.array([left, top, left, top], np.float32)) * np.array([sx, sy, sx, sy], np.float32)
-    out = {"boxes": boxes, "labels": detections["labels"].detach().cpu().numpy().astype(np.int64),
-           "scores": detections["scores"].detach().cpu().numpy().astype(np.float32)}
-    if "masks" in detections:
-        masks = detections["masks"].detach().cpu().numpy().astype(np.float32)
+    out = {"boxes": boxes, "labels": _numpy(detections["labels"]).astype(np.int64),
+           "scores": _numpy(detections["scores"]).astype(np.float32)}
+    if detections.get("masks") is not None:
+        masks = _numpy(detections["masks"]).astype(np.float32)
         masks = masks.reshape(-1, *masks.shape[-2:])
         canvas = np.zeros((len(masks), *preprocess.resize), np.float32)
         canvas[:, top:top + masks.shape[1], left:left + masks.shape[2]] = masks
@@ -628,12 +633,17 @@ def save_viz(folder: str | Path, split: Any, predictions: Sequence[dict[str, Any
 
 
 def predict_engine(bundle: Bundle, engine: str, split: Any, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Predictions of an exported engine (through the runtime's decoder), as :func:`predict` returns them.
+    """Predictions of an exported engine through the runtime (:class:`Predictor`: its preprocessing,
+    engine and decoder, every decoded detection), as :func:`predict` returns them."""
+    from edgeinspect.runtime.predictor import Predictor
 
-    Hook for the runtime's detection decoders (DETECT.md section 4); until they exist only ``torch`` runs.
-    """
-    raise ConfigError(f"--engine {engine}: detector engines are evaluated through the runtime's detection "
-                      f"decoders, which this edgeinspect does not have yet; use --engine torch")
+    predictor = Predictor(bundle, engine=engine)
+    out = []
+    for i in tqdm(range(len(split)), desc=f"detect {predictor.engine}", disable=not progress, unit="img"):
+        rgb = split.load(i)[0]
+        detections = predictor.predict(rgb).detections.to_dict()
+        out.append({"image_id": split.image_ids[i], **to_image(detections, bundle.preprocess, rgb.shape[:2])})
+    return out
 
 
 def evaluate(bundle_path: str | Path, data_dir: str | Path, *, split: str = "test", conf: float | None = None,

@@ -11,12 +11,9 @@ import numpy as np
 from tqdm import tqdm
 
 from edgeinspect.bundle import Bundle
-from edgeinspect.errors import BundleError
-from edgeinspect.imageio import read_image
 from edgeinspect.preprocess import Preprocess
 from edgeinspect.runtime.backends import Backend, open_engine
 from edgeinspect.train.data import MVTecCategory, Sample
-from edgeinspect.train.data.coco import CocoSplit
 from edgeinspect.train.trainer import bundle_test_samples, infer, load_model, test_metrics
 
 
@@ -62,25 +59,3 @@ def evaluate(bundle_path: str | Path, data_root: str | Path, category: str, engi
             "bundle_id": bundle.bundle_id, "category": category, "data_root": str(Path(data_root).resolve())}
 
 
-def engine_detections(bundle_path: str | Path, coco_dir: str | Path, split: str = "val", engine: str = "auto", *,
-                      progress: bool = True) -> tuple[list[int], list[dict[str, np.ndarray]], float, str]:
-    """A detector bundle's engine on a COCO split through the runtime :class:`Predictor` (its decoder).
-
-    Returns (image ids, one ``DetectorModel.detect``-format dict of numpy arrays per image (model-input
-    pixels, every decoded detection), ms per image of the whole runtime path, the engine that ran).
-    """
-    from edgeinspect.runtime.predictor import Predictor
-
-    predictor = Predictor(bundle_path, engine=engine)
-    if predictor.bundle.manifest.get("task", "anomaly_map") != "detections":
-        raise BundleError(f"bundle {predictor.bundle.path} is not a detector (task "
-                          f"{predictor.bundle.manifest.get('task', 'anomaly_map')!r})")
-    images = CocoSplit(coco_dir, split)
-    predictions, seconds = [], 0.0
-    for i in tqdm(range(len(images)), desc=f"inference {predictor.engine}", disable=not progress, unit="img"):
-        rgb = read_image(images.path_of(i))
-        t0 = time.perf_counter()
-        prediction = predictor.predict(rgb)
-        seconds += time.perf_counter() - t0
-        predictions.append(prediction.detections.to_dict())
-    return list(images.image_ids), predictions, 1000.0 * seconds / max(len(images), 1), predictor.engine

@@ -116,6 +116,9 @@ class SSDDetector(DetectorModel):
     config_section = SsdSection
     decoder = "anchor_boxes"
     output_names = ("bbox_regression", "cls_logits")
+    # the Lite trunk runs in FP16/INT8 engines; its traced ONNX nodes are named /extractor/... (called
+    # directly by frozen_features), the heads and extra layers stay float
+    low_precision_modules = ("extractor",)
 
     def __init__(self, classes: list[str], input_size: tuple[int, int], *, pretrained: bool = True,
                  backbone: str, weights: str | None, stages: list[str], train_backbone_stages: int,
