@@ -8,6 +8,7 @@ from edgeinspect.train.models.autoencoder import Autoencoder
 from edgeinspect.train.models.base import AnomalyModel, BackboneAnomalyModel
 from edgeinspect.train.models.cam import Cam
 from edgeinspect.train.models.glass import GLASS
+from edgeinspect.train.models.maskrcnn import MaskRCNN
 from edgeinspect.train.models.padim import Padim
 from edgeinspect.train.models.patchcore import PatchCore
 
@@ -28,5 +29,5 @@ def config_schema(family: str) -> type[Section]:
     return family_config(get_model_class(family).config_section)
 
 
-__all__ = ["MODELS", "AnomalyModel", "Autoencoder", "BackboneAnomalyModel", "Cam", "GLASS", "PatchCore", "Padim",
-           "config_schema", "get_model_class"]
+__all__ = ["MODELS", "AnomalyModel", "Autoencoder", "BackboneAnomalyModel", "Cam", "GLASS", "MaskRCNN", "PatchCore",
+           "Padim", "config_schema", "get_model_class"]

@@ -20,8 +20,8 @@ torchvision's ``GeneralizedRCNNTransform`` neither resizes nor normalises here (
 from __future__ import annotations
 
 from collections import OrderedDict
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -70,7 +70,11 @@ class LiteFPN(nn.Module):
                     module.requires_grad_(True)
         if trainable_stages > last:  # the stem too
             trunk._conv_stem.requires_grad_(True)
-        self.fpn = FeaturePyramidNetwork(self.body.channels(), fpn_channels, extra_blocks=LastLevelMaxPool())
+        # GroupNorm after the FPN's convolutions: the frozen Lite stages' outputs (linear projections, no
+        # activation) are large and differ in scale between stages; normalised levels keep the heads' inputs
+        # at unit scale (the first training steps with plain convolutions diverged, see the tests' history)
+        self.fpn = FeaturePyramidNetwork(self.body.channels(), fpn_channels, extra_blocks=LastLevelMaxPool(),
+                                         norm_layer=lambda c: nn.GroupNorm(min(32, c // 4), c))
         self.out_channels = fpn_channels
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
@@ -171,6 +175,11 @@ class MaskRCNN(DetectorModel):
             mask_roi_pool=MultiScaleRoIAlign(levels, 14, 2, canonical_scale=max(16, round(224 * side / 800))),
             box_batch_size_per_image=box_batch_size_per_image, box_score_thresh=score_thresh,
             box_nms_thresh=nms_thresh, box_detections_per_img=detections_per_img)
+        # a small mask-logits init (std 0.01; Detectron: 0.001): torchvision's Kaiming init gives logits in the tens on
+        # the Lite FPN's features (first mask loss ~25 instead of ~0.7), which training then spends steps undoing
+        logits = self.detector.roi_heads.mask_predictor.mask_fcn_logits
+        nn.init.normal_(logits.weight, std=0.01)
+        nn.init.zeros_(logits.bias)
         t = self.detector.transform
         self.detector.transform = InputAsIs(t.min_size, t.max_size, t.image_mean, t.image_std)
         if backbone == "resnet50":
@@ -235,7 +244,9 @@ class MaskRCNN(DetectorModel):
         """The weights file given, else the backbone's own source."""
         if self.weights:
             return self.weights
-        return RESNET50_COCO if self.config["backbone"] == "resnet50" else self.detector.backbone.body.spec.weights_source
+        if self.config["backbone"] == "resnet50":
+            return RESNET50_COCO
+        return self.detector.backbone.body.spec.weights_source
 
     def tag(self) -> str:
         """The backbone's name."""
