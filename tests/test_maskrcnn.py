@@ -3,6 +3,7 @@ detections and masks land on the defects), and the ONNX engine against torchvisi
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -157,6 +158,11 @@ def test_config_file_valid_and_documented() -> None:
     assert section.backbone == "efficientnet_lite0" and config["preprocess"]["input_size"] == [320, 320]
     keys = [line for line in path.read_text().splitlines() if re.match(r"\s+\w+:", line)]
     assert keys and all("#" in line for line in keys)
+    from edgeinspect.train.models.maskrcnn import MaskRCNN
+
+    defaults = {k: v.default for k, v in inspect.signature(MaskRCNN.__init__).parameters.items()
+                if k in config["model"]}
+    assert {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()} == config["model"]
     with pytest.raises(ValueError, match="anchor_sizes"):
         MaskRcnnSection.model_validate({**config["model"], "anchor_sizes": [16, 32]})
 

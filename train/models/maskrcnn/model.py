@@ -139,9 +139,9 @@ class MaskRCNN(DetectorModel):
                  weights: str | None = None, stages: list[str] = ("stage2", "stage3", "stage5", "stage7"),
                  trainable_backbone_stages: int = 2, fpn_channels: int = 128,
                  anchor_sizes: list[int] = (16, 32, 64, 128, 256), aspect_ratios: list[float] = (0.5, 1.0, 2.0),
-                 rpn_pre_nms_top_n_train: int = 1000, rpn_pre_nms_top_n_test: int = 500,
-                 rpn_post_nms_top_n_train: int = 1000, rpn_post_nms_top_n_test: int = 300,
-                 box_batch_size_per_image: int = 256, score_thresh: float = 0.05, nms_thresh: float = 0.5,
+                 rpn_pre_nms_top_n_train: int = 500, rpn_pre_nms_top_n_test: int = 500,
+                 rpn_post_nms_top_n_train: int = 300, rpn_post_nms_top_n_test: int = 300,
+                 box_batch_size_per_image: int = 64, score_thresh: float = 0.05, nms_thresh: float = 0.5,
                  detections_per_img: int = 20, seed: int = 0, pretrained: bool = True):
         super().__init__(classes, input_size)
         torch.manual_seed(seed)
