@@ -92,6 +92,7 @@ class DetectorTrainSection(Section):
     momentum: real(0.0, 1.0, hi_open=True)
     warmup_epochs: real(0.0, 1000.0)
     min_lr_ratio: real(0.0, 1.0)
+    grad_clip: real(0.0, 1e6)
     hflip: real(0.0, 1.0)
     vflip: real(0.0, 1.0)
     save_every: integer(0, 100_000)

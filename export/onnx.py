@@ -48,9 +48,11 @@ def write_fp32(model: torch.nn.Module, path: Path, input_shape: tuple[int, ...],
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
+                # a detector whose engine returns a variable number of detections declares those axes
                 torch.onnx.export(model, (torch.zeros(input_shape),), str(traced), input_names=["image"],
                                   output_names=output_names, opset_version=OPSET, dynamo=False,
-                                  do_constant_folding=True)
+                                  do_constant_folding=True,
+                                  dynamic_axes=getattr(model, "onnx_dynamic_axes", None))
         except RuntimeError as exc:
             raise ExportError(f"ONNX export of the PyTorch model failed: {exc}") from exc
         # The traced graph computes "SAME" paddings from shapes at run time; basic optimizations fold

@@ -344,6 +344,8 @@ def train(family: str, data_dir: str | Path, out: str | Path, config: dict[str, 
                                   f"(now {tcfg['lr']})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if tcfg["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
             optimizer.step()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * x.shape[0]
@@ -443,11 +445,11 @@ def _write_bundle(path: Path, family: str, model: DetectorModel, data_dir: str |
 
 @torch.no_grad()
 def output_shapes(model: DetectorModel) -> dict[str, list[int]]:
-    """The engine outputs' shapes for one image (-1 for a dynamic detection count)."""
+    """The engine outputs' shapes for one image (-1 on the axes the model declares dynamic: a detection count)."""
     model.eval()
     outputs = model(torch.zeros(1, 3, *model.input_size, device=next(model.parameters()).device))
-    dynamic = model.decoder == "final_detections"
-    return {name: [-1 if dynamic and i == 0 else int(s) for i, s in enumerate(o.shape)]
+    dynamic = model.onnx_dynamic_axes or {}
+    return {name: [-1 if i in dynamic.get(name, {}) else int(s) for i, s in enumerate(o.shape)]
             for name, o in zip(model.output_names, outputs, strict=True)}
 
 

@@ -9,13 +9,14 @@ from edgeinspect.train.models.base import AnomalyModel, BackboneAnomalyModel
 from edgeinspect.train.models.cam import Cam
 from edgeinspect.train.models.detector import DetectorModel
 from edgeinspect.train.models.glass import GLASS
+from edgeinspect.train.models.maskrcnn import MaskRCNN
 from edgeinspect.train.models.padim import Padim
 from edgeinspect.train.models.patchcore import PatchCore
 from edgeinspect.train.models.ssd import SSDDetector
 
 MODELS: dict[str, type[AnomalyModel] | type[DetectorModel]] = {
     "patchcore": PatchCore, "padim": Padim, "autoencoder": Autoencoder, "cam": Cam, "glass": GLASS,
-    "ssd": SSDDetector}
+    "ssd": SSDDetector, "maskrcnn": MaskRCNN}
 # the whole configuration schema of a family, by the task it serves (detectors train for epochs on labelled
 # boxes and decide on a confidence; anomaly models calibrate a threshold on held-out scores)
 SCHEMAS_BY_TASK = {"anomaly_map": family_config, "detections": detector_config}
@@ -36,4 +37,4 @@ def config_schema(family: str) -> type[Section]:
 
 
 __all__ = ["MODELS", "SCHEMAS_BY_TASK", "AnomalyModel", "Autoencoder", "BackboneAnomalyModel", "Cam", "DetectorModel",
-           "GLASS", "PatchCore", "Padim", "SSDDetector", "config_schema", "get_model_class"]
+           "GLASS", "MaskRCNN", "PatchCore", "Padim", "SSDDetector", "config_schema", "get_model_class"]

@@ -37,6 +37,9 @@ class DetectorModel(nn.Module):
     decoder: str = ""
     # engine outputs, in order (the manifest's "outputs" keys)
     output_names: tuple[str, ...] = ()
+    # ONNX dynamic axes of the outputs ({name: {axis: label}}), e.g. a detection count decided inside the
+    # engine (Mask R-CNN); None: every shape is fixed (SSD's raw heads)
+    onnx_dynamic_axes: dict[str, dict[int, str]] | None = None
 
     def __init__(self, classes: list[str], input_size: tuple[int, int], *, pretrained: bool = True,
                  **model_config: Any):
