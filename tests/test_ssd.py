@@ -4,9 +4,9 @@ the bundle, resume, evaluation), the detection metrics on hand-made cases, the c
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -14,7 +14,9 @@ import torch
 from edgeinspect.bundle import Bundle
 from edgeinspect.config import load_config
 from edgeinspect.errors import BundleError, ConfigError
-from edgeinspect.train.data import DEFECT_TYPES, synthesize
+from edgeinspect.train.data import synthesize
+from edgeinspect.train.data.coco import convert_mvtec
+from edgeinspect.train.detection import open_split
 
 SIZE = 128  # synthetic image side and model input: small enough for one CPU core
 FAST = ["preprocess.input_size=[128,128]", "train.epochs=12", "train.batch_size=8", "train.lr=0.003",
@@ -22,49 +24,13 @@ FAST = ["preprocess.input_size=[128,128]", "train.epochs=12", "train.batch_size=
         "model.extra_channels=[64,64]", "model.aspect_ratios=[[2],[2],[2],[2],[2]]", "model.min_ratio=0.1"]
 
 
-def write_coco(root: Path, category: str, out: Path, n_val: int = 6) -> Path:
-    """MVTec-layout synthetic parts -> a COCO folder with one ``defect`` class: a box (and polygon) per
-    connected component of each defect mask, good images as negatives; train/ and val/."""
-    base = root / category
-    items = [(p, base / "ground_truth" / d / f"{p.stem}_mask.png") for d in DEFECT_TYPES
-             for p in sorted((base / "test" / d).glob("*.png"))]
-    items += [(p, None) for p in sorted((base / "test" / "good").glob("*.png"))]
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(items))
-    splits = {"val": [items[i] for i in order[:n_val]], "train": [items[i] for i in order[n_val:]]}
-    for split, chosen in splits.items():
-        (out / split / "images").mkdir(parents=True, exist_ok=True)
-        images, anns = [], []
-        for k, (image, mask_path) in enumerate(chosen, 1):
-            name = f"{image.parent.name}_{image.name}"
-            (out / split / "images" / name).write_bytes(image.read_bytes())
-            h, w = cv2.imread(str(image)).shape[:2]
-            images.append({"id": k, "file_name": name, "height": h, "width": w})
-            if mask_path is None:
-                continue
-            mask = (cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE) > 0).astype(np.uint8)
-            n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-            for c in range(1, n):
-                x, y, bw, bh, area = (int(v) for v in stats[c])
-                if area < 4:
-                    continue
-                contours, _ = cv2.findContours((labels == c).astype(np.uint8), cv2.RETR_EXTERNAL,
-                                               cv2.CHAIN_APPROX_SIMPLE)
-                polys = [c_.reshape(-1).astype(float).tolist() for c_ in contours if len(c_) >= 3]
-                anns.append({"id": len(anns) + 1, "image_id": k, "category_id": 1, "bbox": [x, y, bw, bh],
-                             "area": area, "iscrowd": 0, "segmentation": polys})
-        data = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "defect"}]}
-        (out / split / "annotations.json").write_text(json.dumps(data))
-    (out / "dataset_info.json").write_text(json.dumps({"source": "mvtec", "category": category,
-                                                       "classes": ["defect"], "classes_mode": "single"}))
-    return out
-
-
 @pytest.fixture(scope="module")
 def coco_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth_det")
     synthesize(root, "washer", seed=1, n_train=1, n_test_good=6, n_test_per_defect=15, size=SIZE)
-    return write_coco(root, "washer", root / "coco")
+    convert_mvtec(root, "washer", root / "coco", classes_mode="single", good_images="test", train_ratio=0.9,
+                  progress=False)
+    return root / "coco"
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +136,7 @@ def test_detection_metrics_on_known_cases() -> None:
 
 
 def test_training_learns_boxes_on_the_defects(ssd_bundle: Path, coco_dir: Path) -> None:
-    from edgeinspect.train.detection import _iou, open_split, predict
+    from edgeinspect.train.detection import _iou, predict
     from edgeinspect.train.trainer import load_model
 
     bundle = Bundle.open(ssd_bundle)
@@ -250,13 +216,46 @@ def test_evaluate_and_cli(ssd_bundle: Path, coco_dir: Path, tmp_path: Path) -> N
     m = json.loads((tmp_path / "m.json").read_text())
     manifest = Bundle.open(ssd_bundle).manifest["metrics"]
     assert m["bbox"] == manifest["bbox"] and m["confusion"] == manifest["confusion"]
-    assert sum(m["confusion"].values()) == m["n_images"] == 6
+    n_val = len(open_split(coco_dir, "val"))
+    assert sum(m["confusion"].values()) == m["n_images"] == n_val
     assert "mAP@0.5" in result.output and "composite" in result.output
-    assert len(list((tmp_path / "viz").glob("*.png"))) == 6
+    assert len(list((tmp_path / "viz").glob("*.png"))) == n_val
     assert isinstance(json.loads((tmp_path / "p.json").read_text()), list)
     result = CliRunner().invoke(main, ["-q", "evaluate", str(ssd_bundle), "--data", str(coco_dir), "--split", "val",
                                        "--engine", "onnx"])
-    assert result.exit_code == 1 and "torch" in result.output
+    assert result.exit_code == 1 and "edgeinspect export" in result.output  # no engine exported yet
     result = CliRunner().invoke(main, ["-q", "train", "ssd", "--data", str(coco_dir), "--out", str(tmp_path / "o"),
                                        "--category", "x"])
     assert result.exit_code == 2 and "--category" in result.output
+
+
+def test_exported_ssd_matches_pytorch_and_the_daemon_serves_it(ssd_bundle: Path, coco_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """The trained family the whole way: ONNX engine through its parity gate, then a real daemon over ZeroMQ."""
+    from test_daemon import _serve_to_end
+
+    from edgeinspect.export.exporter import export_bundle
+
+    out = tmp_path / "ssd"
+    shutil.copytree(ssd_bundle, out)
+    [result] = export_bundle(out, "onnx", progress=False)
+    parity = result.parity.to_dict()
+    assert result.status == "written" and parity["passed"] and parity["n_matched"] == parity["n_reference"] > 0
+    assert parity["min_matched_iou"] >= 0.99 and parity["verdict_agreement"] == 1.0
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    split = open_split(coco_dir, "val")
+    for i in range(len(split)):
+        shutil.copy(split.path_of(i), folder / f"{i:02d}.png")
+    verdicts, statuses = _serve_to_end(out, folder)
+    assert len(verdicts) == len(split) and statuses[-1]["errors"] == 0
+    from edgeinspect.train.detection import predict
+    from edgeinspect.train.trainer import load_model
+
+    bundle = Bundle.open(out)
+    threshold = bundle.decision["threshold"]
+    torch_nok = [bool((p["scores"] >= threshold).any())
+                 for p in predict(load_model(bundle), split, bundle.preprocess, progress=False)]
+    assert [v["verdict"] == "NOK" for v in verdicts] == torch_nok  # served as the PyTorch model decides
+    for v in verdicts:
+        assert all(r["label"] == "defect" and r["score"] >= v["raw_threshold"] for r in v["regions"])
