@@ -6,21 +6,32 @@ and ``listen`` work with only the ``runtime`` extra installed.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from edgeinspect import __version__
 from edgeinspect.errors import EdgeInspectError
 
+ARGV = "edgeinspect.argv"
+RUN = "edgeinspect.run"
+
 
 class _Group(click.Group):
     """Expected failures (EdgeInspectError, OSError) become one line and exit code 1, usage errors one line
     and exit code 2; ``--debug`` shows the traceback instead."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if ctx.parent is None:  # the whole command line, for the run registry
+            ctx.meta[ARGV] = ["edgeinspect", *args]
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -54,12 +65,72 @@ def _echo_json(data: dict) -> None:
     click.echo(json.dumps(data, indent=2, allow_nan=True))
 
 
+def _manifest(path: str | None) -> dict[str, Any]:
+    """The manifest of the bundle at ``path`` as stored (not verified), {} when there is none."""
+    try:
+        return json.loads((Path(path) / "manifest.json").read_text()) if path else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def recorded_command(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Record each run of a click command in the run registry (``edgeinspect.registry.recorded``), keyed on the
+    command's name; whatever the family. Its parameters ``family``, ``data_root``, ``category`` and ``bundle`` /
+    ``out`` fill the run, the bundle's manifest what they leave open (family, data, bundle id, engines; a
+    successful ``train`` also its metrics). The command adds what only it knows through :func:`_run`."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from edgeinspect.registry import recorded
+
+        ctx = click.get_current_context()
+        params = ctx.params
+        bundle = params.get("bundle") or params.get("out")
+        before = _manifest(params.get("bundle"))
+        data = before.get("data") or {}
+        fields = {"family": params.get("family") or (before.get("model") or {}).get("family"),
+                  "data_root": params.get("data_root") or data.get("root"),
+                  "category": params.get("category") or data.get("category"), "bundle_path": bundle}
+        with recorded(ctx.info_name, argv=ctx.meta.get(ARGV, sys.argv), registry=ctx.find_root().params["registry"],
+                      **fields) as run:
+            ctx.meta[RUN] = run
+            ok = False
+            try:
+                result = command(*args, **kwargs)
+                ok = True
+                return result
+            except SystemExit as exc:
+                ok = exc.code in (None, 0)
+                raise
+            finally:
+                after = _manifest(bundle) if ok or "bundle" in params else {}
+                if after:
+                    run.update(family=fields["family"] or after["model"].get("family"))
+                    found = {"bundle_id": after.get("bundle_id"),
+                             "engines": [{k: e.get(k) for k in ("file", "format", "precision", "bytes", "parity")}
+                                         for e in after.get("engines", [])],
+                             **({"metrics": after.get("metrics"), "config": after.get("config")}
+                                if "out" in params else {}),
+                             **({"report_dir": str(Path(bundle, "reports"))}
+                                if "out" in params and Path(bundle, "reports").is_dir() else {})}
+                    run.set_results(**{k: v for k, v in found.items() if k not in run.results})
+    return wrapper
+
+
+def _run(ctx: click.Context) -> Any:
+    """The registry handle of the running command (:class:`edgeinspect.registry.RunHandle`)."""
+    return ctx.meta[RUN]
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeinspect")
 @click.option("--quiet", "-q", is_flag=True, help="Hide progress bars and info logs.")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error instead of its one-line message.")
-def main(quiet: bool, verbose: bool, debug: bool) -> None:
+@click.option("--registry", default=None, type=click.Path(dir_okay=False), envvar="EDGEINSPECT_REGISTRY",
+              help="Run registry database (SQLite) that records train / evaluate / export / bench runs  [default: "
+                   "$EDGEINSPECT_REGISTRY, else ~/.local/share/edgeinspect/registry.sqlite]")
+def main(quiet: bool, verbose: bool, debug: bool, registry: str | None) -> None:
     """Industrial visual inspection: train anomaly models, export engines, serve verdicts."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -214,6 +285,7 @@ def backbones() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
 @click.pass_context
+@recorded_command
 def train(ctx: click.Context, family: str, data_root: str, category: str, out: str, overwrite: bool,
           backbone: str | None, weights: str | None, config_path: str | None, overrides: tuple[str, ...],
           device: str) -> None:
@@ -233,6 +305,7 @@ def train(ctx: click.Context, family: str, data_root: str, category: str, out: s
     extra = [f"model.backbone={backbone}"] if backbone else []
     extra += [f"model.weights={weights}"] if weights else []
     config = load_config(family, config_path, [*overrides, *extra])
+    _run(ctx).update(config=config)
     bundle = run_train(family, data_root, category, out, config, device=device, progress=_progress(ctx),
                        overwrite=overwrite)
     m = bundle.manifest["metrics"]
@@ -251,13 +324,18 @@ def train(ctx: click.Context, family: str, data_root: str, category: str, out: s
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
               help="Torch device for --engine torch.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the metrics here.")
+@click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False),
+              help="Write plots (PNG) and a self-contained report.html into this folder.")
 @click.pass_context
+@recorded_command
 def evaluate(ctx: click.Context, bundle: str, data_root: str, category: str, engine: str, device: str,
-             json_out: str | None) -> None:
-    """Image, pixel and box metrics of BUNDLE on a test split."""
+             json_out: str | None, report_dir: str | None) -> None:
+    """Image, pixel and box metrics of BUNDLE on a test split (and a report with plots)."""
     from edgeinspect.train.evaluate import evaluate as run_evaluate
 
-    m = run_evaluate(bundle, data_root, category, engine, device=device, progress=_progress(ctx))
+    m = run_evaluate(bundle, data_root, category, engine, device=device, progress=_progress(ctx),
+                     report_dir=report_dir)
+    _run(ctx).set_results(metrics=m, report_dir=str(Path(report_dir).resolve()) if report_dir else None)
     c = m["confusion"]
     rows = [("image", f"AUROC {m['image_auroc']:.4f}  AUPR {m['aupr']:.4f}  "
                       f"F1-max {m['f1_max']:.4f} @ {m['f1_max_threshold']:.4g}"),
@@ -272,6 +350,8 @@ def evaluate(ctx: click.Context, bundle: str, data_root: str, category: str, eng
         click.echo(f"{key:<14}{value}")
     if json_out:
         Path(json_out).write_text(json.dumps(m, indent=2) + "\n")
+    if report_dir:
+        click.echo(f"{'report':<14}{Path(report_dir) / 'report.html'}")
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -289,6 +369,7 @@ def evaluate(ctx: click.Context, bundle: str, data_root: str, category: str, eng
 @click.option("--category", default=None, help="Check / calibration images: category (default: the bundle's; "
                                                "not for detectors).")
 @click.pass_context
+@recorded_command
 def export(ctx: click.Context, bundle: str, fmt: str, precision: str | None, config_path: str | None,
            overrides: tuple[str, ...], data_root: str | None, category: str | None) -> None:
     """Write engines into BUNDLE, each checked against the PyTorch model. Exit 1 if one is refused."""
@@ -296,10 +377,12 @@ def export(ctx: click.Context, bundle: str, fmt: str, precision: str | None, con
     from edgeinspect.export.exporter import export_bundle
 
     settings = load_config("export", config_path, overrides)
+    _run(ctx).update(config=settings)
     results = export_bundle(bundle, fmt, precision or ("all" if fmt == "all" else "fp32"), settings=settings,
                             data_root=data_root, category=category, progress=_progress(ctx))
     for result in results:
         click.echo(result.describe())
+    _run(ctx).set_results(metrics={f"{r.format}:{r.precision}": r.status for r in results})
     sys.exit(1 if any(r.status == "refused" for r in results) else 0)
 
 
@@ -533,8 +616,10 @@ def listen(connect: str, topic: str, count: int | None, timeout: float | None, u
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the report here.")
 @click.option("--markdown", "markdown_out", default=None, type=click.Path(dir_okay=False),
               help="Write the table as Markdown here.")
-def bench(bundle: str, engines: tuple[str, ...], data_root: str | None, category: str | None, warmup: int,
-          runs: int, rounds: int, threads: int | None, no_backbone: bool, json_out: str | None,
+@click.pass_context
+@recorded_command
+def bench(ctx: click.Context, bundle: str, engines: tuple[str, ...], data_root: str | None, category: str | None,
+          warmup: int, runs: int, rounds: int, threads: int | None, no_backbone: bool, json_out: str | None,
           markdown_out: str | None) -> None:
     """Latency, FPS, memory and accuracy of every engine of BUNDLE on this device, side by side."""
     from edgeinspect.bench import bench as run_bench
@@ -544,6 +629,9 @@ def bench(bundle: str, engines: tuple[str, ...], data_root: str | None, category
         raise click.BadParameter("--runs and --rounds must be >= 1 and --warmup >= 0")
     report = run_bench(bundle, engines, data_root=data_root, category=category, warmup=warmup, runs=runs,
                        rounds=rounds, threads=threads, backbone=not no_backbone)
+    _run(ctx).set_results(engines=report["rows"], metrics={
+        f"{r['format']}:{r['precision']}": {k: v for k, v in r.items() if isinstance(v, int | float)}
+        for r in report["rows"]})
     table = markdown_table(report)
     click.echo(table)
     if json_out:
@@ -565,3 +653,106 @@ def info(bundle: str) -> None:
                 "engines": [{k: e.get(k) for k in ("file", "format", "precision", "bytes", "parity", "decision")}
                             for e in m["engines"]],
                 "metrics": m["metrics"], "size_bytes": b.size_bytes()})
+
+
+# ------------------------------------------------------------------------------------------- runs
+@main.group(cls=_Group)
+def runs() -> None:
+    """The run registry: every train / evaluate / export / bench run with its results (--registry PATH)."""
+
+
+def _open_registry(ctx: click.Context) -> Any:
+    from edgeinspect.registry import Registry
+
+    return Registry.open(ctx.find_root().params["registry"])
+
+
+def _get_runs(registry: Any, run_ids: tuple[str, ...]) -> list[dict]:
+    found = [registry.get_run(run_id) for run_id in run_ids]
+    missing = [run_id for run_id, run in zip(run_ids, found, strict=True) if run is None]
+    if missing:
+        raise click.ClickException(f"no run {', '.join(missing)} in the registry {registry.path} "
+                                   f"(`edgeinspect runs list` shows the ids)")
+    return found
+
+
+def _headline(run: dict) -> str:
+    """The figure that sums a run up in the list: image AUROC, else the first number of its metrics."""
+    from edgeinspect.registry import flatten
+
+    metrics = flatten(run.get("metrics") or {})
+    for key in ("image_auroc", "map50", "map"):
+        if isinstance(metrics.get(key), int | float):
+            return f"{key} {metrics[key]:.4f}"
+    return ""
+
+
+@runs.command("list")
+@click.option("--family", default=None, help="Only runs of this model family.")
+@click.option("--category", default=None, help="Only runs on this data category.")
+@click.option("--command", "command", default=None, type=click.Choice(["train", "evaluate", "export", "bench"]),
+              help="Only runs of this command.")
+@click.option("--status", default=None, type=click.Choice(["running", "finished", "failed"]))
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="Newest N runs.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per run and line.")
+@click.pass_context
+def runs_list(ctx: click.Context, family: str | None, category: str | None, command: str | None, status: str | None,
+              limit: int, as_json: bool) -> None:
+    """The newest runs, one per line: id, start, command, family, category, status, duration, headline metric."""
+    with _open_registry(ctx) as registry:
+        found = registry.list_runs(family=family, category=category, command=command, status=status, limit=limit)
+    for run in found:
+        if as_json:
+            click.echo(json.dumps(run))
+            continue
+        duration = f"{run['duration_s']:.1f}s" if run["duration_s"] is not None else "-"
+        click.echo(f"{run['id']}  {run['started'][:19]}  {run['command']:<8} {run['family'] or '-':<11} "
+                   f"{run['category'] or '-':<12} {run['status']:<8} {duration:>8}  "
+                   f"{_headline(run) or (run['error'] or '')[:60]}")
+
+
+@runs.command("show")
+@click.argument("run_id")
+@click.pass_context
+def runs_show(ctx: click.Context, run_id: str) -> None:
+    """Everything recorded about one run (ID or a unique prefix of it), as JSON."""
+    with _open_registry(ctx) as registry:
+        _echo_json(_get_runs(registry, (run_id,))[0])
+
+
+@runs.command("compare")
+@click.argument("run_ids", nargs=-1, required=True)
+@click.pass_context
+def runs_compare(ctx: click.Context, run_ids: tuple[str, ...]) -> None:
+    """Side-by-side table of the runs' metrics (one column per run)."""
+    from edgeinspect.registry import compare_table
+
+    with _open_registry(ctx) as registry:
+        found = _get_runs(registry, run_ids)
+    for row in compare_table(found):
+        click.echo("  ".join(f"{cell:<{30 if i == 0 else 24}}" for i, cell in enumerate(row)).rstrip())
+
+
+@runs.command("export")
+@click.argument("out", default="-", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--csv", "as_csv", is_flag=True, help="CSV: one row per run, metrics flattened (the one format).")
+@click.option("--family", default=None, help="Only runs of this model family.")
+@click.option("--category", default=None, help="Only runs on this data category.")
+@click.option("--command", "command", default=None, type=click.Choice(["train", "evaluate", "export", "bench"]))
+@click.option("--limit", default=100000, show_default=True, type=click.IntRange(min=1), help="Newest N runs.")
+@click.pass_context
+def runs_export(ctx: click.Context, out: str, as_csv: bool, family: str | None, category: str | None,
+                command: str | None, limit: int) -> None:
+    """Write the runs as CSV to OUT (default: standard output): the run fields, then one column per metric."""
+    from edgeinspect.registry import write_csv
+
+    if not as_csv:
+        raise click.UsageError("give the format: --csv (the one there is)")
+    with _open_registry(ctx) as registry:
+        found = registry.list_runs(family=family, category=category, command=command, limit=limit)
+    if out == "-":
+        write_csv(found, sys.stdout)
+    else:
+        with open(out, "w", newline="") as f:
+            write_csv(found, f)
+        click.echo(f"wrote {out}: {len(found)} runs", err=True)
