@@ -111,7 +111,7 @@ def recorded_command(command: Callable[..., Any]) -> Callable[..., Any]:
                                          for e in after.get("engines", [])],
                              **({"metrics": after.get("metrics"), "config": after.get("config")}
                                 if "out" in params else {}),
-                             **({"report_dir": str(Path(bundle, "reports"))}
+                             **({"report_dir": str(Path(bundle, "reports").resolve())}
                                 if "out" in params and Path(bundle, "reports").is_dir() else {})}
                     run.set_results(**{k: v for k, v in found.items() if k not in run.results})
     return wrapper
