@@ -677,14 +677,16 @@ def _get_runs(registry: Any, run_ids: tuple[str, ...]) -> list[dict]:
 
 
 def _headline(run: dict) -> str:
-    """The figure that sums a run up in the list: image AUROC, else the first number of its metrics."""
-    from edgeinspect.registry import flatten
+    """What sums a run up in the list: its image AUROC, else the first engine's runtime p50 (bench), else its
+    first metric."""
+    from edgeinspect.registry import cell, flatten
 
     metrics = flatten(run.get("metrics") or {})
-    for key in ("image_auroc", "map50", "map"):
-        if isinstance(metrics.get(key), int | float):
-            return f"{key} {metrics[key]:.4f}"
-    return ""
+    for suffix in ("image_auroc", "runtime_p50_ms"):
+        key = next((k for k in metrics if k.split(".")[-1] == suffix and isinstance(metrics[k], int | float)), None)
+        if key:
+            return f"{key} {cell(metrics[key])}"
+    return next((f"{k} {cell(v)}" for k, v in metrics.items()), "")
 
 
 @runs.command("list")
@@ -729,8 +731,10 @@ def runs_compare(ctx: click.Context, run_ids: tuple[str, ...]) -> None:
 
     with _open_registry(ctx) as registry:
         found = _get_runs(registry, run_ids)
-    for row in compare_table(found):
-        click.echo("  ".join(f"{cell:<{30 if i == 0 else 24}}" for i, cell in enumerate(row)).rstrip())
+    rows = compare_table(found)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 @runs.command("export")

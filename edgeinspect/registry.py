@@ -21,6 +21,7 @@ import os
 import secrets
 import sqlite3
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -159,6 +160,11 @@ class Registry:
     def __init__(self, db: sqlite3.Connection, path: Path):
         self.db = db
         self.path = path
+        self._lock = threading.RLock()  # one statement at a time when threads share the connection (a web server)
+
+    def _query(self, sql: str, params: tuple | list = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self.db.execute(sql, params).fetchall()
 
     @classmethod
     def open(cls, path: str | Path | None = None) -> Registry:
@@ -209,11 +215,12 @@ class Registry:
     @property
     def schema_version(self) -> int:
         """The schema version of the open database."""
-        return self.db.execute("SELECT version FROM schema_version").fetchone()[0]
+        return self._query("SELECT version FROM schema_version")[0][0]
 
-    def _write(self, sql: str, params: tuple | list) -> sqlite3.Cursor:
+    def _write(self, sql: str, params: tuple | list) -> None:
         try:
-            return self.db.execute(sql, params)
+            with self._lock:
+                self.db.execute(sql, params)
         except sqlite3.Error as exc:
             raise RegistryError(f"cannot write the run registry {self.path}: {exc}") from exc
 
@@ -247,7 +254,7 @@ class Registry:
         """Close a run: ``finished`` or ``failed`` (with ``error``), its results, the time and duration."""
         if status not in STATUSES[1:]:
             raise ValueError(f"status must be finished or failed, not {status!r}")
-        row = self.db.execute("SELECT started FROM runs WHERE id = ?", (run_id,)).fetchone()
+        row = next(iter(self._query("SELECT started FROM runs WHERE id = ?", (run_id,))), None)
         finished = _now()
         duration = ((datetime.fromisoformat(finished) - datetime.fromisoformat(row["started"])).total_seconds()
                     if row else None)
@@ -265,25 +272,22 @@ class Registry:
                     ) -> list[dict[str, Any]]:
         """Events, newest first: ``{"id", "kind", "time", **fields}``."""
         where, params = _where(kind=kind, bundle_id=bundle_id)
-        rows = self.db.execute(f"SELECT * FROM events {where} ORDER BY time DESC, rowid DESC LIMIT ?",
-                               [*params, limit]).fetchall()
+        rows = self._query(f"SELECT * FROM events {where} ORDER BY time DESC, rowid DESC LIMIT ?", [*params, limit])
         return [{"id": r["id"], "kind": r["kind"], "time": r["time"], **json.loads(r["fields"])} for r in rows]
 
     def list_runs(self, *, family: str | None = None, category: str | None = None, command: str | None = None,
                   status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Runs, newest first, each a JSON-ready dict (:data:`RUN_KEYS`)."""
         where, params = _where(family=family, category=category, command=command, status=status)
-        rows = self.db.execute(f"SELECT * FROM runs {where} ORDER BY started DESC, rowid DESC LIMIT ?",
-                               [*params, limit]).fetchall()
+        rows = self._query(f"SELECT * FROM runs {where} ORDER BY started DESC, rowid DESC LIMIT ?", [*params, limit])
         return [_run_dict(r) for r in rows]
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         """The run with this id, or with this unique id prefix; None when there is none."""
-        row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        row = next(iter(self._query("SELECT * FROM runs WHERE id = ?", (run_id,))), None)
         if row is None:
-            rows = self.db.execute("SELECT * FROM runs WHERE id LIKE ? ESCAPE '\\' LIMIT 2",
-                                   (run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",)
-                                   ).fetchall()
+            pattern = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            rows = self._query("SELECT * FROM runs WHERE id LIKE ? ESCAPE '\\' LIMIT 2", (pattern,))
             if len(rows) > 1:
                 raise RegistryError(f"run id prefix {run_id!r} is ambiguous; give more of the id")
             row = rows[0] if rows else None
@@ -291,7 +295,8 @@ class Registry:
 
     def close(self) -> None:
         """Close the connection."""
-        self.db.close()
+        with self._lock:
+            self.db.close()
 
     def __enter__(self) -> Registry:
         return self
@@ -405,7 +410,8 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
+    """A value as a table cell: 4 decimals for floats, - for None, JSON for lists and dicts."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -424,9 +430,9 @@ def compare_table(runs: list[dict[str, Any]]) -> list[list[str]]:
     keys = list(dict.fromkeys(k for m in metrics for k in m))
     rows = [["run", *(run["id"] for run in runs)]]
     for field in COMPARE_FIELDS:
-        rows.append([field, *(_cell(run[field][:12] if field == "dataset_fingerprint" and run[field] else
+        rows.append([field, *(cell(run[field][:12] if field == "dataset_fingerprint" and run[field] else
                                     run[field][:19] if field == "started" else run[field]) for run in runs)])
-    rows += [[key, *(_cell(m.get(key)) for m in metrics)] for key in keys]
+    rows += [[key, *(cell(m.get(key)) for m in metrics)] for key in keys]
     return rows
 
 
