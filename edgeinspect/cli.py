@@ -91,7 +91,7 @@ def recorded_command(command: Callable[..., Any]) -> Callable[..., Any]:
         fields = {"family": params.get("family") or (before.get("model") or {}).get("family"),
                   "data_root": params.get("data_root") or data.get("root"),
                   "category": params.get("category") or data.get("category"), "bundle_path": bundle}
-        with recorded(ctx.info_name, argv=ctx.meta.get(ARGV, sys.argv), registry=ctx.find_root().params["registry"],
+        with recorded(ctx.info_name, argv=ctx.meta.get(ARGV, sys.argv), registry=ctx.find_root().params.get("registry"),
                       **fields) as run:
             ctx.meta[RUN] = run
             ok = False
@@ -664,7 +664,7 @@ def runs() -> None:
 def _open_registry(ctx: click.Context) -> Any:
     from edgeinspect.registry import Registry
 
-    return Registry.open(ctx.find_root().params["registry"])
+    return Registry.open(ctx.find_root().params.get("registry"))
 
 
 def _get_runs(registry: Any, run_ids: tuple[str, ...]) -> list[dict]:

@@ -105,8 +105,9 @@ def write_report(out_dir: str | Path, run: Inference, metrics: dict[str, Any]) -
 th,td{{border:1px solid #ccc;padding:2px 8px;text-align:left;font-size:13px}} figure{{display:inline-block;
 vertical-align:top;margin:1em}} img{{max-width:100%}} figcaption{{font-size:13px;color:#444;max-width:640px}}</style>
 </head><body><h1>{html.escape(title)}</h1>
-<p>Bundle {html.escape(str(run.bundle.path))}, engine {html.escape(run.engine)}, {len(run.samples)} test images
-({html.escape(run.split)}), data {html.escape(str(run.dataset.root))}.</p>
+<p>Bundle {html.escape(str(Path(run.bundle.path).resolve()))}, engine {html.escape(run.engine)},
+{len(run.samples)} test images ({html.escape(run.split)}),
+data {html.escape(str(Path(run.dataset.root).resolve()))}.</p>
 <h2>Metrics</h2><table>{rows}</table><h2>Plots</h2>{figures}</body></html>
 """
     path = out / REPORT
