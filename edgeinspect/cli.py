@@ -103,18 +103,28 @@ def recorded_command(command: Callable[..., Any]) -> Callable[..., Any]:
                 ok = exc.code in (None, 0)
                 raise
             finally:
-                after = _manifest(bundle) if ok or "bundle" in params else {}
-                if after:
-                    run.update(family=fields["family"] or after["model"].get("family"))
-                    found = {"bundle_id": after.get("bundle_id"),
-                             "engines": [{k: e.get(k) for k in ("file", "format", "precision", "bytes", "parity")}
-                                         for e in after.get("engines", [])],
-                             **({"metrics": after.get("metrics"), "config": after.get("config")}
-                                if "out" in params else {}),
-                             **({"report_dir": str(Path(bundle, "reports").resolve())}
-                                if "out" in params and Path(bundle, "reports").is_dir() else {})}
-                    run.set_results(**{k: v for k, v in found.items() if k not in run.results})
+                if ok or "bundle" in params:  # a failed train leaves --out as it was: nothing of this run
+                    _bundle_results(run, bundle, fields["family"], trained="out" in params)
     return wrapper
+
+
+def _bundle_results(run: Any, bundle: str | None, family: str | None, trained: bool) -> None:
+    """What the bundle's manifest says about a run, where the command did not say it: family, bundle id, engines
+    (a training run: also metrics, config and the reports folder). Never fails the command."""
+    try:
+        after = _manifest(bundle)
+        if not after:
+            return
+        run.update(family=family or (after.get("model") or {}).get("family"))
+        reports = Path(bundle, "reports")
+        found = {"bundle_id": after.get("bundle_id"),
+                 "engines": [{k: e.get(k) for k in ("file", "format", "precision", "bytes", "parity")}
+                             for e in after.get("engines", [])],
+                 **({"metrics": after.get("metrics"), "config": after.get("config"),
+                     "report_dir": str(reports.resolve()) if reports.is_dir() else None} if trained else {})}
+        run.set_results(**{k: v for k, v in found.items() if k not in run.results})
+    except Exception as exc:  # an odd manifest must not turn a finished command into a failure
+        logging.getLogger(__name__).debug("run registry: could not read %s: %s", bundle, exc)
 
 
 def _run(ctx: click.Context) -> Any:
