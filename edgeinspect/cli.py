@@ -6,21 +6,32 @@ and ``listen`` work with only the ``runtime`` extra installed.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from edgeinspect import __version__
 from edgeinspect.errors import EdgeInspectError
 
+ARGV = "edgeinspect.argv"
+RUN = "edgeinspect.run"
+
 
 class _Group(click.Group):
     """Expected failures (EdgeInspectError, OSError) become one line and exit code 1, usage errors one line
     and exit code 2; ``--debug`` shows the traceback instead."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if ctx.parent is None:  # the whole command line, for the run registry
+            ctx.meta[ARGV] = ["edgeinspect", *args]
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -54,12 +65,82 @@ def _echo_json(data: dict) -> None:
     click.echo(json.dumps(data, indent=2, allow_nan=True))
 
 
+def _manifest(path: str | None) -> dict[str, Any]:
+    """The manifest of the bundle at ``path`` as stored (not verified), {} when there is none."""
+    try:
+        return json.loads((Path(path) / "manifest.json").read_text()) if path else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def recorded_command(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Record each run of a click command in the run registry (``edgeinspect.registry.recorded``), keyed on the
+    command's name; whatever the family. Its parameters ``family``, ``data_root``, ``category`` and ``bundle`` /
+    ``out`` fill the run, the bundle's manifest what they leave open (family, data, bundle id, engines; a
+    successful ``train`` also its metrics). The command adds what only it knows through :func:`_run`."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from edgeinspect.registry import recorded
+
+        ctx = click.get_current_context()
+        params = ctx.params
+        bundle = params.get("bundle") or params.get("out")
+        before = _manifest(params.get("bundle"))
+        data = before.get("data") or {}
+        fields = {"family": params.get("family") or (before.get("model") or {}).get("family"),
+                  "data_root": params.get("data_root") or data.get("root"),
+                  "category": params.get("category") or data.get("category"), "bundle_path": bundle}
+        with recorded(ctx.info_name, argv=ctx.meta.get(ARGV, sys.argv), registry=ctx.find_root().params.get("registry"),
+                      **fields) as run:
+            ctx.meta[RUN] = run
+            ok = False
+            try:
+                result = command(*args, **kwargs)
+                ok = True
+                return result
+            except SystemExit as exc:
+                ok = exc.code in (None, 0)
+                raise
+            finally:
+                if ok or "bundle" in params:  # a failed train leaves --out as it was: nothing of this run
+                    _bundle_results(run, bundle, fields["family"], trained="out" in params)
+    return wrapper
+
+
+def _bundle_results(run: Any, bundle: str | None, family: str | None, trained: bool) -> None:
+    """What the bundle's manifest says about a run, where the command did not say it: family, bundle id, engines
+    (a training run: also metrics, config and the reports folder). Never fails the command."""
+    try:
+        after = _manifest(bundle)
+        if not after:
+            return
+        run.update(family=family or (after.get("model") or {}).get("family"))
+        reports = Path(bundle, "reports")
+        found = {"bundle_id": after.get("bundle_id"),
+                 "engines": [{k: e.get(k) for k in ("file", "format", "precision", "bytes", "parity")}
+                             for e in after.get("engines", [])],
+                 **({"metrics": after.get("metrics"), "config": after.get("config"),
+                     "report_dir": str(reports.resolve()) if reports.is_dir() else None} if trained else {})}
+        run.set_results(**{k: v for k, v in found.items() if k not in run.results})
+    except Exception as exc:  # an odd manifest must not turn a finished command into a failure
+        logging.getLogger(__name__).debug("run registry: could not read %s: %s", bundle, exc)
+
+
+def _run(ctx: click.Context) -> Any:
+    """The registry handle of the running command (:class:`edgeinspect.registry.RunHandle`)."""
+    return ctx.meta[RUN]
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeinspect")
 @click.option("--quiet", "-q", is_flag=True, help="Hide progress bars and info logs.")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error instead of its one-line message.")
-def main(quiet: bool, verbose: bool, debug: bool) -> None:
+@click.option("--registry", default=None, type=click.Path(dir_okay=False), envvar="EDGEINSPECT_REGISTRY",
+              help="Run registry database (SQLite) that records train / evaluate / export / bench runs  [default: "
+                   "$EDGEINSPECT_REGISTRY, else ~/.local/share/edgeinspect/registry.sqlite]")
+def main(quiet: bool, verbose: bool, debug: bool, registry: str | None) -> None:
     """Industrial visual inspection: train anomaly models, export engines, serve verdicts."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -257,6 +338,7 @@ _TRAIN_KEYS = (("--epochs", "epochs"), ("--batch-size", "batch_size"), ("--lr", 
               help="Detectors: also keep checkpoints/epoch_N.pt every N epochs.")
 @click.option("--resume", is_flag=True, help="Detectors: continue the interrupted run in <out>.work/.")
 @click.pass_context
+@recorded_command
 def train(ctx: click.Context, family: str, data_root: str, category: str | None, out: str, overwrite: bool,
           backbone: str | None, weights: str | None, config_path: str | None, overrides: tuple[str, ...],
           device: str, epochs: int | None, batch_size: int | None, lr: float | None, save_every: int | None,
@@ -281,13 +363,14 @@ def train(ctx: click.Context, family: str, data_root: str, category: str | None,
         raise click.UsageError(f"{', '.join(given)}: {family} is not trained for epochs; use --set for its keys")
     extra += [f"train.{key}={value}" for key, value in given.values()]
     config = load_config(family, config_path, [*overrides, *extra])
+    _run(ctx).update(config=config)
     _TRAINERS[cls.task](ctx, family, data_root, out, config, category=category, device=device, overwrite=overwrite,
                         resume=resume)
 
 
 def _evaluate_anomaly(ctx: click.Context, bundle: str, data_root: str, *, category: str | None, engine: str,
                       device: str, split: str | None, conf: float | None, save_viz: str | None,
-                      predictions: str | None) -> dict:
+                      predictions: str | None, report_dir: str | None) -> dict:
     from edgeinspect.train.evaluate import evaluate as run_evaluate
 
     if not category:
@@ -296,7 +379,8 @@ def _evaluate_anomaly(ctx: click.Context, bundle: str, data_root: str, *, catego
                           ("--predictions", predictions)):
         if value is not None:
             raise click.UsageError(f"{option} is for detector bundles; drop it")
-    m = run_evaluate(bundle, data_root, category, engine, device=device, progress=_progress(ctx))
+    m = run_evaluate(bundle, data_root, category, engine, device=device, progress=_progress(ctx),
+                     report_dir=report_dir)
     c = m["confusion"]
     rows = [("image", f"AUROC {m['image_auroc']:.4f}  AUPR {m['aupr']:.4f}  "
                       f"F1-max {m['f1_max']:.4f} @ {m['f1_max_threshold']:.4g}"),
@@ -314,11 +398,13 @@ def _evaluate_anomaly(ctx: click.Context, bundle: str, data_root: str, *, catego
 
 def _evaluate_detector(ctx: click.Context, bundle: str, data_root: str, *, category: str | None, engine: str,
                        device: str, split: str | None, conf: float | None, save_viz: str | None,
-                       predictions: str | None) -> dict:
+                       predictions: str | None, report_dir: str | None) -> dict:
     from edgeinspect.train.detection import evaluate as run_evaluate
 
     if category:
         raise click.UsageError("--category: a detector bundle is evaluated on a COCO folder (--data); drop it")
+    if report_dir:
+        raise click.UsageError("--report is for anomaly-map bundles; detector bundles have --save-viz")
     m = run_evaluate(bundle, data_root, split=split or "test", conf=conf, engine=engine, device=device,
                      save_viz_dir=save_viz, predictions_path=predictions, progress=_progress(ctx))
     c = m["confusion"]
@@ -359,19 +445,25 @@ _EVALUATORS = {"anomaly_map": _evaluate_anomaly, "detections": _evaluate_detecto
 @click.option("--predictions", default=None, type=click.Path(dir_okay=False),
               help="Detector bundles: write the detections here (COCO results JSON).")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the metrics here.")
+@click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False),
+              help="Anomaly bundles: write plots (PNG) and a self-contained report.html into this folder.")
 @click.pass_context
+@recorded_command
 def evaluate(ctx: click.Context, bundle: str, data_root: str, category: str | None, engine: str, device: str,
              split: str | None, conf: float | None, save_viz: str | None, predictions: str | None,
-             json_out: str | None) -> None:
+             json_out: str | None, report_dir: str | None) -> None:
     """Metrics of BUNDLE: image, pixel and box metrics on a test split (anomaly bundles), COCO mAP and
     image-level metrics on a COCO split (detector bundles)."""
     from edgeinspect.bundle import Bundle
 
     task = Bundle.open(bundle).manifest.get("task", "anomaly_map")
     m = _EVALUATORS[task](ctx, bundle, data_root, category=category, engine=engine, device=device, split=split,
-                          conf=conf, save_viz=save_viz, predictions=predictions)
+                          conf=conf, save_viz=save_viz, predictions=predictions, report_dir=report_dir)
+    _run(ctx).set_results(metrics=m, report_dir=str(Path(report_dir).resolve()) if report_dir else None)
     if json_out:
         Path(json_out).write_text(json.dumps(m, indent=2) + "\n")
+    if report_dir:
+        click.echo(f"{'report':<14}{Path(report_dir) / 'report.html'}")
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -389,6 +481,7 @@ def evaluate(ctx: click.Context, bundle: str, data_root: str, category: str | No
 @click.option("--category", default=None, help="Check / calibration images: category (default: the bundle's; "
                                                "not for detectors).")
 @click.pass_context
+@recorded_command
 def export(ctx: click.Context, bundle: str, fmt: str, precision: str | None, config_path: str | None,
            overrides: tuple[str, ...], data_root: str | None, category: str | None) -> None:
     """Write engines into BUNDLE, each checked against the PyTorch model. Exit 1 if one is refused."""
@@ -396,10 +489,12 @@ def export(ctx: click.Context, bundle: str, fmt: str, precision: str | None, con
     from edgeinspect.export.exporter import export_bundle
 
     settings = load_config("export", config_path, overrides)
+    _run(ctx).update(config=settings)
     results = export_bundle(bundle, fmt, precision or ("all" if fmt == "all" else "fp32"), settings=settings,
                             data_root=data_root, category=category, progress=_progress(ctx))
     for result in results:
         click.echo(result.describe())
+    _run(ctx).set_results(metrics={f"{r.format}:{r.precision}": r.status for r in results})
     sys.exit(1 if any(r.status == "refused" for r in results) else 0)
 
 
@@ -637,8 +732,10 @@ def listen(connect: str, topic: str, count: int | None, timeout: float | None, u
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the report here.")
 @click.option("--markdown", "markdown_out", default=None, type=click.Path(dir_okay=False),
               help="Write the table as Markdown here.")
-def bench(bundle: str, engines: tuple[str, ...], data_root: str | None, category: str | None, warmup: int,
-          runs: int, rounds: int, threads: int | None, no_backbone: bool, json_out: str | None,
+@click.pass_context
+@recorded_command
+def bench(ctx: click.Context, bundle: str, engines: tuple[str, ...], data_root: str | None, category: str | None,
+          warmup: int, runs: int, rounds: int, threads: int | None, no_backbone: bool, json_out: str | None,
           markdown_out: str | None) -> None:
     """Latency, FPS, memory and accuracy of every engine of BUNDLE on this device, side by side."""
     from edgeinspect.bench import bench as run_bench
@@ -648,6 +745,9 @@ def bench(bundle: str, engines: tuple[str, ...], data_root: str | None, category
         raise click.BadParameter("--runs and --rounds must be >= 1 and --warmup >= 0")
     report = run_bench(bundle, engines, data_root=data_root, category=category, warmup=warmup, runs=runs,
                        rounds=rounds, threads=threads, backbone=not no_backbone)
+    _run(ctx).set_results(engines=report["rows"], metrics={
+        f"{r['format']}:{r['precision']}": {k: v for k, v in r.items() if isinstance(v, int | float)}
+        for r in report["rows"]})
     table = markdown_table(report)
     click.echo(table)
     if json_out:
@@ -669,3 +769,110 @@ def info(bundle: str) -> None:
                 "engines": [{k: e.get(k) for k in ("file", "format", "precision", "bytes", "parity", "decision")}
                             for e in m["engines"]],
                 "metrics": m["metrics"], "size_bytes": b.size_bytes()})
+
+
+# ------------------------------------------------------------------------------------------- runs
+@main.group(cls=_Group)
+def runs() -> None:
+    """The run registry: every train / evaluate / export / bench run with its results (--registry PATH)."""
+
+
+def _open_registry(ctx: click.Context) -> Any:
+    from edgeinspect.registry import Registry
+
+    return Registry.open(ctx.find_root().params.get("registry"))
+
+
+def _get_runs(registry: Any, run_ids: tuple[str, ...]) -> list[dict]:
+    found = [registry.get_run(run_id) for run_id in run_ids]
+    missing = [run_id for run_id, run in zip(run_ids, found, strict=True) if run is None]
+    if missing:
+        raise click.ClickException(f"no run {', '.join(missing)} in the registry {registry.path} "
+                                   f"(`edgeinspect runs list` shows the ids)")
+    return found
+
+
+def _headline(run: dict) -> str:
+    """What sums a run up in the list: its image AUROC, else the first engine's runtime p50 (bench), else its
+    first metric."""
+    from edgeinspect.registry import cell, flatten
+
+    metrics = flatten(run.get("metrics") or {})
+    for suffix in ("image_auroc", "runtime_p50_ms"):
+        key = next((k for k in metrics if k.split(".")[-1] == suffix and isinstance(metrics[k], int | float)), None)
+        if key:
+            return f"{key} {cell(metrics[key])}"
+    return next((f"{k} {cell(v)}" for k, v in metrics.items()), "")
+
+
+@runs.command("list")
+@click.option("--family", default=None, help="Only runs of this model family.")
+@click.option("--category", default=None, help="Only runs on this data category.")
+@click.option("--command", "command", default=None, type=click.Choice(["train", "evaluate", "export", "bench"]),
+              help="Only runs of this command.")
+@click.option("--status", default=None, type=click.Choice(["running", "finished", "failed"]))
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="Newest N runs.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per run and line.")
+@click.pass_context
+def runs_list(ctx: click.Context, family: str | None, category: str | None, command: str | None, status: str | None,
+              limit: int, as_json: bool) -> None:
+    """The newest runs, one per line: id, start, command, family, category, status, duration, headline metric."""
+    with _open_registry(ctx) as registry:
+        found = registry.list_runs(family=family, category=category, command=command, status=status, limit=limit)
+    for run in found:
+        if as_json:
+            click.echo(json.dumps(run))
+            continue
+        duration = f"{run['duration_s']:.1f}s" if run["duration_s"] is not None else "-"
+        click.echo(f"{run['id']}  {run['started'][:19]}  {run['command']:<8} {run['family'] or '-':<11} "
+                   f"{run['category'] or '-':<12} {run['status']:<8} {duration:>8}  "
+                   f"{_headline(run) or (run['error'] or '')[:60]}")
+
+
+@runs.command("show")
+@click.argument("run_id")
+@click.pass_context
+def runs_show(ctx: click.Context, run_id: str) -> None:
+    """Everything recorded about one run (ID or a unique prefix of it), as JSON."""
+    with _open_registry(ctx) as registry:
+        _echo_json(_get_runs(registry, (run_id,))[0])
+
+
+@runs.command("compare")
+@click.argument("run_ids", nargs=-1, required=True)
+@click.pass_context
+def runs_compare(ctx: click.Context, run_ids: tuple[str, ...]) -> None:
+    """Side-by-side table of the runs' metrics (one column per run)."""
+    from edgeinspect.registry import compare_table
+
+    with _open_registry(ctx) as registry:
+        found = _get_runs(registry, run_ids)
+    rows = compare_table(found)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+@runs.command("export")
+@click.argument("out", default="-", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--csv", "as_csv", is_flag=True, help="CSV: one row per run, metrics flattened (the one format).")
+@click.option("--family", default=None, help="Only runs of this model family.")
+@click.option("--category", default=None, help="Only runs on this data category.")
+@click.option("--command", "command", default=None, type=click.Choice(["train", "evaluate", "export", "bench"]))
+@click.option("--limit", default=100000, show_default=True, type=click.IntRange(min=1), help="Newest N runs.")
+@click.pass_context
+def runs_export(ctx: click.Context, out: str, as_csv: bool, family: str | None, category: str | None,
+                command: str | None, limit: int) -> None:
+    """Write the runs as CSV to OUT (default: standard output): the run fields, then one column per metric."""
+    from edgeinspect.registry import write_csv
+
+    if not as_csv:
+        raise click.UsageError("give the format: --csv (the one there is)")
+    with _open_registry(ctx) as registry:
+        found = registry.list_runs(family=family, category=category, command=command, limit=limit)
+    if out == "-":
+        write_csv(found, sys.stdout)
+    else:
+        with open(out, "w", newline="") as f:
+            write_csv(found, f)
+        click.echo(f"wrote {out}: {len(found)} runs", err=True)

@@ -53,10 +53,17 @@ class Preprocess:
         """HxWx3 uint8 RGB image -> 1x3xHxW float32 tensor."""
         return self.batch([rgb])
 
-    def batch(self, images: list[np.ndarray]) -> np.ndarray:
-        """A list of RGB uint8 images -> Nx3xHxW float32 tensor."""
+    def view(self, rgb: np.ndarray) -> np.ndarray:
+        """The image as the model sees it, before normalisation: resized and cropped, uint8 (reports)."""
         h, w = self.resize
         top, left = self.crop_offset()
+        ch, cw = self.input_size
+        img = rgb if rgb.shape[:2] == (h, w) else cv2.resize(
+            rgb, (w, h), interpolation=_INTERPOLATIONS[self.interpolation])
+        return img[top:top + ch, left:left + cw]
+
+    def batch(self, images: list[np.ndarray]) -> np.ndarray:
+        """A list of RGB uint8 images -> Nx3xHxW float32 tensor."""
         ch, cw = self.input_size
         scale = 1.0 / (255.0 * np.asarray(self.std, np.float32))
         shift = np.asarray(self.mean, np.float32) / np.asarray(self.std, np.float32)
@@ -65,11 +72,9 @@ class Preprocess:
         for i, rgb in enumerate(images):
             if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
                 raise ValueError(f"expected an HxWx3 uint8 image, got shape {rgb.shape} {rgb.dtype}")
-            img = rgb if rgb.shape[:2] == (h, w) else cv2.resize(
-                rgb, (w, h), interpolation=_INTERPOLATIONS[self.interpolation])
             # planar copies first: normalising each plane into the output costs a sixth of an
             # interleaved float conversion followed by an HWC -> CHW transpose
-            planes = cv2.split(np.ascontiguousarray(img[top:top + ch, left:left + cw]))
+            planes = cv2.split(np.ascontiguousarray(self.view(rgb)))
             for c, source in enumerate(order):
                 np.multiply(planes[source], scale[c], out=out[i, c], casting="unsafe")
                 out[i, c] -= shift[c]

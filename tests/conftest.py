@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,15 @@ def free_tcp_endpoint() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test's commands (and their subprocesses) record runs in a registry of their own, never the user's."""
+    path = tmp_path_factory.mktemp("registry") / "registry.sqlite"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEINSPECT_REGISTRY", str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")

@@ -69,6 +69,16 @@ def test_train_evaluate_info_via_cli(synth_root: Path, tmp_path: Path) -> None:
     assert metrics["image_auroc"] == pytest.approx(manifest["metrics"]["image_auroc"], abs=1e-9)
     info = runner.invoke(main, ["info", str(out)])
     assert info.exit_code == 0 and json.loads(info.output)["bundle_id"] == manifest["bundle_id"]
+    # both runs are in the run registry (conftest's private one), the train with what the bundle says
+    from edgeinspect.registry import Registry
+
+    with Registry.open() as registry:
+        evaluated, trained = registry.list_runs(limit=2)
+    assert (trained["command"], trained["status"], evaluated["command"]) == ("train", "finished", "evaluate")
+    assert trained["bundle_id"] == evaluated["bundle_id"] == manifest["bundle_id"] and trained["family"] == "padim"
+    assert trained["metrics"]["image_auroc"] == pytest.approx(manifest["metrics"]["image_auroc"])
+    assert trained["config"]["model"]["n_features"] == 50 and trained["report_dir"] == str(out / "reports")
+    assert evaluated["metrics"]["image_auroc"] == pytest.approx(metrics["image_auroc"])
 
 
 def test_evaluate_onnx_matches_torch(patchcore_bundle: Path, synth_root: Path) -> None:

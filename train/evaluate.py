@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -31,12 +33,24 @@ def infer_engine(backend: Backend, dataset: MVTecCategory, samples: Sequence[Sam
     return np.stack(maps), np.array(scores), 1000.0 * seconds / max(len(samples), 1)
 
 
-def evaluate(bundle_path: str | Path, data_root: str | Path, category: str, engine: str = "torch", *,
-             device: str = "cpu", progress: bool = True) -> dict:
-    """:func:`trainer.test_metrics` of a bundle on its test split, with ms per image (model/engine only).
+@dataclass
+class Inference:
+    """A bundle's anomaly maps and scores on its test split: what the metrics and the report are made of."""
 
-    The test split is :func:`trainer.bundle_test_samples`: test/, or the hold-out a supervised family
-    recorded in the bundle (``split`` in the result says which).
+    bundle: Bundle
+    dataset: MVTecCategory
+    samples: list[Sample]
+    split: str          # which test images: test/, or the hold-out a supervised family recorded
+    maps: np.ndarray    # N x H x W, model units
+    scores: np.ndarray  # N
+    ms_per_image: float
+    decision: dict[str, Any]  # the threshold and min_region_area the engine is judged at
+    engine: str         # torch or FORMAT:PRECISION
+
+
+def run_inference(bundle_path: str | Path, data_root: str | Path, category: str, engine: str = "torch", *,
+                  device: str = "cpu", progress: bool = True) -> Inference:
+    """Run a bundle's PyTorch model or one of its engines over its test split (:func:`trainer.bundle_test_samples`).
 
     ``engine`` is ``torch`` or an engine selector (``onnx``, ``onnx:int8``, ``auto``...); an engine is
     judged at its own threshold (INT8 engines are recalibrated at export).
@@ -53,9 +67,25 @@ def evaluate(bundle_path: str | Path, data_root: str | Path, category: str, engi
         maps, scores, ms = infer_engine(backend, dataset, samples, preprocess, progress)
         decision = bundle.engine_decision(entry)
         engine = f"{entry['format']}:{entry['precision']}"
-    metrics = test_metrics(dataset, samples, preprocess, maps, scores, decision["threshold"],
-                           min_region_area=decision["min_region_area"])
-    return {**metrics, "split": split, "threshold": decision["threshold"], "engine": engine, "ms_per_image": ms,
-            "bundle_id": bundle.bundle_id, "category": category, "data_root": str(Path(data_root).resolve())}
+    return Inference(bundle, dataset, list(samples), split, maps, scores, ms, decision, engine)
+
+
+def evaluate(bundle_path: str | Path, data_root: str | Path, category: str, engine: str = "torch", *,
+             device: str = "cpu", progress: bool = True, report_dir: str | Path | None = None) -> dict:
+    """:func:`trainer.test_metrics` of a bundle on its test split (:func:`run_inference`), with ms per image
+    (model/engine only); ``split`` in the result says which images. With ``report_dir``, also the plots and
+    report.html of :func:`report.write_report` there.
+    """
+    run = run_inference(bundle_path, data_root, category, engine, device=device, progress=progress)
+    metrics = test_metrics(run.dataset, run.samples, run.bundle.preprocess, run.maps, run.scores,
+                           run.decision["threshold"], min_region_area=run.decision["min_region_area"])
+    result = {**metrics, "split": run.split, "threshold": run.decision["threshold"], "engine": run.engine,
+              "ms_per_image": run.ms_per_image, "bundle_id": run.bundle.bundle_id, "category": category,
+              "data_root": str(Path(data_root).resolve())}
+    if report_dir is not None:
+        from edgeinspect.train.report import write_report
+
+        write_report(report_dir, run, result)
+    return result
 
 

@@ -91,13 +91,23 @@ def _components(mask: np.ndarray) -> tuple[int, np.ndarray]:
 
 
 def pro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float:
-    """Area under the per-region-overlap curve up to ``max_fpr``, divided by ``max_fpr`` (AUPRO).
+    """Area under the per-region-overlap curve up to ``max_fpr``, divided by ``max_fpr`` (AUPRO); the curve is
+    :func:`pro_curve`'s. NaN when there is no defect pixel or no normal pixel."""
+    curve = pro_curve(masks, maps, max_fpr)
+    if curve is None:
+        return float("nan")
+    x, y = curve
+    return float(np.trapezoid(y, x) / max_fpr)
+
+
+def pro_curve(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> tuple[np.ndarray, np.ndarray] | None:
+    """The per-region-overlap curve up to ``max_fpr``: (FPR, PRO) points, FPR ascending from 0 to ``max_fpr``.
 
     Bergmann et al., MVTec AD, IJCV 2021. For a threshold t, PRO(t) is the mean over every
     8-connected ground-truth component (of all images) of the fraction of its pixels with score > t,
     FPR(t) the fraction of all normal pixels with score > t; the curve has one point per distinct
-    score (ties enter together), the trapezoid is interpolated at exactly ``max_fpr``. NaN when there
-    is no defect pixel or no normal pixel.
+    score (ties enter together), the last point is interpolated at exactly ``max_fpr``. None when
+    there is no defect pixel or no normal pixel.
 
     Exact, without a loop over thresholds: in descending score order each defect pixel adds
     1 / (R * |its component|) to PRO and each normal pixel 1 / N_normal to FPR, so PRO is a
@@ -119,7 +129,7 @@ def pro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float:
     normal_scores = scores[~masks]
     n_normal = len(normal_scores)
     if n_regions == 0 or n_normal == 0:
-        return float("nan")
+        return None
 
     # Past the k-th highest normal score FPR exceeds max_fpr: no lower score matters, and the curve
     # ends on the point of that score.
@@ -144,7 +154,7 @@ def pro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float:
     if x[-1] < max_fpr:  # the last point is past max_fpr, so there is a segment to cut
         x0, x1, y0, y1 = fpr[inside - 1], fpr[inside], curve[inside - 1], curve[inside]
         x, y = np.r_[x, max_fpr], np.r_[y, y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0)]
-    return float(np.trapezoid(y, x) / max_fpr)
+    return x, y
 
 
 def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:

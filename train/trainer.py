@@ -144,6 +144,11 @@ def decide(good_scores: np.ndarray, decision_cfg: dict[str, Any], *, val_labels:
             "min_region_area": int(decision_cfg["min_region_area"])}
 
 
+def test_masks(dataset: MVTecCategory, samples: Sequence[Sample], preprocess: Preprocess) -> np.ndarray:
+    """The ground-truth masks of ``samples`` in model-input geometry (N x H x W bool; all False for good images)."""
+    return np.stack([preprocess.mask(dataset.load_mask(s, preprocess.resize)) for s in samples])
+
+
 def test_metrics(dataset: MVTecCategory, samples: Sequence[Sample], preprocess: Preprocess,
                  maps: np.ndarray, scores: np.ndarray, threshold: float, *, min_region_area: int
                  ) -> dict[str, Any]:
@@ -154,7 +159,7 @@ def test_metrics(dataset: MVTecCategory, samples: Sequence[Sample], preprocess: 
     the ground-truth boxes with the regions of ``map > threshold`` of ``min_region_area`` pixels or more.
     """
     labels = np.array([s.label for s in samples])
-    masks = np.stack([preprocess.mask(dataset.load_mask(s, preprocess.resize)) for s in samples])
+    masks = test_masks(dataset, samples, preprocess)
     best_f1, best_threshold = f1_max(labels, scores)
     counts = confusion(labels, scores, threshold)
     return {"image_auroc": image_auroc(labels, scores), "aupr": aupr(labels, scores),
