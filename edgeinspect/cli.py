@@ -496,8 +496,9 @@ def journal_replay(directory: str, since: int, until: int | None, publish: str |
                    "from $EDGEINSPECT_INSPECTOR_TOKEN).")
 @click.option("--engine", default="auto", show_default=True, help="Engine of the loaded bundles (as in predict).")
 @FRAMES_OPTION
-def inspector(bundles: tuple[str, ...], registry_path: str | None, host: str, port: int, token: str | None,
-              engine: str, frames: str) -> None:
+@click.pass_context
+def inspector(ctx: click.Context, bundles: tuple[str, ...], registry_path: str | None, host: str, port: int,
+              token: str | None, engine: str, frames: str) -> None:
     """REST API and web dashboard (http://HOST:PORT/, API docs at /docs): try bundles on uploaded images, tune
     their threshold against the test split, browse the run registry. Predicts with the torch-free runtime."""
     try:
@@ -508,6 +509,7 @@ def inspector(bundles: tuple[str, ...], registry_path: str | None, host: str, po
         raise click.ClickException(f"the inspector needs its extra: pip install 'edgeinspect[inspector]' ({exc})"
                                    ) from None
     check_bind(host, token)
+    registry_path = registry_path or ctx.find_root().params.get("registry")  # also `edgeinspect --registry P ...`
     app = create_app(bundles, registry=registry_path, token=token, engine=engine, convert_frames=frames == "convert")
     click.echo(f"inspector on http://{host}:{port}/ (API docs: /docs); Ctrl-C stops it", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
