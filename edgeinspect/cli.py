@@ -495,10 +495,12 @@ def journal_replay(directory: str, since: int, until: int | None, publish: str |
               help="Require 'Authorization: Bearer TOKEN' on every /api request (needed off loopback; also read "
                    "from $EDGEINSPECT_INSPECTOR_TOKEN).")
 @click.option("--engine", default="auto", show_default=True, help="Engine of the loaded bundles (as in predict).")
+@click.option("--daemon", default=None, metavar="ENDPOINT",
+              help="A serving daemon's publish endpoint (tcp://HOST:PORT): its live verdicts on the dashboard.")
 @FRAMES_OPTION
 @click.pass_context
 def inspector(ctx: click.Context, bundles: tuple[str, ...], registry_path: str | None, host: str, port: int,
-              token: str | None, engine: str, frames: str) -> None:
+              token: str | None, engine: str, daemon: str | None, frames: str) -> None:
     """REST API and web dashboard (http://HOST:PORT/, API docs at /docs): try bundles on uploaded images, tune
     their threshold against the test split, browse the run registry. Predicts with the torch-free runtime."""
     try:
@@ -510,9 +512,10 @@ def inspector(ctx: click.Context, bundles: tuple[str, ...], registry_path: str |
                                    ) from None
     check_bind(host, token)
     registry_path = registry_path or ctx.find_root().params.get("registry")  # also `edgeinspect --registry P ...`
-    app = create_app(bundles, registry=registry_path, token=token, engine=engine, convert_frames=frames == "convert")
+    app = create_app(bundles, registry=registry_path, token=token, engine=engine, convert_frames=frames == "convert",
+                     daemon=daemon)
     click.echo(f"inspector on http://{host}:{port}/ (API docs: /docs); Ctrl-C stops it", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
 
 
 @main.command()

@@ -229,3 +229,71 @@ print(json.dumps({{"verdict": result["verdict"], "n": len(model.test["scores"]),
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result == {"verdict": "NOK", "n": len(_test_images(synth_root, "*")), "torch": []}
+
+
+def test_live_verdicts_of_a_daemon_as_server_sent_events(tmp_path: Path) -> None:
+    from conftest import free_tcp_endpoint
+
+    from edgeinspect.runtime.publisher import VerdictPublisher
+
+    endpoint = free_tcp_endpoint()
+    with VerdictPublisher(endpoint, "line1", "cam1") as publisher:
+        app = create_app(daemon=endpoint, registry=tmp_path / "r.sqlite")
+        try:
+            assert publisher.wait_for_subscribers(1, timeout_s=30) >= 1
+            with serving(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+                assert client.get("/api/status").json()["daemon"] == endpoint
+                events: list[tuple[str, dict]] = []
+                with client.stream("GET", "/api/stream") as stream:
+                    assert stream.headers["content-type"].startswith("text/event-stream")
+                    lines = stream.iter_lines()
+                    for line in lines:
+                        if line.startswith("event: "):
+                            kind = line.removeprefix("event: ")
+                            events.append((kind, json.loads(next(lines).removeprefix("data: "))))
+                            if kind == "hello":
+                                for verdict in ("OK", "NOK", "OK"):
+                                    publisher.publish_verdict({"verdict": verdict, "score": 0.7, "regions": []})
+                                publisher.publish_status({"state": "running"})
+                        if len(events) == 5:
+                            break
+                assert [k for k, _ in events] == ["hello", "verdict", "verdict", "verdict", "status"]
+                assert [e["seq"] for _, e in events[1:4]] == [0, 1, 2] and events[2][1]["verdict"] == "NOK"
+                summary = client.get("/api/daemon").json()
+                assert summary["received"] == 4 and [v["seq"] for v in summary["last_nok"]] == [1]
+                assert summary["status"]["state"] == "running"
+        finally:
+            app.state.inspector.daemon.close()
+    with serving(create_app()) as url:
+        reply = httpx.get(f"{url}/api/stream")
+    assert reply.status_code == 404 and "--daemon" in reply.json()["error"]
+
+
+@pytest.mark.slow
+def test_inspector_extra_in_a_fresh_venv(patchcore_bundle: Path, synth_root: Path, tmp_path: Path) -> None:
+    """`pip install '.[inspector]'` alone (no torch) serves the API and the dashboard."""
+    repo, venv = Path(__file__).resolve().parents[1], tmp_path / "inspector-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-cache-dir", f"{repo}[inspector]"], check=True,
+                   timeout=900)
+    assert subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True).returncode
+    port = free_port()
+    proc = subprocess.Popen([str(venv / "bin" / "edgeinspect"), "inspector", "--bundle", str(patchcore_bundle),
+                             "--port", str(port)], cwd=tmp_path)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            try:
+                status = httpx.get(f"{url}/api/status").json()
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.3)
+        assert status["models"][0]["test_split"]["error"] is None
+        defect = _defect(synth_root)
+        reply = httpx.post(f"{url}/api/predict", files={"image": (defect.name, defect.read_bytes())}, timeout=60)
+        assert reply.status_code == 200 and reply.json()["verdict"] == "NOK"
+        assert "app.js" in httpx.get(f"{url}/").text and httpx.get(f"{url}/static/app.js").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -153,3 +153,28 @@ def test_dashboard_upload_heatmap_and_threshold_flip(browser: webdriver.Chrome, 
     if os.environ.get("EDGEINSPECT_DOCS_SCREENSHOT") == "1":
         DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(shots[0], DOCS_SCREENSHOT)
+
+
+def test_dashboard_shows_a_daemons_live_verdicts(browser: webdriver.Chrome, tmp_path: Path) -> None:
+    from conftest import free_tcp_endpoint
+
+    from edgeinspect.runtime.publisher import VerdictPublisher
+
+    endpoint = free_tcp_endpoint()
+    wait = WebDriverWait(browser, 60)
+    with VerdictPublisher(endpoint, "line1", "cam7") as publisher:
+        app = create_app(daemon=endpoint, registry=tmp_path / "r.sqlite")
+        try:
+            publisher.wait_for_subscribers(1, timeout_s=30)
+            with serving(app) as url:
+                browser.get(url + "/")
+                wait.until(lambda d: d.find_element(By.ID, "live-panel").is_displayed())
+                assert "No model loaded" in browser.find_element(By.ID, "message").text
+                wait.until(lambda d: "connected" in d.find_element(By.ID, "live-counts").text)  # EventSource open
+                for verdict in ("OK", "NOK"):
+                    publisher.publish_verdict({"verdict": verdict, "score": 0.9, "regions": []})
+                wait.until(lambda d: "cam7" in d.find_element(By.ID, "live-nok").text)
+                assert "NOK 1" in browser.find_element(By.ID, "live-counts").text
+                browser.get("about:blank")  # closes the stream before the server stops
+        finally:
+            app.state.inspector.daemon.close()

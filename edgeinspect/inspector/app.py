@@ -6,17 +6,20 @@ With a token every ``/api`` request needs ``Authorization: Bearer TOKEN``; the d
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
 import logging
 import platform
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
@@ -65,6 +68,9 @@ class _Guard:
         headers = dict(scope["headers"])
         if self.token and path.startswith("/api"):
             given = headers.get(b"authorization", b"").decode("latin-1")
+            if path == "/api/stream":  # EventSource cannot send headers: ?access_token=TOKEN
+                query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+                given = given or f"Bearer {query.get('access_token', [''])[0]}"
             if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
                 return await _json(send, 401, "missing or wrong token: send 'Authorization: Bearer TOKEN'",
                                    [(b"www-authenticate", b"Bearer")])
@@ -86,8 +92,6 @@ class _Guard:
 
 
 async def _json(send: Any, status: int, error: str, extra: list | None = None) -> None:
-    import json
-
     body = json.dumps({"error": error}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -113,8 +117,13 @@ class ThresholdRequest(BaseModel):
 class Inspector:
     """The loaded models and where runs are read from."""
 
-    def __init__(self, registry: str | Path | None, engine: str, convert_frames: bool):
+    def __init__(self, registry: str | Path | None, engine: str, convert_frames: bool, daemon: str | None = None):
         self.registry_path = registry
+        self.daemon = None
+        if daemon:
+            from edgeinspect.inspector.stream import DaemonStream
+
+            self.daemon = DaemonStream(daemon)
         self.engine, self.convert_frames = engine, convert_frames
         self.models: dict[str, Model] = {}
         self._lock = threading.Lock()
@@ -174,9 +183,10 @@ class Inspector:
 
 
 def create_app(bundles: Sequence[str | Path] = (), *, registry: str | Path | None = None, token: str | None = None,
-               engine: str = "auto", convert_frames: bool = False) -> FastAPI:
-    """The inspector application with ``bundles`` loaded (each verified)."""
-    state = Inspector(registry, engine, convert_frames)
+               engine: str = "auto", convert_frames: bool = False, daemon: str | None = None) -> FastAPI:
+    """The inspector application with ``bundles`` loaded (each verified); with ``daemon`` (a ``serve --publish``
+    endpoint) its live verdicts are streamed to the dashboard."""
+    state = Inspector(registry, engine, convert_frames, daemon)
     for path in bundles:
         state.load(path)
     app = FastAPI(title="edgeinspect inspector", version=__version__,
@@ -217,6 +227,7 @@ def create_app(bundles: Sequence[str | Path] = (), *, registry: str | Path | Non
                 "onnxruntime": onnxruntime.__version__, "auth": token is not None,
                 "models": [m.summary() for m in state.models.values() if m is not None],
                 "registry": str(state.registry_path) if state.registry_path else None,
+                "daemon": state.daemon.endpoint if state.daemon else None,
                 "limits": {"image_bytes": MAX_IMAGE_BYTES, "batch_bytes": MAX_BATCH_BYTES,
                            "batch_images": MAX_BATCH_IMAGES, "pixels": MAX_PIXELS}}
 
@@ -266,6 +277,38 @@ def create_app(bundles: Sequence[str | Path] = (), *, registry: str | Path | Non
             results.append(result)
         counts = {v: sum(r["verdict"] == v for r in results) for v in ("OK", "NOK", "ERROR")}
         return {"model": chosen.id, "results": results, "counts": counts}
+
+    def daemon_stream() -> Any:
+        if state.daemon is None:
+            raise HTTPException(404, "no daemon: start the inspector with --daemon tcp://HOST:PORT (serve --publish)")
+        return state.daemon
+
+    @app.get("/api/daemon", summary="The daemon's last status and last NOK verdicts")
+    def daemon() -> dict[str, Any]:
+        return daemon_stream().summary()
+
+    @app.get("/api/stream", summary="The daemon's verdicts and status messages as server-sent events")
+    async def stream(request: Request) -> StreamingResponse:
+        source = daemon_stream()
+
+        async def events() -> Any:
+            index = source.received
+            yield f"event: hello\ndata: {json.dumps(source.summary())}\n\n"
+            idle = 0.0
+            while not await request.is_disconnected():
+                messages = source.since(index)
+                for _, topic, payload in messages:
+                    kind = "status" if topic.startswith("status.") else "verdict"
+                    yield f"event: {kind}\ndata: {json.dumps({'topic': topic, **payload})}\n\n"
+                if messages:
+                    index = messages[-1][0] + 1
+                idle = 0.0 if messages else idle + 0.2
+                if idle >= 15:  # a comment line keeps proxies from closing a quiet stream
+                    idle = 0.0
+                    yield ": keep-alive\n\n"
+                await asyncio.sleep(0.2)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/api/runs", summary="Runs of the registry, newest first")
     def runs(family: str | None = None, category: str | None = None, command: str | None = None,

@@ -28,6 +28,7 @@ const isNok = (score, t) => (state.model && state.model.rule === ">=") ? score >
 // ------------------------------------------------------------------------------------------ model
 async function refreshStatus(selectId) {
   const status = await api("/api/status");
+  if (status.daemon && !state.stream) connectStream(status.daemon);
   $("#versions").textContent = `edgeinspect ${status.edgeinspect} · onnxruntime ${status.onnxruntime}`;
   state.models = status.models;
   const select = $("#model-select");
@@ -211,6 +212,49 @@ async function refreshRuns() {
     }
     target.innerHTML = ""; target.appendChild(table);
   } catch (e) { target.textContent = e.message; }
+}
+
+// ------------------------------------------------------------------------------------------ live line
+function connectStream(endpoint) {
+  $("#live-panel").hidden = false;
+  $("#live-source").textContent = endpoint;
+  if (state.stream) state.stream.close();
+  const query = state.token ? `?access_token=${encodeURIComponent(state.token)}` : "";
+  const source = new EventSource("/api/stream" + query);
+  state.stream = source;
+  const counts = { OK: 0, NOK: 0, ERROR: 0 };
+  const showNok = (list) => {
+    const table = $("#live-nok");
+    table.innerHTML = "<tr><th>camera</th><th>seq</th><th>score</th><th>regions</th><th>time</th></tr>";
+    for (const v of list) {
+      const tr = document.createElement("tr");
+      for (const c of [v.camera, v.seq, fmt(v.score), (v.regions || []).length,
+        v.publish_ts ? new Date(v.publish_ts * 1000).toLocaleTimeString() : "-"]) {
+        const td = document.createElement("td"); td.textContent = c ?? "-"; tr.appendChild(td);
+      }
+      table.appendChild(tr);
+    }
+  };
+  let noks = [];
+  source.addEventListener("hello", (e) => {
+    const hello = JSON.parse(e.data);
+    noks = hello.last_nok; showNok(noks);
+    $("#live-counts").textContent = `connected (${hello.received} message(s) before)`;
+  });
+  source.addEventListener("verdict", (e) => {
+    const v = JSON.parse(e.data);
+    counts[v.verdict] = (counts[v.verdict] || 0) + 1;
+    $("#live-counts").textContent = `received OK ${counts.OK} · NOK ${counts.NOK} · ERROR ${counts.ERROR}`;
+    const chip = document.createElement("span");
+    chip.className = v.verdict; chip.textContent = `${v.camera}#${v.seq} ${v.verdict}`;
+    $("#live-verdicts").prepend(chip);
+    while ($("#live-verdicts").children.length > 40) $("#live-verdicts").lastChild.remove();
+    if (v.verdict === "NOK") { noks = [v, ...noks].slice(0, 12); showNok(noks); }
+  });
+  source.addEventListener("status", (e) => {
+    const st = JSON.parse(e.data);
+    $("#live-source").textContent = `${endpoint} · ${st.state || ""}`;
+  });
 }
 
 // ------------------------------------------------------------------------------------------ wiring
