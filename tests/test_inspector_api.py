@@ -231,6 +231,21 @@ print(json.dumps({{"verdict": result["verdict"], "n": len(model.test["scores"]),
     assert result == {"verdict": "NOK", "n": len(_test_images(synth_root, "*")), "torch": []}
 
 
+def test_detector_bundle_regions_without_heatmap(detector_bundle: Path, detector_coco: Path) -> None:
+    image = sorted((detector_coco / "val" / "images").iterdir())[0]
+    with serving(create_app([detector_bundle])) as url, httpx.Client(base_url=url, timeout=120) as client:
+        (model,) = client.get("/api/status").json()["models"]
+        assert model["task"] == "detections" and model["rule"] == ">="
+        assert "anomaly bundles only" in model["test_split"]["error"]
+        body = _predict(client, image.name, image.read_bytes()).json()
+        expected = Predictor(detector_bundle).predict(read_image(image))
+        assert body["heatmap"] is None and body["verdict"] == expected.verdict
+        assert [(r["label"], r["box"]) for r in body["regions"]] == [(r.label, list(r.box)) for r in expected.regions]
+        assert client.put(f"/api/models/{model['id']}/threshold", json={"threshold": 1.01}).status_code == 200
+        body = _predict(client, image.name, image.read_bytes()).json()
+        assert body["verdict"] == "OK" and body["regions"] == [] and body["raw_threshold"] == 1.01
+
+
 def test_live_verdicts_of_a_daemon_as_server_sent_events(tmp_path: Path) -> None:
     from conftest import free_tcp_endpoint
 

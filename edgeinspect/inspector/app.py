@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from edgeinspect import __version__
 from edgeinspect.errors import EdgeInspectError
@@ -147,7 +148,7 @@ class Inspector:
 
     def model(self, model_id: str | None) -> Model:
         """A loaded model by id, or the first one."""
-        loaded = {k: m for k, m in self.models.items() if m is not None}
+        loaded = {k: m for k, m in list(self.models.items()) if m is not None}  # a snapshot: loads may add
         if not loaded:
             raise HTTPException(409, "no model loaded: POST /api/models/load with a bundle path first")
         if model_id is None:
@@ -180,6 +181,19 @@ class Inspector:
             log.warning("not recorded in the run registry: %s", getattr(exc, "detail", exc))
             return False
         return True
+
+
+def _judge_all(model: Model, files: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    """Verdicts of a batch (without heatmaps); an image that cannot be judged gets ``ERROR`` and the reason."""
+    results = []
+    for name, data in files:
+        try:
+            result = model.predict(name, data)
+            result.pop("heatmap")  # a batch answers verdicts; /api/predict gives one image's heatmap
+        except EdgeInspectError as exc:
+            result = {"image": name, "verdict": "ERROR", "error": " ".join(str(exc).split())}
+        results.append(result)
+    return results
 
 
 def create_app(bundles: Sequence[str | Path] = (), *, registry: str | Path | None = None, token: str | None = None,
@@ -225,7 +239,7 @@ def create_app(bundles: Sequence[str | Path] = (), *, registry: str | Path | Non
 
         return {"edgeinspect": __version__, "python": platform.python_version(),
                 "onnxruntime": onnxruntime.__version__, "auth": token is not None,
-                "models": [m.summary() for m in state.models.values() if m is not None],
+                "models": [m.summary() for m in list(state.models.values()) if m is not None],
                 "registry": str(state.registry_path) if state.registry_path else None,
                 "daemon": state.daemon.endpoint if state.daemon else None,
                 "limits": {"image_bytes": MAX_IMAGE_BYTES, "batch_bytes": MAX_BATCH_BYTES,
@@ -255,7 +269,7 @@ def create_app(bundles: Sequence[str | Path] = (), *, registry: str | Path | Non
                       model: Annotated[str | None, Form(description="Model id (default: the first loaded)")] = None
                       ) -> dict[str, Any]:
         data = await image.read()
-        return state.model(model).predict(image.filename or "image", data)
+        return await run_in_threadpool(state.model(model).predict, image.filename or "image", data)
 
     @app.post("/api/predict/batch", summary="Verdicts of several images (repeat the field) or of a zip's images")
     async def predict_batch(images: Annotated[list[UploadFile], File(description="Images, or zip files of images")],
@@ -267,14 +281,7 @@ def create_app(bundles: Sequence[str | Path] = (), *, registry: str | Path | Non
             files.extend(zip_images(name, data) if data.startswith(b"PK\x03\x04") else [(name, data)])
         if len(files) > MAX_BATCH_IMAGES:
             raise UploadError(413, f"{len(files)} images, over the limit of {MAX_BATCH_IMAGES} per batch")
-        results = []
-        for name, data in files:
-            try:
-                result = chosen.predict(name, data)
-                result.pop("heatmap")  # a batch answers verdicts; /api/predict gives one image's heatmap
-            except EdgeInspectError as exc:
-                result = {"image": name, "verdict": "ERROR", "error": " ".join(str(exc).split())}
-            results.append(result)
+        results = await run_in_threadpool(_judge_all, chosen, files)
         counts = {v: sum(r["verdict"] == v for r in results) for v in ("OK", "NOK", "ERROR")}
         return {"model": chosen.id, "results": results, "counts": counts}
 
