@@ -684,6 +684,40 @@ def journal_replay(directory: str, since: int, until: int | None, publish: str |
 
 
 @main.command()
+@click.option("--bundle", "bundles", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Bundle to load at start (repeatable; more can be loaded from the dashboard or the API).")
+@click.option("--registry", "registry_path", default=None, type=click.Path(dir_okay=False),
+              help="Run registry (SQLite) to list runs from  [default: $EDGEINSPECT_REGISTRY or the user's data dir]")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (other than loopback: --token).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to bind.")
+@click.option("--token", default=None, envvar="EDGEINSPECT_INSPECTOR_TOKEN",
+              help="Require 'Authorization: Bearer TOKEN' on every /api request (needed off loopback; also read "
+                   "from $EDGEINSPECT_INSPECTOR_TOKEN).")
+@click.option("--engine", default="auto", show_default=True, help="Engine of the loaded bundles (as in predict).")
+@click.option("--daemon", default=None, metavar="ENDPOINT",
+              help="A serving daemon's publish endpoint (tcp://HOST:PORT): its live verdicts on the dashboard.")
+@FRAMES_OPTION
+@click.pass_context
+def inspector(ctx: click.Context, bundles: tuple[str, ...], registry_path: str | None, host: str, port: int,
+              token: str | None, engine: str, daemon: str | None, frames: str) -> None:
+    """REST API and web dashboard (http://HOST:PORT/, API docs at /docs): try bundles on uploaded images, tune
+    their threshold against the test split, browse the run registry. Predicts with the torch-free runtime."""
+    try:
+        import uvicorn
+
+        from edgeinspect.inspector.app import check_bind, create_app
+    except ImportError as exc:
+        raise click.ClickException(f"the inspector needs its extra: pip install 'edgeinspect[inspector]' ({exc})"
+                                   ) from None
+    check_bind(host, token)
+    registry_path = registry_path or ctx.find_root().params.get("registry")  # also `edgeinspect --registry P ...`
+    app = create_app(bundles, registry=registry_path, token=token, engine=engine, convert_frames=frames == "convert",
+                     daemon=daemon)
+    click.echo(f"inspector on http://{host}:{port}/ (API docs: /docs); Ctrl-C stops it", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
+
+
+@main.command()
 @click.option("--connect", default="tcp://127.0.0.1:5555", show_default=True, help="Daemon endpoint.")
 @click.option("--topic", default="verdict.", show_default=True, help="Topic prefix to subscribe to.")
 @click.option("--count", default=None, type=int, help="Exit after this many messages.")
