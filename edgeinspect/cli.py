@@ -61,6 +61,11 @@ def _progress(ctx: click.Context) -> bool:
     return not ctx.find_root().params.get("quiet", False)
 
 
+def _figure(value: float | None) -> str:
+    """A metric to 4 decimals; ``n/a`` when it is undefined (null in a manifest, NaN in fresh metrics)."""
+    return "n/a" if value is None or value != value else f"{value:.4f}"
+
+
 def _echo_json(data: dict) -> None:
     click.echo(json.dumps(data, indent=2, allow_nan=True))
 
@@ -307,7 +312,7 @@ def _train_detector(ctx: click.Context, family: str, data_root: str, out: str, c
                        resume=resume)
     m = bundle.manifest["metrics"]
     click.echo(f"bundle {bundle.path} ({bundle.bundle_id}): bbox mAP@0.5 {m['bbox']['map50']:.4f}, "
-               f"mAP {m['bbox']['map']:.4f}, image F1 {m['f1']:.4f} at conf {m['conf']:g} on {m['n_images']} "
+               f"mAP {m['bbox']['map']:.4f}, image F1 {_figure(m['f1'])} at conf {m['conf']:g} on {m['n_images']} "
                f"{m['split']} images; best epoch {m['best_epoch']} of {m['epochs']}")
 
 

@@ -16,7 +16,6 @@ import csv
 import hashlib
 import json
 import logging
-import math
 import os
 import secrets
 import sqlite3
@@ -31,6 +30,7 @@ from typing import Any, TextIO
 
 from edgeinspect import __version__
 from edgeinspect.errors import EdgeInspectError
+from edgeinspect.jsonready import json_ready
 
 log = logging.getLogger(__name__)
 
@@ -94,25 +94,8 @@ def _new_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
-def _plain(value: Any) -> Any:
-    """JSON-ready: numpy scalars and arrays to Python, NaN / infinity to None, paths to strings."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set):
-        return [_plain(v) for v in value]
-    if hasattr(value, "tolist") and not isinstance(value, str | bytes):  # numpy
-        return _plain(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return str(value)
-
-
 def _dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(_plain(value), allow_nan=False)
+    return None if value is None else json.dumps(json_ready(value), allow_nan=False)
 
 
 def dataset_fingerprint(data_root: str | Path, category: str | None = None) -> str | None:

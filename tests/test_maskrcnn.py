@@ -7,8 +7,6 @@ import inspect
 import re
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -19,72 +17,35 @@ SIZE = 128  # small input and light heads keep the always-on run short (the defa
 SMALL = {"fpn_channels": 64, "anchor_sizes": [8, 16, 32, 64, 128], "rpn_pre_nms_top_n_train": 200,
          "rpn_post_nms_top_n_train": 100, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50,
          "box_batch_size_per_image": 32, "detections_per_img": 5, "score_thresh": 0.05}
-STEPS, BATCH = 80, 2
-# compact defects: at 28 x 28 mask resolution the thin cracks and scratches take far more steps than a unit
-# test has (their mask IoU stays near 0 after 80 steps); the MVTec bottle measurement covers all types
-KINDS = ("good", "hole", "stain")
-
-
-def instance_targets(mask: np.ndarray) -> dict[str, torch.Tensor]:
-    """A ground-truth mask -> torchvision targets: one instance per 8-connected component (a stand-in for
-    train/data/coco.py's CocoSplit until it lands)."""
-    n, components = cv2.connectedComponents((mask > 0).astype(np.uint8), connectivity=8)
-    masks = np.stack([components == i for i in range(1, n)] or [np.zeros((0, *mask.shape), bool)]).astype(np.uint8)
-    masks = masks.reshape(-1, *mask.shape)
-    boxes = [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] for ys, xs in (np.nonzero(m) for m in masks)]
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.ones(len(masks), dtype=torch.int64), "masks": torch.from_numpy(masks)}
+# the shared trainer on the synthetic parts at SIZE (measured: loss 1.57 -> 0.64 in 8 epochs, the top-3 boxes
+# on 12 of 24 training defect images at IoU >= 0.3, no false alarm on good parts)
+FAST = [f"preprocess.input_size=[{SIZE},{SIZE}]", "train.epochs=8", "train.batch_size=2", "train.map_every=0",
+        "train.warmup_epochs=0.5", *(f"model.{k}={v}" for k, v in SMALL.items())]
 
 
 @pytest.fixture(scope="module")
-def synth_instances(synth_root: Path) -> tuple[torch.Tensor, list[dict], list[str]]:
-    """The synthetic test/ images of KINDS, preprocessed at their own 256 px, then cut to
-    SIZE x SIZE windows around the defect (the centre for good parts), with instance targets."""
-    from edgeinspect.imageio import read_image, read_mask
-    from edgeinspect.preprocess import Preprocess
-    from edgeinspect.train.models.maskrcnn import MaskRCNN
+def coco_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic parts as a COCO folder: one ``defect`` class, masks as polygons, good parts as negatives."""
+    from edgeinspect.train.data import synthesize
+    from edgeinspect.train.data.coco import convert_mvtec
 
-    category = synth_root / SYNTH_CATEGORY
-    images, targets, kinds = [], [], []
-    for folder in sorted(p for p in (category / "test").iterdir() if p.name in KINDS):
-        for path in sorted(folder.glob("*.png")):
-            rgb = read_image(path)
-            h, w = rgb.shape[:2]
-            mask = np.zeros((h, w), np.uint8) if folder.name == "good" else read_mask(
-                category / "ground_truth" / folder.name / f"{path.stem}_mask.png")
-            ys, xs = np.nonzero(mask) if mask.any() else ([h // 2], [w // 2])
-            top = int(np.clip(np.mean(ys) - SIZE // 2, 0, h - SIZE))
-            left = int(np.clip(np.mean(xs) - SIZE // 2, 0, w - SIZE))
-            window = (slice(top, top + SIZE), slice(left, left + SIZE))
-            preprocess = Preprocess((h, w), None, *MaskRCNN.normalization({"backbone": "efficientnet_lite0"}))
-            images.append(preprocess(rgb)[0][:, window[0], window[1]])
-            targets.append(instance_targets(mask[window]))
-            kinds.append(folder.name)
-    return torch.from_numpy(np.stack(images)), targets, kinds
+    root = tmp_path_factory.mktemp("synth_mask")
+    synthesize(root, SYNTH_CATEGORY, seed=1, n_train=1, n_test_good=6, n_test_per_defect=8)
+    convert_mvtec(root, SYNTH_CATEGORY, root / "coco", classes_mode="single", good_images="test", train_ratio=0.8,
+                  progress=False)
+    return root / "coco"
 
 
 @pytest.fixture(scope="module")
-def trained(synth_instances: tuple) -> tuple:
-    """Mask R-CNN (pretrained Lite0 + FPN) trained for a few dozen steps on the synthetic defects."""
-    from edgeinspect.train.models.maskrcnn import MaskRCNN
+def bundle(coco_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Mask R-CNN (pretrained Lite0 + FPN) trained for a few epochs by the shared detector trainer."""
+    from edgeinspect.config import load_config
+    from edgeinspect.train.detection import train
 
-    x, targets, _ = synth_instances
-    model = MaskRCNN(["defect"], (SIZE, SIZE), **SMALL)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 10))
-    generator = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(STEPS):
-        idx = torch.randperm(len(x), generator=generator)[:BATCH]
-        loss = sum(model.loss(x[idx], [targets[i] for i in idx]).values())
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        optimizer.step()
-        warmup.step()
-        losses.append(loss.item())
-    return model.eval(), losses
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("bundles") / "maskrcnn"
+    train("maskrcnn", coco_dir, out, load_config("maskrcnn", overrides=FAST), device="cpu", progress=False)
+    return out
 
 
 def test_contract_and_rebuild() -> None:
@@ -167,57 +128,61 @@ def test_config_file_valid_and_documented() -> None:
         MaskRcnnSection.model_validate({**config["model"], "anchor_sizes": [16, 32]})
 
 
-def test_training_learns_defects(trained: tuple, synth_instances: tuple) -> None:
-    """The loss falls and, after training, the best detection's mask covers the defect on most defective
-    parts (thin cracks and scratches are the hard ones at 28 x 28 mask resolution); good parts stay clean."""
-    model, losses = trained
-    x, targets, kinds = synth_instances
-    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
-    ious, false_alarms = [], 0
-    for i, kind in enumerate(kinds):
-        found = model.detect(x[i:i + 1])[0]
-        if kind == "good":
-            false_alarms += int((found["scores"] >= 0.5).any())
+def test_training_learns_defects(bundle: Path, coco_dir: Path) -> None:
+    """The loss falls and, after training, detections land on the defects of most training images and masks
+    come with them; good parts stay clean."""
+    from edgeinspect.bundle import Bundle
+    from edgeinspect.train.detection import _iou, open_split, predict
+    from edgeinspect.train.trainer import load_model
+
+    b = Bundle.open(bundle)
+    history = b.manifest["training"]["history"]
+    assert history["train_loss"][-1] < 0.6 * history["train_loss"][0], history["train_loss"]
+    assert b.manifest["outputs"]["masks"] == [-1, 1, SIZE, SIZE]  # the detection count is the engine's
+    split = open_split(coco_dir, "train")
+    hits = defective = false_alarms = good = 0
+    for i, p in enumerate(predict(load_model(b), split, b.preprocess, progress=False)):
+        truth = split.load(i)[1]["boxes"]
+        if len(truth) == 0:
+            good += 1
+            false_alarms += int((p["scores"] >= 0.5).any())
             continue
-        truth = targets[i]["masks"].bool().any(0)
-        best = found["masks"][0] > 0.5 if len(found["scores"]) else torch.zeros_like(truth)
-        ious.append(float((truth & best).sum() / (truth | best).sum()))
-    assert np.mean(np.array(ious) >= 0.3) >= 0.5, np.round(ious, 2)
-    assert false_alarms <= kinds.count("good") // 4
+        defective += 1
+        hits += bool(len(p["scores"])) and float(_iou(truth, p["boxes"][:3]).max()) >= 0.3
+        assert p["masks"].shape[0] == len(p["scores"])
+    assert hits >= 0.35 * defective and false_alarms <= good // 4, (hits, defective, false_alarms, good)
 
 
-def test_onnx_engine_matches_torchvision(trained: tuple, synth_instances: tuple, tmp_path: Path) -> None:
-    """The exporter's FP32 path (dynamic detection count) gives torchvision's detections in ONNX Runtime,
-    including an image with none."""
-    import onnxruntime as ort
-    from torchvision.ops import box_iou
+def test_exported_engine_matches_torchvision_and_gives_polygons(bundle: Path, coco_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """The exporter's FP32 engine (dynamic detection count, RoIAlign and NMS inside) passes the detection
+    gate against torchvision's own detections, Core ML refuses it with the reason, and the runtime turns
+    its masks into polygons in frame pixels."""
+    import shutil
 
-    from edgeinspect.export.onnx import write_fp32
+    from edgeinspect.errors import ExportError
+    from edgeinspect.export.exporter import export_bundle
+    from edgeinspect.imageio import read_image
+    from edgeinspect.runtime.predictor import Predictor
+    from edgeinspect.train.detection import open_split
 
-    model, _ = trained
-    x, _, kinds = synth_instances
-    heads = model.detector.roi_heads
-    heads.score_thresh = 0.3  # an engine threshold at which good parts give no detection at all
-    try:
-        path = tmp_path / "maskrcnn.onnx"
-        write_fp32(model, path, (1, 3, SIZE, SIZE), list(model.output_names))
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # the mask-pasting Loop's declared per-iteration shape is not the run's
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        counts = []
-        for i in range(len(kinds)):
-            ref = model.detect(x[i:i + 1])[0]
-            boxes, labels, scores, masks = session.run(None, {"image": x[i:i + 1].numpy()})
-            counts.append(len(ref["scores"]))
-            assert len(scores) == len(ref["scores"]) and masks.shape == (len(scores), 1, SIZE, SIZE)
-            if not len(scores):
-                continue
-            iou = box_iou(ref["boxes"], torch.from_numpy(boxes))
-            match = iou.argmax(1).numpy()
-            assert (iou.max(1).values >= 0.99).all()
-            assert np.array_equal(labels[match], ref["labels"].numpy())
-            assert np.abs(scores[match] - ref["scores"].numpy()).max() < 1e-3
-            assert np.abs(masks[match][:, 0] - ref["masks"].numpy()).max() < 1e-2
-    finally:
-        heads.score_thresh = SMALL["score_thresh"]
-    assert 0 in counts and max(counts) > 0, counts
+    out = tmp_path / "maskrcnn"
+    shutil.copytree(bundle, out)
+    [onnx] = export_bundle(out, "onnx", progress=False)
+    parity = onnx.parity.to_dict()
+    assert onnx.status == "written" and parity["passed"] and parity["n_matched"] == parity["n_reference"]
+    assert parity["min_matched_iou"] >= 0.99 and parity["max_abs_score_delta"] < 1e-3
+    with pytest.raises(ExportError, match="Core ML cannot take this maskrcnn model"):
+        export_bundle(out, "coreml", progress=False)
+    predictor = Predictor(out, engine="onnx").with_threshold(0.3)  # a few epochs: confidences are still low
+    split = open_split(coco_dir, "train")
+    polygons = 0
+    for i in range(len(split)):
+        frame = read_image(split.path_of(i))
+        for region in predictor.predict(frame).regions:
+            x0, y0, x1, y1 = region.box
+            assert region.label == "defect" and 0 <= x0 < x1 <= frame.shape[1] and 0 <= y0 < y1 <= frame.shape[0]
+            for x, y in region.polygon or []:
+                assert x0 - 2 <= x <= x1 + 2 and y0 - 2 <= y <= y1 + 2  # the outline lies in its box
+            polygons += bool(region.polygon)
+    assert polygons > 0

@@ -39,6 +39,7 @@ from edgeinspect.config import validate
 from edgeinspect.errors import BundleError, ConfigError, DataError
 from edgeinspect.frames import FrameSpec
 from edgeinspect.imageio import read_image, read_raw
+from edgeinspect.jsonready import json_ready
 from edgeinspect.manifest import SCHEMA_VERSION
 from edgeinspect.preprocess import Preprocess
 from edgeinspect.train.metrics import accuracy
@@ -424,7 +425,7 @@ def _write_bundle(path: Path, family: str, model: DetectorModel, data_dir: str |
         "data": {"root": str(Path(data_dir).resolve()), "format": "coco", "train_images": len(train_split),
                  "val_images": len(open_split(data_dir, "val")), "test_split": split_name,
                  **({"dataset_info": json.loads(info_path.read_text())} if info_path.is_file() else {})},
-        "metrics": metrics,
+        "metrics": json_ready(metrics),  # undefined figures (no positive image in a split) are null
         "config": config,
         "training": {"history": model.history},
     })
