@@ -38,10 +38,11 @@ from edgeinspect.bundle import Bundle, atomic_write_bytes, bundle_target, stagin
 from edgeinspect.config import validate
 from edgeinspect.errors import BundleError, ConfigError, DataError
 from edgeinspect.frames import FrameSpec
-from edgeinspect.imageio import read_image, read_raw
+from edgeinspect.imageio import read_raw
 from edgeinspect.jsonready import json_ready
 from edgeinspect.manifest import SCHEMA_VERSION
 from edgeinspect.preprocess import Preprocess
+from edgeinspect.train.data.coco import CocoSplit
 from edgeinspect.train.metrics import accuracy
 from edgeinspect.train.models import DetectorModel
 from edgeinspect.train.plots import curves_png
@@ -59,51 +60,6 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- data
-class _CocoSplitStandIn:
-    """Minimal reader of one split of a COCO folder (DETECT.md section 1), used until
-    ``train/data/coco.py:CocoSplit`` is there (same interface)."""
-
-    def __init__(self, root: str | Path, split: str):
-        from pycocotools.coco import COCO
-
-        self.root = Path(root) / split
-        path = self.root / "annotations.json"
-        if not path.is_file():
-            raise DataError(f"no {split} split in {root}: {path} is missing (a COCO folder from `edgeinspect data "
-                            f"coco` has train/, val/ and maybe test/)")
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.coco = COCO(str(path))
-        cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
-        self.classes = [c["name"] for c in cats]
-        self.image_ids = sorted(self.coco.getImgIds())
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def path_of(self, i: int) -> Path:
-        """The image file of the i-th image."""
-        return self.root / "images" / self.coco.imgs[self.image_ids[i]]["file_name"]
-
-    def load(self, i: int) -> tuple[np.ndarray, dict[str, Any]]:
-        """(RGB uint8 image, target with ``boxes`` xyxy px, ``labels`` 1..C, ``masks`` or None)."""
-        info = self.coco.imgs[self.image_ids[i]]
-        anns = [a for a in self.coco.imgToAnns.get(self.image_ids[i], []) if not a.get("iscrowd", 0)]
-        boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                          for a in anns], np.float32).reshape(-1, 4)
-        has_masks = bool(anns) and all(a.get("segmentation") for a in anns)
-        masks = np.stack([self.coco.annToMask(a) for a in anns]).astype(np.uint8) if has_masks else None
-        target = {"boxes": boxes, "labels": np.array([a["category_id"] for a in anns], np.int64), "masks": masks}
-        if masks is None and not anns:
-            target["masks"] = np.zeros((0, info["height"], info["width"]), np.uint8)
-        return read_image(self.path_of(i)), target
-
-
-try:  # the reader of the `coco` helper (DETECT.md section 1), when it is there
-    from edgeinspect.train.data.coco import CocoSplit
-except ImportError:  # pragma: no cover - until train/data/coco.py lands
-    CocoSplit = _CocoSplitStandIn
-
-
 def open_split(root: str | Path, split: str) -> Any:
     """One split (train, val, test) of a COCO folder."""
     return CocoSplit(root, split)
