@@ -121,7 +121,7 @@ def soak(bundle: Path, video: Path, cameras: int, fps: float, seconds: float, en
     """N recorded cameras at ``fps`` for ``seconds`` on one endpoint (measurement 2)."""
     per_camera = int(round(fps * seconds))
     ids = [f"cam{i + 1}" for i in range(cameras)]
-    config = line_config({"line": "bench", "publish": endpoint, "cameras": [
+    config = line_config({"line": "bench", "publish": endpoint, "wait_subscribers": 1, "cameras": [
         {"id": cid, "source": str(video), "bundle": str(bundle), "loop": True, "fps": fps, "max_frames": per_camera}
         for cid in ids]})
     totals: dict[str, list[float]] = {cid: [] for cid in ids}
