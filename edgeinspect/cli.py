@@ -145,10 +145,13 @@ def _run(ctx: click.Context) -> Any:
 @click.option("--registry", default=None, type=click.Path(dir_okay=False), envvar="EDGEINSPECT_REGISTRY",
               help="Run registry database (SQLite) that records train / evaluate / export / bench runs  [default: "
                    "$EDGEINSPECT_REGISTRY, else ~/.local/share/edgeinspect/registry.sqlite]")
-def main(quiet: bool, verbose: bool, debug: bool, registry: str | None) -> None:
+@click.option("--log-format", default="text", show_default=True, type=click.Choice(["text", "json"]),
+              envvar="EDGEINSPECT_LOG_FORMAT", help="Log lines as text, or one JSON object each (for log collectors).")
+def main(quiet: bool, verbose: bool, debug: bool, registry: str | None, log_format: str) -> None:
     """Industrial visual inspection: train anomaly models, export engines, serve verdicts."""
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from edgeinspect.logformat import configure
+
+    configure(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO, log_format)
 
 
 # ------------------------------------------------------------------------------------------- data

@@ -199,3 +199,19 @@ def test_a_failing_camera_is_published_and_raised(patchcore_bundle: Path, synth_
     final = messages[-1][1]
     assert len(verdicts) == 1 and final["state"] == "failed" and "disconnected" in final["error"]
     assert final["frames"] == 1
+
+
+def test_json_logs_for_log_collectors(patchcore_bundle: Path, synth_root: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    src = sorted((synth_root / SYNTH_CATEGORY / "test" / "good").glob("*.png"))[0]
+    (folder / "0.png").write_bytes(src.read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "edgeinspect", "--log-format", "json", "serve", "--bundle",
+                           str(patchcore_bundle), "--camera", str(folder), "--publish", free_tcp_endpoint()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    assert records and all({"ts", "level", "logger", "message"} <= set(r) for r in records)
+    assert any(r["logger"] == "edgeinspect.runtime.backends" and "selected by --engine" in r["message"]
+               for r in records)
+    assert proc.stderr.splitlines()[-1].startswith("cam0: served 1 frames")  # the summary stays a plain line
