@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -253,15 +254,8 @@ def _build_torchvision(name: str, trunk: Callable[[nn.Module], nn.Module] = _Res
         if weights is not None:
             net.load_state_dict(_load_state_dict(weights))
         elif pretrained:
-            enum = torchvision.models.get_model_weights(name).DEFAULT
-            try:
-                net.load_state_dict(enum.get_state_dict(progress=False))
-            except Exception as exc:  # network errors come in many types (URLError, OSError, ...)
-                raise ConfigError(
-                    f"{name}: could not fetch torchvision's ImageNet weights ({enum.url}): {exc}. "
-                    f"Download that file on a machine with internet access and pass it with "
-                    f"--weights PATH, or copy it into torch's hub cache "
-                    f"({torch.hub.get_dir()}/checkpoints/)") from exc
+            net.load_state_dict(fetch_torchvision_weights(torchvision.models.get_model_weights(name).DEFAULT,
+                                                          f"{name}: torchvision's ImageNet weights"))
         return trunk(net)
 
     return build
@@ -269,6 +263,17 @@ def _build_torchvision(name: str, trunk: Callable[[nn.Module], nn.Module] = _Res
 
 def _resnet_stages(widths: tuple[int, int, int, int]) -> dict[str, StageInfo]:
     return {f"layer{i + 1}": StageInfo(c, 4 * 2**i) for i, c in enumerate(widths)}
+
+
+def fetch_torchvision_weights(enum: Any, what: str, option: str = "--weights PATH") -> dict[str, torch.Tensor]:
+    """The state dict of a torchvision weights enum (downloaded, or from torch's hub cache); without internet a
+    one-line ConfigError naming the file to fetch, the ``option`` that takes it and the cache folder."""
+    try:
+        return enum.get_state_dict(progress=False)
+    except Exception as exc:  # network errors come in many types (URLError, OSError, ...)
+        raise ConfigError(f"{what}: could not fetch {enum.url}: {exc}. Download that file on a machine with internet "
+                          f"access and pass it with {option}, or copy it into torch's hub cache "
+                          f"({torch.hub.get_dir()}/checkpoints/)") from exc
 
 
 def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

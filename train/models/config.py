@@ -11,7 +11,20 @@ from edgeinspect.schema import Section, integer, real
 from edgeinspect.train.backbones import BACKBONES, get_backbone_spec
 
 
-class BackboneModelSection(Section):
+class WeightsSection(Section):
+    """A ``model`` section with an optional ``weights`` file (checked to exist)."""
+
+    weights: str | None = None
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_file(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).expanduser().is_file():
+            raise ValueError(f"weights file not found: {path}")
+        return path
+
+
+class BackboneModelSection(WeightsSection):
     """``model`` keys of a family on a frozen backbone; families subclass it and add their own."""
 
     backbone: str
@@ -26,13 +39,6 @@ class BackboneModelSection(Section):
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
         return name
-
-    @field_validator("weights")
-    @classmethod
-    def _weights_file(cls, path: str | None) -> str | None:
-        if path is not None and not Path(path).expanduser().is_file():
-            raise ValueError(f"weights file not found: {path}")
-        return path
 
     @model_validator(mode="after")
     def _known_stages(self) -> BackboneModelSection:

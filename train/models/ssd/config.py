@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import model_validator
 
-from edgeinspect.schema import Section, integer, real
+from edgeinspect.schema import integer, real
 from edgeinspect.train.backbones import get_backbone_spec
+from edgeinspect.train.models.config import WeightsSection
 
 # the backbones SSD is built on: the EfficientNet-Lite trunks (stages + extra layers) or torchvision's SSD300
 SSD_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "vgg16")
 
 
-class SsdSection(Section):
+class SsdSection(WeightsSection):
     """``model`` keys of SSD."""
 
     backbone: Literal[SSD_BACKBONES]
@@ -33,13 +33,6 @@ class SsdSection(Section):
     topk_candidates: integer(1, 100_000)
     detections_per_img: integer(1, 100_000)
     seed: integer(0, 2**32 - 1)
-
-    @field_validator("weights")
-    @classmethod
-    def _weights_file(cls, path: str | None) -> str | None:
-        if path is not None and not Path(path).expanduser().is_file():
-            raise ValueError(f"weights file not found: {path}")
-        return path
 
     @model_validator(mode="after")
     def _layout(self) -> SsdSection:

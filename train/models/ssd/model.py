@@ -21,7 +21,7 @@ from torchvision.models.detection.ssd import SSD
 from torchvision.ops import boxes as box_ops
 
 from edgeinspect.errors import ConfigError
-from edgeinspect.train.backbones import FeatureExtractor, _load_state_dict
+from edgeinspect.train.backbones import FeatureExtractor, _load_state_dict, fetch_torchvision_weights
 from edgeinspect.train.models.detector import DetectorModel
 from edgeinspect.train.models.ssd.config import SsdSection
 
@@ -98,14 +98,9 @@ def _vgg_backbone(weights: str | None, pretrained: bool, trainable_layers: int) 
         else:
             vgg.load_state_dict(state)
     elif pretrained:
-        enum = torchvision.models.VGG16_Weights.IMAGENET1K_FEATURES
-        try:
-            vgg.load_state_dict(enum.get_state_dict(progress=False))
-        except Exception as exc:  # network errors come in many types (URLError, OSError, ...)
-            raise ConfigError(
-                f"vgg16: could not fetch torchvision's ImageNet weights ({enum.url}): {exc}. Download that file "
-                f"on a machine with internet access and pass it with --weights PATH (or an SSD300 COCO checkpoint), "
-                f"or copy it into torch's hub cache ({torch.hub.get_dir()}/checkpoints/)") from exc
+        vgg.load_state_dict(fetch_torchvision_weights(torchvision.models.VGG16_Weights.IMAGENET1K_FEATURES,
+                                                      "vgg16: torchvision's ImageNet weights",
+                                                      "--weights PATH (or an SSD300 COCO checkpoint)"))
     return _vgg_extractor(vgg, False, trainable_layers), detector_state
 
 
