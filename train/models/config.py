@@ -12,11 +12,10 @@ from edgeinspect.train.backbones import BACKBONES, get_backbone_spec
 
 
 class WeightsSection(Section):
-    """A ``model`` section with an optional ``weights`` file (checked to exist)."""
+    """A ``model`` section with an optional ``weights`` file (checked to exist); subclasses declare the
+    ``weights: str | None = None`` field where it belongs in their key order."""
 
-    weights: str | None = None
-
-    @field_validator("weights")
+    @field_validator("weights", check_fields=False)
     @classmethod
     def _weights_file(cls, path: str | None) -> str | None:
         if path is not None and not Path(path).expanduser().is_file():
