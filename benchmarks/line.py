@@ -1,14 +1,14 @@
-"""The line daemon under load: ``python -m benchmarks.line BUNDLE [--cameras 4] [--fps 10] [--seconds 600]
-[--json OUT] [--markdown OUT]``. The bundle needs an ONNX engine.
+"""The line daemon under load: ``python -m benchmarks.line BUNDLE [BUNDLE ...] [--cameras 4] [--fps 10]
+[--seconds 600] [--json OUT] [--markdown OUT]``. The bundles need an ONNX engine.
 
 Two measurements, one run, the real daemon code (``serve`` / ``run_line``) and a real ZeroMQ subscriber:
 
-1. **Live latency**: one camera, a live-paced source (a frame every 1/fps whether it is read or not, as
-   a camera delivers them; latest frame wins), ``--latency-frames`` frames. Reported: capture -> publish
-   (each verdict's ``latency_ms.total``) p50 / p90 / p99 against the engine's own p50
+1. **Live latency** (each bundle in turn): one camera, a live-paced source (a frame every 1/fps whether
+   it is read or not, as a camera delivers them; latest frame wins), ``--latency-frames`` frames.
+   Reported: capture -> publish (each verdict's ``latency_ms.total``) p50 / p90 / p99 against the engine's own p50
    (``latency_ms.inference``), and the difference of the p50s.
-2. **Soak**: ``--cameras`` cameras, each a recorded video looped and paced at ``--fps``, for ``--seconds``,
-   on one endpoint. Reported per camera: frames expected (fps x seconds), published, received by the
+2. **Soak** (the first bundle): ``--cameras`` cameras, each a recorded video looped and paced at ``--fps``,
+   for ``--seconds``, on one endpoint. Reported per camera: frames expected (fps x seconds), published, received by the
    subscriber, seq gaps, achieved fps, capture -> publish p50 / p99.
 """
 
@@ -107,7 +107,7 @@ def live_latency(bundle: Path, frames: list[np.ndarray], fps: float, count: int,
     judged = [v for v in verdicts[3:] if v["verdict"] != "ERROR"]  # the first frames warm the engine
     total = [v["latency_ms"]["total"] for v in judged]
     engine = [v["latency_ms"]["inference"] for v in judged]
-    result = {"fps": fps, "frames_delivered": count, "verdicts": len(verdicts),
+    result = {"bundle_id": predictor.bundle.bundle_id, "fps": fps, "frames_delivered": count, "verdicts": len(verdicts),
               "received": subscriber.received.get("live", 0), "engine": predictor.engine,
               "capture_to_publish_ms": _percentiles(total), "engine_ms": _percentiles(engine),
               "preprocess_p50_ms": _percentiles([v["latency_ms"]["preprocess"] for v in judged]).get("p50"),
@@ -141,17 +141,20 @@ def soak(bundle: Path, video: Path, cameras: int, fps: float, seconds: float, en
 
 def markdown(report: dict) -> str:
     """The figures as a Markdown section."""
-    live, s = report["live"], report["soak"]
-    lines = [f"### Line daemon: {report['bundle_id']} ({live['engine']})", "",
-             f"Live-paced camera at {live['fps']:g} fps, {live['frames_delivered']} frames: capture -> publish "
-             f"p50 {live['capture_to_publish_ms'].get('p50')} ms, p90 {live['capture_to_publish_ms'].get('p90')} ms, "
-             f"p99 {live['capture_to_publish_ms'].get('p99')} ms; engine p50 {live['engine_ms'].get('p50')} ms "
-             f"(difference of the p50s: {live.get('p50_difference_ms')} ms; preprocess p50 "
-             f"{live['preprocess_p50_ms']} ms, post-processing p50 {live['postprocess_p50_ms']} ms).", "",
-             f"Soak: {s['cameras']} recorded cameras at {s['fps_each']:g} fps each for {s['seconds']:g} s "
-             f"(wall {s['wall_s']} s), frames lost: {s['lost']}.", "",
-             "| camera | expected | published | received | seq gaps | fps | capture->publish p50 / p99 ms |",
-             "|---|---|---|---|---|---|---|"]
+    s = report["soak"]
+    lines = ["### Line daemon", "", "Live-paced camera, one bundle at a time:", "",
+             "| bundle | engine | fps | frames | capture->publish p50 / p90 / p99 ms | engine p50 ms | "
+             "difference of the p50s ms | preprocess p50 ms | post-processing p50 ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for live in report["live"]:
+        c = live["capture_to_publish_ms"]
+        lines.append(f"| {live['bundle_id']} | {live['engine']} | {live['fps']:g} | {live['frames_delivered']} | "
+                     f"{c.get('p50')} / {c.get('p90')} / {c.get('p99')} | {live['engine_ms'].get('p50')} | "
+                     f"{live.get('p50_difference_ms')} | {live['preprocess_p50_ms']} | {live['postprocess_p50_ms']} |")
+    lines += ["", f"Soak ({report['bundle_id']}): {s['cameras']} recorded cameras at {s['fps_each']:g} fps each "
+              f"for {s['seconds']:g} s (wall {s['wall_s']} s), frames lost: {s['lost']}.", "",
+              "| camera | expected | published | received | seq gaps | fps | capture->publish p50 / p99 ms |",
+              "|---|---|---|---|---|---|---|"]
     for cid, r in s["per_camera"].items():
         c = r["capture_to_publish_ms"]
         lines.append(f"| {cid} | {r['expected']} | {r['published']} | {r['received']} | {r['seq_gaps']} | "
@@ -162,7 +165,7 @@ def markdown(report: dict) -> str:
 def main() -> None:
     """Parse arguments, run both measurements, print (and write) the report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("bundle", type=Path)
+    parser.add_argument("bundles", type=Path, nargs="+", help="live latency for each; the soak runs the first")
     parser.add_argument("--cameras", type=int, default=4)
     parser.add_argument("--fps", type=float, default=10.0)
     parser.add_argument("--seconds", type=float, default=600.0)
@@ -171,7 +174,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
-    bundle = Bundle.open(args.bundle)
+    bundle = Bundle.open(args.bundles[0])
     data = bundle.manifest["data"]
     images = sorted(Path(data["root"], data["category"], "test").glob("*/*.png"))
     frames = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in images]
@@ -179,8 +182,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         video = write_video(images, Path(tmp) / "line.avi", fps=args.fps)
         report = {"bundle_id": bundle.bundle_id, "device": device_info(),
-                  "live": live_latency(args.bundle, frames, args.fps, args.latency_frames, endpoint),
-                  "soak": soak(args.bundle, video, args.cameras, args.fps, args.seconds, endpoint)}
+                  "live": [live_latency(b, frames, args.fps, args.latency_frames, endpoint) for b in args.bundles],
+                  "soak": soak(args.bundles[0], video, args.cameras, args.fps, args.seconds, endpoint)}
     print(markdown(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
