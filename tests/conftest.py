@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,30 @@ def free_tcp_endpoint() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+RUNNING_RUN = """
+import sys, time
+from edgeinspect.registry import recorded
+with recorded("train", argv=["edgeinspect", "train", "padim"], registry=sys.argv[1], family="padim") as run:
+    print(run.id, flush=True)
+    time.sleep(600)
+"""
+
+
+@contextmanager
+def running_run(registry: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A process that records a run in ``registry`` and stays in it (it would finish it when it ends normally);
+    yields the process and the run id. Killed with SIGKILL on the way out if the test did not end it."""
+    proc = subprocess.Popen([sys.executable, "-c", RUNNING_RUN, str(registry)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        run_id = proc.stdout.readline().strip()
+        assert run_id, f"the process recorded no run (exit code {proc.wait(timeout=60)})"
+        yield proc, run_id
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="session", autouse=True)
