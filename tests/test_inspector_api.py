@@ -236,7 +236,6 @@ def test_detector_bundle_regions_without_heatmap(detector_bundle: Path, detector
     with serving(create_app([detector_bundle])) as url, httpx.Client(base_url=url, timeout=120) as client:
         (model,) = client.get("/api/status").json()["models"]
         assert model["task"] == "detections" and model["rule"] == ">="
-        assert "anomaly bundles only" in model["test_split"]["error"]
         body = _predict(client, image.name, image.read_bytes()).json()
         expected = Predictor(detector_bundle).predict(read_image(image))
         assert body["heatmap"] is None and body["verdict"] == expected.verdict
@@ -246,6 +245,46 @@ def test_detector_bundle_regions_without_heatmap(detector_bundle: Path, detector
         assert body["verdict"] == "OK" and body["regions"] == [] and body["raw_threshold"] == 1.01
 
 
+def _confusion(nok: list[bool], labels: list[bool]) -> dict[str, int]:
+    return {"tp": sum(n and d for n, d in zip(nok, labels, strict=True)),
+            "fp": sum(n and not d for n, d in zip(nok, labels, strict=True)),
+            "fn": sum(d and not n for n, d in zip(nok, labels, strict=True)),
+            "tn": sum(not (n or d) for n, d in zip(nok, labels, strict=True))}
+
+
+def test_detector_test_split_scores_for_the_slider(detector_bundle: Path, detector_coco: Path) -> None:
+    """A detector's test split (its COCO folder's, `val` here: the folder has no `test`): the runtime's top defect
+    confidence per image, labels from the annotations (a defect class, not the ok class `good`), and precision /
+    recall at any threshold by the bundle's rule (>=) as the server's own verdicts give them."""
+    from edgeinspect.train.data.coco import CocoSplit
+
+    split = CocoSplit(detector_coco, "val")  # pycocotools' reading of the annotations, for the expected labels
+    good = split.classes.index("good") + 1
+    labels = [any(a["category_id"] != good for a in split.coco.imgToAnns[i]) for i in split.image_ids]
+    paths = [split.path_of(i) for i in range(len(split))]
+    assert 0 < sum(labels) < len(labels)
+    with serving(create_app([detector_bundle])) as url, httpx.Client(base_url=url, timeout=120) as client:
+        (model,) = client.get("/api/status").json()["models"]
+        assert model["test_split"] == {"n": len(paths), "error": None}
+        test = client.get(f"/api/models/{model['id']}/test-scores").json()
+        assert test["rule"] == ">=" and test["labels"] == labels and test["description"] == "COCO val"
+        assert test["names"] == [f"val/images/{p.name}" for p in paths]
+        predictor = Predictor(detector_bundle)
+        expected = [predictor.predict(read_image(p)).raw_score for p in paths]
+        assert test["scores"] == pytest.approx(expected, abs=1e-6)
+
+        scores = sorted(set(test["scores"]))  # thresholds between neighbouring scores, and the bundle's own
+        thresholds = [model["threshold"], *((a + b) / 2 for a, b in zip(scores, scores[1:], strict=False))]
+        files = [("images", (p.name, p.read_bytes(), "image/png")) for p in paths]
+        seen = set()
+        for threshold in thresholds:
+            reply = client.put(f"/api/models/{model['id']}/threshold", json={"threshold": threshold})
+            assert reply.status_code == 200, reply.text
+            verdicts = [r["verdict"] for r in client.post("/api/predict/batch", files=files).json()["results"]]
+            slider = _confusion([s >= threshold for s in test["scores"]], labels)  # what the dashboard computes
+            assert slider == _confusion([v == "NOK" for v in verdicts], labels)
+            seen.add(tuple(slider.values()))
+        assert len(seen) > 2  # the thresholds moved precision and recall
 def test_live_verdicts_of_a_daemon_as_server_sent_events(tmp_path: Path) -> None:
     from conftest import free_tcp_endpoint
 
