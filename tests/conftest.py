@@ -111,6 +111,26 @@ def padim_engine_bundle(padim_bundle: Path, tmp_path_factory: pytest.TempPathFac
     return out
 
 
+@pytest.fixture(scope="session")
+def evaluated_run(patchcore_bundle: Path, synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``edgeinspect evaluate --report`` of the PatchCore bundle (ONNX engine) recorded in a registry of its own
+    (read it, or copy it before adding runs): ``{"registry", "report", "run_id", "output"}``."""
+    from click.testing import CliRunner
+
+    from edgeinspect.cli import main
+    from edgeinspect.registry import Registry
+
+    tmp = tmp_path_factory.mktemp("evaluated")
+    registry, report = tmp / "registry.sqlite", tmp / "report"
+    result = CliRunner().invoke(main, ["-q", "--registry", str(registry), "evaluate", str(patchcore_bundle), "--data",
+                                       str(synth_root), "--category", SYNTH_CATEGORY, "--engine", "onnx",
+                                       "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    with Registry.open(registry) as reg:
+        (run,) = reg.list_runs()
+    return {"registry": registry, "report": report, "run_id": run["id"], "output": result.output}
+
+
 # ------------------------------------------------------------------------------ detectors (issue 7)
 @pytest.fixture()
 def tiny_detector_family(monkeypatch: pytest.MonkeyPatch) -> str:

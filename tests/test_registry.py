@@ -311,12 +311,8 @@ def _decodes(png: Path) -> bool:
     return image is not None and image.shape[0] > 50 and image.shape[1] > 50
 
 
-def test_evaluate_report_and_its_run(patchcore_bundle: Path, synth_root: Path, tmp_path: Path) -> None:
-    path, report = tmp_path / "r.sqlite", tmp_path / "report"
-    result = CliRunner().invoke(main, ["-q", "--registry", str(path), "evaluate", str(patchcore_bundle), "--data",
-                                       str(synth_root), "--category", SYNTH_CATEGORY, "--engine", "onnx",
-                                       "--report", str(report)])
-    assert result.exit_code == 0, result.output
+def test_evaluate_report_and_its_run(evaluated_run: dict, synth_root: Path) -> None:
+    path, report = evaluated_run["registry"], evaluated_run["report"]  # evaluate --report, see conftest
     pngs = sorted(p.name for p in report.glob("*.png"))
     assert pngs == ["confusion.png", "overlays.png", "pr.png", "pro.png", "roc.png", "score_histogram.png"]
     page = (report / "report.html").read_text()
@@ -333,6 +329,7 @@ def test_evaluate_report_and_its_run(patchcore_bundle: Path, synth_root: Path, t
     assert run["bundle_id"] == metrics["bundle_id"] and run["category"] == SYNTH_CATEGORY
     assert run["dataset_fingerprint"] == dataset_fingerprint(synth_root, SYNTH_CATEGORY)
     assert [e["format"] for e in run["engines"]] == ["onnx"]
+    assert (run["pid"], run["host"]) == (os.getpid(), socket.gethostname())  # in this process (CliRunner)
 
 
 def test_report_has_training_curves_from_a_history(patchcore_bundle: Path, synth_root: Path, tmp_path: Path) -> None:
