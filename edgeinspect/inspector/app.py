@@ -17,7 +17,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -382,7 +382,8 @@ def create_app(bundles: Sequence[str | Path] = (), *, registry: str | Path | Non
     def report(run_id: str) -> dict[str, Any]:
         found, files = state.report(run_id)
         base = f"/api/runs/{found['id']}/report"
-        listed = [{"name": name, "bytes": path.stat().st_size, "url": f"{base}/{name}"} for name, path in files.items()]
+        listed = [{"name": name, "bytes": path.stat().st_size, "url": f"{base}/{quote(name)}"}
+                  for name, path in files.items()]
         return {"run": found["id"], "report_dir": found["report_dir"], "files": listed,
                 "html": next((f["url"] for f in listed if f["name"].endswith(".html")), None)}
 
