@@ -244,24 +244,39 @@ def anomaly_test_images(bundle: Any, data_root: str | Path | None, category: str
 
 
 def detection_test_images(bundle: Any, data_root: str | Path | None, category: str | None) -> TestImages:
-    """The ``test`` split of a detector bundle's COCO folder (``val`` when it has none); an image is defective
-    when it has an annotation of a class not in the bundle's ``ok_classes``."""
+    """The ``test`` split of a detector bundle's COCO folder (``val`` when it has none), images in id order; an
+    image is defective when it has an annotation of a class not in the bundle's ``ok_classes``. Read with the
+    standard library (no pycocotools), so the torch-free inspector lists it too."""
     from edgeinspect.errors import DataError
-    from edgeinspect.train.data.coco import CocoSplit
 
     root = Path(data_root or bundle.manifest["data"]["root"])
     name = next((s for s in ("test", "val") if (root / s / "annotations.json").is_file()), None)
     if name is None:
         raise DataError(f"{root} has no test/ or val/ annotations.json; give --data COCO_DIR")
-    split = CocoSplit(root, name)
-    ok = set(bundle.manifest["detection"].get("ok_classes") or [])
-    defect = {k + 1 for k, c in enumerate(split.classes) if c not in ok}
-    labels = [any(a["category_id"] in defect for a in split.coco.imgToAnns[i]) for i in split.image_ids]
-    return TestImages([split.path_of(i) for i in range(len(split))], np.array(labels), f"COCO {name}", False)
+    path = root / name / "annotations.json"
+    try:
+        coco = json.loads(path.read_text())
+        ok = set(bundle.manifest["detection"].get("ok_classes") or [])
+        defect = {c["id"] for c in coco["categories"] if c["name"] not in ok}
+        flagged = {a["image_id"] for a in coco["annotations"] if a["category_id"] in defect}
+        images = sorted(coco["images"], key=lambda image: image["id"])
+        paths = [root / name / "images" / image["file_name"] for image in images]
+        labels = np.array([image["id"] in flagged for image in images], bool)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"{path} is not a COCO annotation file: {type(exc).__name__}: {exc}") from None
+    return TestImages(paths, labels, f"COCO {name}", False)
 
 
 TEST_IMAGES: dict[str, Callable[[Any, str | Path | None, str | None], TestImages]] = {
     "anomaly_map": anomaly_test_images, "detections": detection_test_images}
+
+
+def bundle_test_images(bundle: Any, data_root: str | Path | None = None, category: str | None = None) -> TestImages:
+    """The images a bundle is tested on, by its task (:data:`TEST_IMAGES`); ``data_root`` / ``category`` replace
+    the ones the bundle records."""
+    from edgeinspect.runtime.postprocess import bundle_task
+
+    return TEST_IMAGES[bundle_task(bundle)](bundle, data_root, category)
 
 
 # ------------------------------------------------------------------------------------------- bench
@@ -276,7 +291,7 @@ def bench(bundle_path: str | Path, engines: Sequence[str] = (), *, data_root: st
 
     info = device_info()
     bundle = Bundle.open(bundle_path)
-    test = TEST_IMAGES[bundle.manifest.get("task", "anomaly_map")](bundle, data_root, category)
+    test = bundle_test_images(bundle, data_root, category)
     paths, labels = test.paths, test.labels
     images = load_images(paths)
     tensors = [bundle.preprocess(rgb) for rgb in images]

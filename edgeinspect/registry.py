@@ -4,7 +4,9 @@ Standard library only (``sqlite3``), no torch: the runtime and the inspector imp
 ``runs`` (command line, config, data and its fingerprint, bundle, metrics, engines, duration, status, version,
 git revision), free-form ``events`` (e.g. a threshold set from the inspector). The schema is versioned
 (``schema_version`` table, :data:`MIGRATIONS` applied in order); the database runs in WAL mode with a busy
-timeout, so several processes (two trainings at once, the inspector reading) can use it together.
+timeout, so several processes (two trainings at once, the inspector reading) can use it together. A run records
+its process (pid, host, start time): a ``running`` run of this host whose process has ended (SIGKILL never lets
+it record its end) is shown, and stored, as ``failed`` with the error :data:`GONE`.
 
 Where it lives: ``--registry PATH`` (the CLI), else ``$EDGEINSPECT_REGISTRY``, else
 ``$XDG_DATA_HOME/edgeinspect/registry.sqlite`` (``~/.local/share/edgeinspect/registry.sqlite``).
@@ -18,6 +20,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -39,6 +42,7 @@ BUSY_TIMEOUT_S = 30.0
 # files the dataset fingerprint covers: images and masks, and the annotation files of COCO / VOC folders
 FINGERPRINT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".json", ".xml")
 STATUSES = ("running", "finished", "failed")
+GONE = "process gone (killed?)"  # the error of a running run whose process no longer exists on its host
 JSON_COLUMNS = ("argv", "config", "metrics", "engines")
 
 
@@ -80,8 +84,17 @@ def _v2_engines_reports_events(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX events_kind_time ON events (kind, time)")
 
 
+def _v3_process(db: sqlite3.Connection) -> None:
+    """Version 3: the process that runs a run (pid, host, start time), so a killed run can be told from a running
+    one; an index on the status for finding running runs."""
+    db.execute("ALTER TABLE runs ADD COLUMN pid INTEGER")
+    db.execute("ALTER TABLE runs ADD COLUMN host TEXT")
+    db.execute("ALTER TABLE runs ADD COLUMN process_start INTEGER")
+    db.execute("CREATE INDEX runs_status ON runs (status)")
+
+
 # Applied in order: database version N has run MIGRATIONS[:N]. Append, never edit a released one.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1_runs, _v2_engines_reports_events]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1_runs, _v2_engines_reports_events, _v3_process]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -134,6 +147,42 @@ def git_revision() -> str | None:
         return revision + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+# ---------------------------------------------------------------------------------------- processes
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (the state first), or None (no such process, or no
+    /proc: not Linux)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks after boot (``/proc/PID/stat`` field 22), or None where /proc
+    does not tell. With the pid it names one process: a pid is reused, its start time is not."""
+    stat = _proc_stat(pid)
+    return int(stat[19]) if stat else None
+
+
+def process_gone(pid: int, started: int | None) -> bool:
+    """Whether process ``pid`` of this host has ended: no such process, a zombie (dead, not reaped yet), or a
+    different process under that pid (its start time is not ``started``, where /proc tells). False where it
+    cannot be told (not POSIX)."""
+    if os.name != "posix" or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # it exists, owned by another user
+    stat = _proc_stat(pid)
+    if stat is None:  # no /proc (macOS), or it ended a moment ago: the next look tells
+        return False
+    return stat[0] == "Z" or (started is not None and int(stat[19]) != started)
 
 
 # ----------------------------------------------------------------------------------------- registry
@@ -209,15 +258,19 @@ class Registry:
 
     def start_run(self, command: str, *, argv: list[str], config: dict | None = None, family: str | None = None,
                   data_root: str | None = None, category: str | None = None, bundle_path: str | None = None) -> str:
-        """Record a run as ``running`` (with the dataset fingerprint of ``data_root``/``category``); its id."""
+        """Record a run as ``running`` (with the dataset fingerprint of ``data_root``/``category``, and this
+        process: pid, host name, start time); its id."""
         run_id = _new_id()
         data_root = str(Path(data_root).resolve()) if data_root else None
+        pid = os.getpid()
         self._write(
             "INSERT INTO runs (id, command, argv, started, status, family, category, data_root, dataset_fingerprint,"
-            " config, bundle_path, edgeinspect_version, git_revision) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " config, bundle_path, edgeinspect_version, git_revision, pid, host, process_start)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (run_id, command, _dumps(list(argv)), _now(), "running", family, category, data_root,
              dataset_fingerprint(data_root, category) if data_root else None, _dumps(config),
-             str(Path(bundle_path).resolve()) if bundle_path else None, __version__, git_revision()))
+             str(Path(bundle_path).resolve()) if bundle_path else None, __version__, git_revision(),
+             pid, socket.gethostname(), process_start(pid)))
         return run_id
 
     def update_run(self, run_id: str, **fields: Any) -> None:
@@ -258,15 +311,34 @@ class Registry:
         rows = self._query(f"SELECT * FROM events {where} ORDER BY time DESC, rowid DESC LIMIT ?", [*params, limit])
         return [{"id": r["id"], "kind": r["kind"], "time": r["time"], **json.loads(r["fields"])} for r in rows]
 
+    def fail_gone_runs(self) -> set[str]:
+        """Mark the runs of this host that are ``running`` but whose process has ended (killed: SIGKILL, a crash of
+        the machine's power...) as ``failed`` with the error :data:`GONE`; their ids. Runs of other hosts are left
+        as they are. Listing and showing runs call it first."""
+        rows = self._query("SELECT id, pid, process_start FROM runs WHERE status = 'running' AND host = ?",
+                           (socket.gethostname(),))
+        gone = {r["id"] for r in rows if r["pid"] is not None and process_gone(r["pid"], r["process_start"])}
+        for run_id in gone:
+            try:
+                self._write("UPDATE runs SET status = 'failed', error = ? WHERE id = ? AND status = 'running'",
+                            (GONE, run_id))
+            except RegistryError as exc:  # a read-only registry: still reported as failed, not stored
+                log.warning("run %s: its process is gone, not stored as failed: %s", run_id, exc)
+        return gone
+
     def list_runs(self, *, family: str | None = None, category: str | None = None, command: str | None = None,
                   status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        """Runs, newest first, each a JSON-ready dict (:data:`RUN_KEYS`)."""
+        """Runs, newest first, each a JSON-ready dict (:data:`RUN_KEYS`); runs whose process is gone are failed
+        (:meth:`fail_gone_runs`)."""
+        gone = self.fail_gone_runs()
         where, params = _where(family=family, category=category, command=command, status=status)
         rows = self._query(f"SELECT * FROM runs {where} ORDER BY started DESC, rowid DESC LIMIT ?", [*params, limit])
-        return [_run_dict(r) for r in rows]
+        return [_run_dict(r, gone) for r in rows]
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
-        """The run with this id, or with this unique id prefix; None when there is none."""
+        """The run with this id, or with this unique id prefix; None when there is none. A run whose process is
+        gone is failed (:meth:`fail_gone_runs`)."""
+        gone = self.fail_gone_runs()
         row = next(iter(self._query("SELECT * FROM runs WHERE id = ?", (run_id,))), None)
         if row is None:
             pattern = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
@@ -274,7 +346,7 @@ class Registry:
             if len(rows) > 1:
                 raise RegistryError(f"run id prefix {run_id!r} is ambiguous; give more of the id")
             row = rows[0] if rows else None
-        return _run_dict(row) if row else None
+        return _run_dict(row, gone) if row else None
 
     def close(self) -> None:
         """Close the connection."""
@@ -290,7 +362,7 @@ class Registry:
 
 RUN_KEYS = ("id", "command", "argv", "started", "finished", "duration_s", "status", "error", "family", "category",
             "data_root", "dataset_fingerprint", "config", "bundle_id", "bundle_path", "metrics", "engines",
-            "report_dir", "edgeinspect_version", "git_revision")
+            "report_dir", "edgeinspect_version", "git_revision", "pid", "host")
 
 
 def _where(**filters: str | None) -> tuple[str, list[str]]:
@@ -298,10 +370,12 @@ def _where(**filters: str | None) -> tuple[str, list[str]]:
     return ("WHERE " + " AND ".join(f"{k} = ?" for k in given) if given else ""), list(given.values())
 
 
-def _run_dict(row: sqlite3.Row) -> dict[str, Any]:
+def _run_dict(row: sqlite3.Row, gone: set[str]) -> dict[str, Any]:
     run = {key: row[key] for key in RUN_KEYS}
     for key in JSON_COLUMNS:
         run[key] = json.loads(run[key]) if run[key] is not None else None
+    if run["id"] in gone and run["status"] == "running":  # not stored (read-only registry): reported all the same
+        run.update(status="failed", error=GONE)
     return run
 
 

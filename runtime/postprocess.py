@@ -87,13 +87,18 @@ class Outcome:
 
 
 class Postprocess(Protocol):
-    """Engine outputs (in ``manifest["outputs"]`` order) of one image -> :class:`Outcome`."""
+    """Engine outputs (in ``manifest["outputs"]`` order) of one image -> :class:`Outcome`. ``rule``: how the raw
+    score meets the threshold for NOK (``>`` or ``>=``), for tools that judge recorded scores again."""
+
+    rule: str
 
     def __call__(self, outputs: tuple[np.ndarray, ...], frame_hw: tuple[int, int]) -> Outcome: ...
 
 
 class AnomalyMapPostprocess:
     """``(anomaly_map, score)``: NOK above the threshold, regions of the map above it."""
+
+    rule = ">"
 
     def __init__(self, bundle: Bundle, decision: dict[str, Any]):
         self.preprocess = bundle.preprocess
@@ -112,6 +117,8 @@ class AnomalyMapPostprocess:
 class DetectionPostprocess:
     """Detector outputs through the bundle's decoder: NOK when a detection of a class not in
     ``ok_classes`` has a confidence at or above the threshold; regions are the detections that do."""
+
+    rule = ">="
 
     def __init__(self, bundle: Bundle, decision: dict[str, Any]):
         detection = bundle.manifest.get("detection")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,30 @@ def free_tcp_endpoint() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+RUNNING_RUN = """
+import sys, time
+from edgeinspect.registry import recorded
+with recorded("train", argv=["edgeinspect", "train", "padim"], registry=sys.argv[1], family="padim") as run:
+    print(run.id, flush=True)
+    time.sleep(600)
+"""
+
+
+@contextmanager
+def running_run(registry: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A process that records a run in ``registry`` and stays in it (it would finish it when it ends normally);
+    yields the process and the run id. Killed with SIGKILL on the way out if the test did not end it."""
+    proc = subprocess.Popen([sys.executable, "-c", RUNNING_RUN, str(registry)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        run_id = proc.stdout.readline().strip()
+        assert run_id, f"the process recorded no run (exit code {proc.wait(timeout=60)})"
+        yield proc, run_id
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -82,6 +109,26 @@ def padim_engine_bundle(padim_bundle: Path, tmp_path_factory: pytest.TempPathFac
     shutil.copytree(padim_bundle, out)
     export_bundle(out, "onnx", progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(patchcore_bundle: Path, synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``edgeinspect evaluate --report`` of the PatchCore bundle (ONNX engine) recorded in a registry of its own
+    (read it, or copy it before adding runs): ``{"registry", "report", "run_id", "output"}``."""
+    from click.testing import CliRunner
+
+    from edgeinspect.cli import main
+    from edgeinspect.registry import Registry
+
+    tmp = tmp_path_factory.mktemp("evaluated")
+    registry, report = tmp / "registry.sqlite", tmp / "report"
+    result = CliRunner().invoke(main, ["-q", "--registry", str(registry), "evaluate", str(patchcore_bundle), "--data",
+                                       str(synth_root), "--category", SYNTH_CATEGORY, "--engine", "onnx",
+                                       "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    with Registry.open(registry) as reg:
+        (run,) = reg.list_runs()
+    return {"registry": registry, "report": report, "run_id": run["id"], "output": result.output}
 
 
 # ------------------------------------------------------------------------------ detectors (issue 7)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,8 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import SYNTH_CATEGORY
-from inspector_support import copy_bundle, free_port, registry_module, seed_registry, serving
+from conftest import SYNTH_CATEGORY, running_run
+from inspector_support import copy_bundle, copy_registry, free_port, seed_registry, serving
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -24,6 +28,7 @@ pytest.importorskip("fastapi")
 from edgeinspect.bundle import Bundle  # noqa: E402
 from edgeinspect.imageio import read_image, read_raw  # noqa: E402
 from edgeinspect.inspector.app import create_app  # noqa: E402
+from edgeinspect.registry import GONE, Registry  # noqa: E402
 from edgeinspect.runtime.predictor import Predictor  # noqa: E402
 
 
@@ -32,11 +37,10 @@ def served(patchcore_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """A copy of the PatchCore bundle served by the inspector, with a registry holding one run."""
     tmp = tmp_path_factory.mktemp("inspector")
     bundle = copy_bundle(patchcore_bundle, tmp)
-    with registry_module() as registry:
-        run_id = seed_registry(registry, tmp / "registry.sqlite")
-        app = create_app([bundle], registry=tmp / "registry.sqlite")
-        with serving(app) as url, httpx.Client(base_url=url, timeout=120) as client:
-            yield {"client": client, "bundle": bundle, "run_id": run_id, "registry": registry, "tmp": tmp, "app": app}
+    run_id = seed_registry(tmp / "registry.sqlite")
+    app = create_app([bundle], registry=tmp / "registry.sqlite")
+    with serving(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+        yield {"client": client, "bundle": bundle, "run_id": run_id, "tmp": tmp, "app": app}
 
 
 def _test_images(synth_root: Path, kind: str) -> list[Path]:
@@ -151,13 +155,9 @@ def test_threshold_override_then_saved_to_the_bundle(served: dict, synth_root: P
     saved = Bundle.open(bundle)  # still verifies; the runtime loading it from disk applies the new decision
     assert saved.decision["threshold"] == raised and saved.decision["set_by"] == "inspector"
     assert Predictor(bundle).predict(read_image(defect)).verdict == "OK"
-    registry = served["registry"].Registry.open(served["tmp"] / "registry.sqlite")
-    try:
-        if hasattr(registry, "list_events"):
-            events = registry.list_events(kind="threshold")
-            assert events and events[0]["threshold"] == raised and events[0]["saved"] is True
-    finally:
-        registry.close()
+    with Registry.open(served["tmp"] / "registry.sqlite") as registry:
+        events = registry.list_events(kind="threshold")
+    assert events and events[0]["threshold"] == raised and events[0]["saved"] is True
 
 
 def test_runs_from_the_registry(served: dict, tmp_path: Path) -> None:
@@ -171,6 +171,79 @@ def test_runs_from_the_registry(served: dict, tmp_path: Path) -> None:
     with serving(create_app(registry=tmp_path)) as url:  # a directory is no database
         reply = httpx.get(f"{url}/api/runs")
     assert reply.status_code == 503 and "cannot open the run registry" in reply.json()["error"]
+
+
+def _raw_get(url: str, path: str) -> tuple[int, dict]:
+    """GET ``path`` exactly as written (no client-side clean-up of ``..`` or percent escapes); status, JSON body."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request("GET", path)
+        reply = conn.getresponse()
+        return reply.status, json.loads(reply.read())
+    finally:
+        conn.close()
+
+
+def test_report_files_of_a_run(evaluated_run: dict, tmp_path: Path) -> None:
+    """The plots `evaluate --report` wrote, served by name from the run's report folder; nothing else."""
+    report, run_id = evaluated_run["report"], evaluated_run["run_id"]
+    registry = copy_registry(evaluated_run["registry"], tmp_path)
+    (tmp_path / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\n not for the API")  # beside the report folders
+    linked = tmp_path / "linked"
+    shutil.copytree(report, linked)
+    (linked / "evil.png").symlink_to(tmp_path / "secret.png")
+    with Registry.open(registry) as reg:
+        no_report = seed_registry(registry)
+        copied, gone = reg.start_run("evaluate", argv=["x"]), reg.start_run("evaluate", argv=["y"])
+        reg.finish_run(copied, report_dir=str(linked))
+        reg.finish_run(gone, report_dir=str(tmp_path / "deleted"))
+    with serving(create_app(registry=registry)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        listing = client.get(f"/api/runs/{run_id}/report").json()
+        expected = sorted(p.name for p in report.iterdir() if p.suffix in (".png", ".html"))
+        assert [f["name"] for f in listing["files"]] == expected and "report.html" in expected
+        assert listing["report_dir"] == str(report.resolve())
+        assert listing["html"] == f"/api/runs/{run_id}/report/report.html"
+        for entry in listing["files"]:
+            reply = client.get(entry["url"])
+            assert reply.status_code == 200 and reply.content == (report / entry["name"]).read_bytes()
+            assert entry["bytes"] == len(reply.content)
+            kind = "text/html" if entry["name"].endswith(".html") else "image/png"
+            assert reply.headers["content-type"].startswith(kind)
+            assert "default-src 'none'" in reply.headers["content-security-policy"]
+        assert client.get(f"/api/runs/{run_id[:-3]}/report").json()["run"] == run_id  # an id prefix works too
+
+        prefix = f"/api/runs/{run_id}/report/"
+        for attempt in ("metrics.json", "..", "%2E%2E", "..%2F..%2Fsecret.png", "%2E%2E%2F%2E%2E%2Fsecret.png",
+                        "..%5C..%5Csecret.png", "%2Fetc%2Fpasswd", "roc.png%00", "../../secret.png",
+                        f"..%2F..%2F{registry.name}"):
+            status, body = _raw_get(url, prefix + attempt)
+            assert status == 404 and body["error"], (attempt, status, body)
+        assert [f["name"] for f in client.get(f"/api/runs/{copied}/report").json()["files"]] == expected  # no link
+        status, body = _raw_get(url, f"/api/runs/{copied}/report/evil.png")
+        assert status == 404 and "evil.png" in body["error"] and "secret" not in json.dumps(body)
+        for run, words in ((no_report, "has no report"), (gone, "is gone"), ("no-such-run", "no run")):
+            reply = client.get(f"/api/runs/{run}/report")
+            assert reply.status_code == 404 and words in reply.json()["error"], reply.text
+            assert client.get(f"/api/runs/{run}/report/roc.png").status_code == 404
+    with serving(create_app(registry=registry, token="s3cret")) as url:  # <img> and links carry it in the query
+        file_url, listing_url = f"{url}/api/runs/{run_id}/report/roc.png", f"{url}/api/runs/{run_id}/report"
+        assert httpx.get(file_url).status_code == 401
+        assert httpx.get(file_url, params={"access_token": "s3cret"}).content == (report / "roc.png").read_bytes()
+        assert httpx.get(listing_url, params={"access_token": "s3cret"}).status_code == 401  # the API: the header
+        assert httpx.get(listing_url, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_a_killed_run_is_failed_over_the_api(tmp_path: Path) -> None:
+    registry = tmp_path / "registry.sqlite"
+    with running_run(registry) as (proc, run_id), serving(create_app(registry=registry)) as url:
+        assert httpx.get(f"{url}/api/runs/{run_id}").json()["status"] == "running"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        runs = httpx.get(f"{url}/api/runs").json()["runs"]
+        assert [(r["id"], r["status"], r["error"]) for r in runs] == [(run_id, "failed", GONE)]
+        assert httpx.get(f"{url}/api/runs/{run_id}").json()["status"] == "failed"
+        assert httpx.get(f"{url}/api/runs", params={"status": "running"}).json()["runs"] == []
 
 
 def test_load_models_by_path(served: dict, synth_root: Path, tmp_path: Path) -> None:
@@ -236,7 +309,6 @@ def test_detector_bundle_regions_without_heatmap(detector_bundle: Path, detector
     with serving(create_app([detector_bundle])) as url, httpx.Client(base_url=url, timeout=120) as client:
         (model,) = client.get("/api/status").json()["models"]
         assert model["task"] == "detections" and model["rule"] == ">="
-        assert "anomaly bundles only" in model["test_split"]["error"]
         body = _predict(client, image.name, image.read_bytes()).json()
         expected = Predictor(detector_bundle).predict(read_image(image))
         assert body["heatmap"] is None and body["verdict"] == expected.verdict
@@ -246,6 +318,46 @@ def test_detector_bundle_regions_without_heatmap(detector_bundle: Path, detector
         assert body["verdict"] == "OK" and body["regions"] == [] and body["raw_threshold"] == 1.01
 
 
+def _confusion(nok: list[bool], labels: list[bool]) -> dict[str, int]:
+    return {"tp": sum(n and d for n, d in zip(nok, labels, strict=True)),
+            "fp": sum(n and not d for n, d in zip(nok, labels, strict=True)),
+            "fn": sum(d and not n for n, d in zip(nok, labels, strict=True)),
+            "tn": sum(not (n or d) for n, d in zip(nok, labels, strict=True))}
+
+
+def test_detector_test_split_scores_for_the_slider(detector_bundle: Path, detector_coco: Path) -> None:
+    """A detector's test split (its COCO folder's, `val` here: the folder has no `test`): the runtime's top defect
+    confidence per image, labels from the annotations (a defect class, not the ok class `good`), and precision /
+    recall at any threshold by the bundle's rule (>=) as the server's own verdicts give them."""
+    from edgeinspect.train.data.coco import CocoSplit
+
+    split = CocoSplit(detector_coco, "val")  # pycocotools' reading of the annotations, for the expected labels
+    good = split.classes.index("good") + 1
+    labels = [any(a["category_id"] != good for a in split.coco.imgToAnns[i]) for i in split.image_ids]
+    paths = [split.path_of(i) for i in range(len(split))]
+    assert 0 < sum(labels) < len(labels)
+    with serving(create_app([detector_bundle])) as url, httpx.Client(base_url=url, timeout=120) as client:
+        (model,) = client.get("/api/status").json()["models"]
+        assert model["test_split"] == {"n": len(paths), "error": None}
+        test = client.get(f"/api/models/{model['id']}/test-scores").json()
+        assert test["rule"] == ">=" and test["labels"] == labels and test["description"] == "COCO val"
+        assert test["names"] == [f"val/images/{p.name}" for p in paths]
+        predictor = Predictor(detector_bundle)
+        expected = [predictor.predict(read_image(p)).raw_score for p in paths]
+        assert test["scores"] == pytest.approx(expected, abs=1e-6)
+
+        scores = sorted(set(test["scores"]))  # thresholds between neighbouring scores, and the bundle's own
+        thresholds = [model["threshold"], *((a + b) / 2 for a, b in zip(scores, scores[1:], strict=False))]
+        files = [("images", (p.name, p.read_bytes(), "image/png")) for p in paths]
+        seen = set()
+        for threshold in thresholds:
+            reply = client.put(f"/api/models/{model['id']}/threshold", json={"threshold": threshold})
+            assert reply.status_code == 200, reply.text
+            verdicts = [r["verdict"] for r in client.post("/api/predict/batch", files=files).json()["results"]]
+            slider = _confusion([s >= threshold for s in test["scores"]], labels)  # what the dashboard computes
+            assert slider == _confusion([v == "NOK" for v in verdicts], labels)
+            seen.add(tuple(slider.values()))
+        assert len(seen) > 2  # the thresholds moved precision and recall
 def test_live_verdicts_of_a_daemon_as_server_sent_events(tmp_path: Path) -> None:
     from conftest import free_tcp_endpoint
 

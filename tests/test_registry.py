@@ -7,6 +7,8 @@ import csv
 import json
 import logging
 import os
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -17,17 +19,19 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SYNTH_CATEGORY
+from conftest import SYNTH_CATEGORY, running_run
 
 from edgeinspect.cli import main
 from edgeinspect.errors import DataError
 from edgeinspect.registry import (
+    GONE,
     RUN_KEYS,
     SCHEMA_VERSION,
     Registry,
     RegistryError,
     dataset_fingerprint,
     default_path,
+    process_start,
     recorded,
 )
 
@@ -173,6 +177,8 @@ CREATE TABLE runs (
 INSERT INTO runs (id, command, argv, started, finished, duration_s, status, family, metrics)
     VALUES ('20260101-000000-abcdef', 'train', '["edgeinspect", "train"]', '2026-01-01T00:00:00+00:00',
             '2026-01-01T00:01:00+00:00', 60.0, 'finished', 'padim', '{"image_auroc": 0.9}');
+INSERT INTO runs (id, command, argv, started, status) VALUES ('20260101-000100-fedcba', 'export', '[]',
+            '2026-01-01T00:01:00+00:00', 'running');
 """
 
 
@@ -182,9 +188,10 @@ def test_an_old_schema_is_migrated_and_a_newer_one_refused(tmp_path: Path) -> No
         db.executescript(V1_SCHEMA)
     db.close()
     with Registry.open(path) as reg:
-        assert reg.schema_version == SCHEMA_VERSION == 2
+        assert reg.schema_version == SCHEMA_VERSION == 3
         old = reg.get_run("20260101-000000-abcdef")
         assert old["metrics"] == {"image_auroc": 0.9} and old["engines"] is None and old["report_dir"] is None
+        assert reg.get_run("20260101-000100-fedcba")["status"] == "running"  # no process recorded: left as it is
         new = reg.start_run("export", argv=["x"])
         reg.finish_run(new, engines=[{"format": "onnx"}], report_dir="/r")
         assert reg.get_run(new)["engines"] == [{"format": "onnx"}]
@@ -192,6 +199,45 @@ def test_an_old_schema_is_migrated_and_a_newer_one_refused(tmp_path: Path) -> No
         reg.db.execute("UPDATE schema_version SET version = 99")
     with pytest.raises(RegistryError, match="schema version 99"):
         Registry.open(path)
+
+
+def test_a_killed_run_is_failed_when_listed_or_shown(tmp_path: Path) -> None:
+    """A process killed with SIGKILL never records the end of its run: `runs list` / `runs show` find its process
+    gone and store the run as failed."""
+    path, cli = tmp_path / "r.sqlite", CliRunner()
+    with running_run(path) as (proc, run_id):
+        shown = cli.invoke(main, ["--registry", str(path), "runs", "show", run_id])
+        run = json.loads(shown.output)
+        assert run["status"] == "running" and run["pid"] == proc.pid and run["host"] == socket.gethostname()
+        os.kill(proc.pid, signal.SIGKILL)
+        while Path(f"/proc/{proc.pid}").exists() and Path(f"/proc/{proc.pid}/stat").read_text().split()[2] != "Z":
+            time.sleep(0.05)  # until it is dead (a zombie: its parent, this test, has not reaped it yet)
+        listed = cli.invoke(main, ["--registry", str(path), "runs", "list", "--json"])
+        assert listed.exit_code == 0, listed.output
+        (run,) = [json.loads(line) for line in listed.output.splitlines()]
+        assert (run["id"], run["status"], run["error"]) == (run_id, "failed", GONE)
+    shown = cli.invoke(main, ["--registry", str(path), "runs", "show", run_id])
+    assert json.loads(shown.output)["status"] == "failed"
+    with sqlite3.connect(path) as db:  # stored, not only shown
+        assert db.execute("SELECT status, error FROM runs").fetchall() == [("failed", GONE)]
+    db.close()
+    failed = cli.invoke(main, ["--registry", str(path), "runs", "list", "--status", "failed"])
+    assert failed.output.split()[0] == run_id
+
+
+@pytest.mark.skipif(process_start(os.getpid()) is None, reason="no /proc/PID/stat here (Linux only)")
+def test_only_this_hosts_ended_processes_fail(tmp_path: Path) -> None:
+    ended = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                               text=True, check=True).stdout)
+    with Registry.open(tmp_path / "r.sqlite") as reg:
+        alive, elsewhere, reused, ended_here = (reg.start_run("train", argv=[name]) for name in "abcd")
+        reg.db.execute("UPDATE runs SET pid = ? WHERE id = ?", (ended, ended_here))
+        reg.db.execute("UPDATE runs SET pid = ?, host = 'another-host' WHERE id = ?", (ended, elsewhere))
+        # this live pid, but another start time: the process that recorded the run ended, its pid was reused
+        reg.db.execute("UPDATE runs SET process_start = process_start - 1 WHERE id = ?", (reused,))
+        status = {r["id"]: (r["status"], r["error"]) for r in reg.list_runs()}
+    assert status == {alive: ("running", None), elsewhere: ("running", None), reused: ("failed", GONE),
+                      ended_here: ("failed", GONE)}
 
 
 def _populate(path: Path) -> list[str]:
@@ -265,12 +311,8 @@ def _decodes(png: Path) -> bool:
     return image is not None and image.shape[0] > 50 and image.shape[1] > 50
 
 
-def test_evaluate_report_and_its_run(patchcore_bundle: Path, synth_root: Path, tmp_path: Path) -> None:
-    path, report = tmp_path / "r.sqlite", tmp_path / "report"
-    result = CliRunner().invoke(main, ["-q", "--registry", str(path), "evaluate", str(patchcore_bundle), "--data",
-                                       str(synth_root), "--category", SYNTH_CATEGORY, "--engine", "onnx",
-                                       "--report", str(report)])
-    assert result.exit_code == 0, result.output
+def test_evaluate_report_and_its_run(evaluated_run: dict, synth_root: Path) -> None:
+    path, report = evaluated_run["registry"], evaluated_run["report"]  # evaluate --report, see conftest
     pngs = sorted(p.name for p in report.glob("*.png"))
     assert pngs == ["confusion.png", "overlays.png", "pr.png", "pro.png", "roc.png", "score_histogram.png"]
     page = (report / "report.html").read_text()
@@ -287,6 +329,7 @@ def test_evaluate_report_and_its_run(patchcore_bundle: Path, synth_root: Path, t
     assert run["bundle_id"] == metrics["bundle_id"] and run["category"] == SYNTH_CATEGORY
     assert run["dataset_fingerprint"] == dataset_fingerprint(synth_root, SYNTH_CATEGORY)
     assert [e["format"] for e in run["engines"]] == ["onnx"]
+    assert (run["pid"], run["host"]) == (os.getpid(), socket.gethostname())  # in this process (CliRunner)
 
 
 def test_report_has_training_curves_from_a_history(patchcore_bundle: Path, synth_root: Path, tmp_path: Path) -> None:

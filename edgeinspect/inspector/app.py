@@ -10,19 +10,22 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import platform
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgeinspect import __version__
 from edgeinspect.errors import EdgeInspectError
@@ -40,6 +43,13 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the other fields of a one-image request
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# what browsers open without headers (an EventSource, <img> and links to report files) may carry the token as
+# ?access_token=TOKEN
+QUERY_TOKEN_PATHS = re.compile(r"/api/stream|/api/runs/[^/]+/report/[^/]+")
+REPORT_TYPES = {".png": "image/png", ".html": "text/html; charset=utf-8"}  # the report files served
+# a report page may show its embedded images and use its own style, nothing else (no script, no requests)
+REPORT_HEADERS = {"Content-Security-Policy": "default-src 'none'; img-src data: 'self'; style-src 'unsafe-inline'",
+                  "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 def check_bind(host: str, token: str | None) -> None:
@@ -69,7 +79,7 @@ class _Guard:
         headers = dict(scope["headers"])
         if self.token and path.startswith("/api"):
             given = headers.get(b"authorization", b"").decode("latin-1")
-            if path == "/api/stream":  # EventSource cannot send headers: ?access_token=TOKEN
+            if QUERY_TOKEN_PATHS.fullmatch(path):
                 query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
                 given = given or f"Bearer {query.get('access_token', [''])[0]}"
             if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
@@ -98,6 +108,14 @@ async def _json(send: Any, status: int, error: str, extra: list | None = None) -
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(extra or [])]})
     await send({"type": "http.response.body", "body": body})
+
+
+def report_files(folder: Path) -> dict[str, Path]:
+    """The PNG and HTML files of a report folder by name, sorted: plain files only (no folders, links or hidden
+    files); OSError when the folder is gone."""
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    return {e.name: Path(e.path) for e in entries if e.is_file(follow_symlinks=False) and not e.name.startswith(".")
+            and Path(e.name).suffix.lower() in REPORT_TYPES}
 
 
 class LoadRequest(BaseModel):
@@ -169,6 +187,31 @@ class Inspector:
             raise HTTPException(503, f"cannot open the run registry at {self.registry_path or 'its default path'}: "
                                      f"{' '.join(str(exc).split())}") from None
 
+    def run(self, run_id: str) -> dict[str, Any]:
+        """A run of the registry by id (or unique prefix); 404 when there is none."""
+        registry = self.registry()
+        try:
+            found = registry.get_run(run_id)
+        except Exception as exc:  # noqa: BLE001  (an ambiguous prefix, a registry error: named, never a 500)
+            raise HTTPException(400, " ".join(str(exc).split())) from None
+        finally:
+            registry.close()
+        if found is None:
+            raise HTTPException(404, f"no run {run_id!r} in the registry")
+        return found
+
+    def report(self, run_id: str) -> tuple[dict[str, Any], dict[str, Path]]:
+        """A run and the files of its report folder (:func:`report_files`); 404 when it has no report or the
+        folder is gone."""
+        found = self.run(run_id)
+        if not found.get("report_dir"):
+            raise HTTPException(404, f"run {found['id']} has no report (evaluate --report DIR writes one)")
+        try:
+            return found, report_files(Path(found["report_dir"]))
+        except OSError as exc:
+            raise HTTPException(404, f"the report folder of run {found['id']} is gone: {found['report_dir']} "
+                                     f"({exc.strerror or exc})") from None
+
     def record(self, kind: str, **fields: Any) -> bool:
         """Record an event in the registry; False (with a warning) when it cannot."""
         try:
@@ -210,8 +253,8 @@ def create_app(bundles: Sequence[str | Path] = (), *, registry: str | Path | Non
     app.state.inspector = state
     app.add_middleware(_Guard, token=token)
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and the router's own (no such path: 404)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -230,6 +273,10 @@ def create_app(bundles: Sequence[str | Path] = (), *, registry: str | Path | Non
     @app.get("/", include_in_schema=False)
     def dashboard() -> FileResponse:
         return FileResponse(STATIC / "index.html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:  # asked by a browser tab showing a report file: no icon, and no 404 either
+        return Response(status_code=204)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -319,23 +366,33 @@ def create_app(bundles: Sequence[str | Path] = (), *, registry: str | Path | Non
 
     @app.get("/api/runs", summary="Runs of the registry, newest first")
     def runs(family: str | None = None, category: str | None = None, command: str | None = None,
-             limit: int = 50) -> dict[str, Any]:
+             status: str | None = None, limit: int = 50) -> dict[str, Any]:
         registry = state.registry()
         try:
-            return {"runs": registry.list_runs(family=family, category=category, command=command,
+            return {"runs": registry.list_runs(family=family, category=category, command=command, status=status,
                                                limit=max(1, min(limit, 1000)))}
         finally:
             registry.close()
 
     @app.get("/api/runs/{run_id}", summary="One run of the registry")
     def run(run_id: str) -> dict[str, Any]:
-        registry = state.registry()
-        try:
-            found = registry.get_run(run_id)
-        finally:
-            registry.close()
-        if found is None:
-            raise HTTPException(404, f"no run {run_id!r} in the registry")
-        return found
+        return state.run(run_id)
+
+    @app.get("/api/runs/{run_id}/report", summary="The PNG and HTML files of a run's report (evaluate --report)")
+    def report(run_id: str) -> dict[str, Any]:
+        found, files = state.report(run_id)
+        base = f"/api/runs/{found['id']}/report"
+        listed = [{"name": name, "bytes": path.stat().st_size, "url": f"{base}/{quote(name)}"}
+                  for name, path in files.items()]
+        return {"run": found["id"], "report_dir": found["report_dir"], "files": listed,
+                "html": next((f["url"] for f in listed if f["name"].endswith(".html")), None)}
+
+    @app.get("/api/runs/{run_id}/report/{name}", summary="One file of a run's report (a plain name it lists)")
+    def report_file(run_id: str, name: str) -> FileResponse:
+        found, files = state.report(run_id)
+        if name not in files:  # only the names the folder lists: no paths, no other files
+            raise HTTPException(404, f"no report file {name!r} for run {found['id']} "
+                                     f"(it has: {', '.join(files) or 'none'})")
+        return FileResponse(files[name], media_type=REPORT_TYPES[files[name].suffix.lower()], headers=REPORT_HEADERS)
 
     return app

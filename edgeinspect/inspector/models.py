@@ -113,18 +113,18 @@ class Model:
 
     # ------------------------------------------------------------------------------------- the test split
     def _score_test_split(self) -> dict[str, Any]:
-        """Raw scores and labels (True: defective) of the bundle's recorded test split, or why there are none."""
-        if self.task != "anomaly_map":
-            return {"error": "test-split scores are computed for anomaly bundles only (detector test splits need "
-                             "the COCO reader of the train extra)", "scores": [], "labels": [], "names": []}
-        from edgeinspect.bench import anomaly_test_images
+        """Raw scores and labels (True: defective) of the bundle's recorded test split, or why there are none.
 
-        try:
-            test = anomaly_test_images(self.bundle, None, None)
-        except (EdgeInspectError, OSError, KeyError) as exc:
-            return {"error": f"no test split: {' '.join(str(exc).split())}", "scores": [], "labels": [], "names": []}
+        The images come from :func:`bench.bundle_test_images` (an anomaly bundle's ``test/``, a detector's COCO
+        test split); the raw score is the runtime's own (an anomaly score, a detector's highest defect confidence),
+        NOK when it meets the threshold by the post-processing's ``rule``."""
+        from edgeinspect.bench import bundle_test_images
         from edgeinspect.imageio import read_raw
 
+        try:
+            test = bundle_test_images(self.bundle)
+        except (EdgeInspectError, OSError, KeyError) as exc:
+            return {"error": f"no test split: {' '.join(str(exc).split())}", "scores": [], "labels": [], "names": []}
         scores, labels, names, skipped = [], [], [], 0
         root = test.paths[0].parents[2] if test.paths else Path()
         for path, label in zip(test.paths, test.labels, strict=True):
@@ -200,6 +200,6 @@ class Model:
                 "category": (manifest.get("data") or {}).get("category"),
                 "threshold": predictor.threshold, "bundle_threshold": self.base.threshold,
                 "override": predictor is not self.base,
-                "rule": ">" if self.task == "anomaly_map" else ">=",
+                "rule": predictor.postprocess.rule,
                 "metrics": manifest.get("metrics") or {},
                 "test_split": {"n": len(self.test["scores"]), "error": self.test["error"]}}

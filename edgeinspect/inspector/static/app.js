@@ -21,6 +21,9 @@ async function api(path, options = {}) {
   return body;
 }
 
+// what the browser opens by itself (<img>, links) cannot send the Authorization header: the token in the query
+const withToken = (url) => state.token ? `${url}?access_token=${encodeURIComponent(state.token)}` : url;
+
 function say(text) { $("#message").textContent = text || ""; }
 const fmt = (x) => (x === null || x === undefined || Number.isNaN(x)) ? "-" : Number(x).toPrecision(4);
 const isNok = (score, t) => (state.model && state.model.rule === ">=") ? score >= t : score > t;
@@ -204,14 +207,41 @@ async function refreshRuns() {
     for (const run of runs) {
       const tr = document.createElement("tr");
       const metrics = run.metrics || {};
-      const cells = [run.id, run.command, run.family, run.category, run.status, run.started,
+      const cells = [run.id, run.command, run.family, run.category, run.status,
+        run.started && run.started.slice(0, 19).replace("T", " "),
         fmt(run.duration_s), ...keys.map((k) => fmt(metrics[k]))];
       for (const c of cells) { const td = document.createElement("td"); td.textContent = c ?? "-"; tr.appendChild(td); }
       if (run.error) tr.title = run.error;
       table.appendChild(tr);
+      if (run.report_dir) table.appendChild(reportRow(run, 7 + keys.length));
     }
     target.innerHTML = ""; target.appendChild(table);
   } catch (e) { target.textContent = e.message; }
+}
+
+function reportRow(run, columns) {
+  // a run's report (evaluate --report): its plots as thumbnails that open full size, and the HTML report
+  const tr = document.createElement("tr"), td = document.createElement("td");
+  tr.className = "report"; td.colSpan = columns; tr.appendChild(td);
+  api(`/api/runs/${encodeURIComponent(run.id)}/report`).then((report) => {
+    for (const file of report.files.filter((f) => f.name.endsWith(".png"))) {
+      const link = document.createElement("a");
+      link.href = withToken(file.url); link.target = "_blank"; link.rel = "noopener"; link.title = file.name;
+      link.className = "plot";
+      const img = document.createElement("img");
+      img.src = link.href; img.alt = file.name; img.loading = "lazy";
+      const caption = document.createElement("span"); caption.textContent = file.name.replace(/\.png$/, "");
+      link.append(img, caption);
+      td.appendChild(link);
+    }
+    if (report.html) {
+      const link = document.createElement("a");
+      link.href = withToken(report.html); link.target = "_blank"; link.rel = "noopener"; link.className = "html-report";
+      link.textContent = "HTML report";
+      td.appendChild(link);
+    }
+  }).catch((e) => { td.textContent = `report: ${e.message}`; td.className = "note"; });
+  return tr;
 }
 
 // ------------------------------------------------------------------------------------------ live line
