@@ -13,6 +13,7 @@ from conftest import shared_category
 from edgeinspect.config import load_config
 from edgeinspect.train.models import Padim, PatchCore
 from edgeinspect.train.models.patchcore import greedy_coreset
+from edgeinspect.train.models.patchcore.model import BANK_BLOCK
 from edgeinspect.train.trainer import train
 
 # Floors on the small synthetic set: a model that scores noise, brightness or nothing misses them
@@ -42,6 +43,20 @@ def test_greedy_coreset_covers_better_than_random() -> None:
     assert len(chunked) == 100 and len(set(chunked.tolist())) == 100
     assert set(range(4000, 4005)) <= set(chunked.tolist())
     assert coverage(chunked) < 1.5 * coverage(idx) < 0.75 * coverage(random_idx)
+
+
+def test_patchcore_blocked_search_is_the_exact_nearest_neighbour() -> None:
+    """The bank is searched in blocks of BANK_BLOCK entries (for the CPU cache); the distances must be
+    those of a plain search over the whole bank, also with a last block shorter than the others."""
+    model = PatchCore(pretrained=False)
+    dim = model.bank_with_norms.shape[0] - 1
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(2 * BANK_BLOCK + 37, dim, generator=gen)
+    model.load_statistics({"memory_bank": bank.numpy()})
+    embedding = torch.randn(2, dim, 5, 7, generator=gen)
+    patches = embedding.permute(0, 2, 3, 1).reshape(-1, dim)
+    expected = torch.cdist(patches.double(), bank.double()).amin(1).reshape(2, 1, 5, 7)
+    torch.testing.assert_close(model.patch_scores(embedding).double(), expected, rtol=1e-4, atol=1e-3)
 
 
 def _manifest(bundle: Path) -> dict:
