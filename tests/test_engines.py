@@ -20,7 +20,7 @@ from edgeinspect.bundle import Bundle
 from edgeinspect.config import load_config
 from edgeinspect.errors import BundleError, ConfigError, ExportError
 from edgeinspect.export.exporter import CannotBuildHere, ExportJob, export_bundle
-from edgeinspect.export.onnx import OnnxSubgraph, read_metadata
+from edgeinspect.export.onnx import OnnxSubgraph, fold_zero_pads, read_metadata
 from edgeinspect.export.parity import Gate, compare
 from edgeinspect.imageio import read_image
 from edgeinspect.runtime.backends import TensorRTBackend, select_engine
@@ -67,6 +67,58 @@ def test_export_all_writes_what_this_machine_can_build(all_engines: tuple[Path, 
         assert entry["parity"]["status"].startswith(("passed", "not run"))
 
 
+def test_zero_pads_fold_into_their_convolutions() -> None:
+    """TF-style "SAME" padding (asymmetric Pad + Conv) becomes the Conv's own pads; a Pad feeding
+    anything else, or padding with a non-zero value, stays; the outputs do not change."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "same"),
+             numpy_helper.from_array(np.array([0, 0, 1, 2, 0, 0, 1, 0], np.int64), "other"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "half")]
+    nodes = [helper.make_node("Pad", ["x", "same"], ["p1"], name="pad_same"),
+             helper.make_node("Conv", ["p1", "w"], ["c1"], name="conv_same", strides=[2, 2]),
+             helper.make_node("Pad", ["c1", "other"], ["p2"], name="pad_other"),
+             helper.make_node("Conv", ["p2", "w2"], ["c2"], name="conv_other", pads=[1, 1, 1, 1]),
+             helper.make_node("Pad", ["c2", "same", "half"], ["p3"], name="pad_half"),
+             helper.make_node("Conv", ["p3", "w2"], ["c3"], name="conv_half"),
+             helper.make_node("Pad", ["c3", "same"], ["y"], name="pad_output")]
+    inits.append(numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w2"))
+    graph = helper.make_graph(nodes, "pads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 17, 17])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 10, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((1, 3, 17, 17)).astype(np.float32)
+
+    def run(m: onnx.ModelProto) -> np.ndarray:
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    before = run(model)
+    assert fold_zero_pads(model.graph) == 2
+    assert [n.name for n in model.graph.node if n.op_type == "Pad"] == ["pad_half", "pad_output"]
+    pads = {n.name: list(next(a.ints for a in n.attribute if a.name == "pads")) for n in model.graph.node
+            if n.op_type == "Conv" and n.name != "conv_half"}
+    assert pads == {"conv_same": [0, 0, 1, 1], "conv_other": [2, 3, 2, 1]}
+    onnx.checker.check_model(model, full_check=True)
+    np.testing.assert_allclose(run(model), before, rtol=1e-5, atol=1e-5)
+
+
+def engine_memory_bank(model: onnx.ModelProto, dim: int) -> np.ndarray:
+    """The PatchCore memory bank inside an engine (rows x ``dim``, float32 only; rows sorted, see
+    :func:`by_rows`): the graph holds it in blocks, each transposed with a row of norms appended."""
+    arrays = {i.name: i for i in model.graph.initializer}
+    blocks = [arrays[name] for n in model.graph.node if n.op_type == "MatMul" for name in n.input
+              if name in arrays and len(arrays[name].dims) == 2 and arrays[name].dims[0] == dim + 1]
+    assert blocks and all(b.data_type == onnx.TensorProto.FLOAT for b in blocks)
+    return by_rows(np.concatenate([onnx.numpy_helper.to_array(b) for b in blocks], axis=1)[:dim].T)
+
+
+def by_rows(bank: np.ndarray) -> np.ndarray:
+    """``bank`` with its rows in lexicographic order (the engine's block order is the optimizer's)."""
+    return bank[np.lexsort(bank.T[::-1])]
+
+
 def test_fp16_engine_meets_its_documented_gate(all_engines: tuple[Path, list]) -> None:
     bundle = Bundle.open(all_engines[0])
     path, entry = bundle.engine("onnx", "fp16")
@@ -81,8 +133,8 @@ def test_fp16_engine_meets_its_documented_gate(all_engines: tuple[Path, list]) -
     # inputs and outputs stay FP32; the statistics (memory bank) stay FP32 too
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in model.graph.output)
-    bank_rows = int(np.load(bundle.file("memory_bank")).shape[0])
-    assert any(i.data_type == onnx.TensorProto.FLOAT and bank_rows in i.dims for i in model.graph.initializer)
+    bank = np.load(bundle.file("memory_bank"))
+    assert engine_memory_bank(model, bank.shape[1]).shape == bank.shape
 
 
 def test_int8_engine_is_qdq_with_its_own_calibrated_decision(all_engines: tuple[Path, list]) -> None:
@@ -95,12 +147,10 @@ def test_int8_engine_is_qdq_with_its_own_calibrated_decision(all_engines: tuple[
     # the memory bank inside the engine was refit on the engine's own INT8 features
     assert entry["int8"]["statistics_refit_on_int8_features"] is True
     bank = np.load(bundle.file("memory_bank"))
-    rows, dim = bank.shape
-    engine_banks = [a if a.shape[0] == rows else a.T for a in (onnx.numpy_helper.to_array(i) for i in
-                    onnx.load(str(path)).graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
-                    if a.ndim == 2 and rows in a.shape]
-    assert engine_banks and all(b.shape[1] >= dim for b in engine_banks)
-    assert not any(np.allclose(b[:, :dim], bank, atol=1e-3) for b in engine_banks)
+    fp32_path, _ = bundle.engine("onnx", "fp32")
+    np.testing.assert_allclose(engine_memory_bank(onnx.load(str(fp32_path)), bank.shape[1]), by_rows(bank), atol=1e-6)
+    refit = engine_memory_bank(onnx.load(str(path)), bank.shape[1])
+    assert refit.shape == bank.shape and not np.allclose(refit, by_rows(bank), atol=1e-3)
     decision = entry["decision"]
     assert decision["calibration"]["source"] == bundle.decision["calibration"]["source"]
     assert decision["calibration"]["n_images"] == bundle.decision["calibration"]["n_images"]
