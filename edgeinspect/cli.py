@@ -250,6 +250,9 @@ def data_video(images: tuple[str, ...], out: str, fps: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------- config
+PRESET_HELP = ("Anomaly families: the keys of configs/presets/NAME.yaml over the defaults, under --config "
+               "and --set (e.g. tall, wide: the part's aspect).")
+
 @main.group(cls=_Group)
 def config() -> None:
     """Configurations: the effective values with their comments, and their JSON Schema."""
@@ -260,11 +263,12 @@ def config() -> None:
 @click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="YAML file over the defaults (as for train / export).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one key.")
-def config_show(name: str, config_path: str | None, overrides: tuple[str, ...]) -> None:
+@click.option("--preset", default=None, metavar="NAME", help=PRESET_HELP)
+def config_show(name: str, config_path: str | None, overrides: tuple[str, ...], preset: str | None) -> None:
     """Print the effective configuration as commented YAML (the defaults' comments, the effective values)."""
     from edgeinspect.config import load_config, show
 
-    click.echo(show(name, load_config(name, config_path, overrides)), nl=False)
+    click.echo(show(name, load_config(name, config_path, overrides, preset)), nl=False)
 
 
 @config.command("schema")
@@ -338,6 +342,7 @@ _TRAIN_KEYS = (("--epochs", "epochs"), ("--batch-size", "batch_size"), ("--lr", 
 @click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="YAML file overriding configs/<family>.yaml.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key.")
+@click.option("--preset", default=None, metavar="NAME", help=PRESET_HELP)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Detectors: train.epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Detectors: train.batch_size.")
@@ -349,8 +354,8 @@ _TRAIN_KEYS = (("--epochs", "epochs"), ("--batch-size", "batch_size"), ("--lr", 
 @recorded_command
 def train(ctx: click.Context, family: str, data_root: str, category: str | None, out: str, overwrite: bool,
           backbone: str | None, weights: str | None, config_path: str | None, overrides: tuple[str, ...],
-          device: str, epochs: int | None, batch_size: int | None, lr: float | None, save_every: int | None,
-          resume: bool) -> None:
+          preset: str | None, device: str, epochs: int | None, batch_size: int | None, lr: float | None,
+          save_every: int | None, resume: bool) -> None:
     """Train FAMILY and write a model bundle: anomaly models (patchcore, padim, autoencoder, glass; cam is
     supervised) with their threshold, or detectors (ssd, maskrcnn) on a COCO folder."""
     from edgeinspect.config import load_config
@@ -370,7 +375,7 @@ def train(ctx: click.Context, family: str, data_root: str, category: str | None,
     if given and cls.task != "detections":
         raise click.UsageError(f"{', '.join(given)}: {family} is not trained for epochs; use --set for its keys")
     extra += [f"train.{key}={value}" for key, value in given.values()]
-    config = load_config(family, config_path, [*overrides, *extra])
+    config = load_config(family, config_path, [*overrides, *extra], preset)
     _run(ctx).update(config=config)
     _TRAINERS[cls.task](ctx, family, data_root, out, config, category=category, device=device, overwrite=overwrite,
                         resume=resume)

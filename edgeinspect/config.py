@@ -1,5 +1,6 @@
-"""Configuration: the YAML defaults in configs/, an optional user file, ``key=value`` overrides, all
-validated against the schema of the configuration (every error at once, before any work starts)."""
+"""Configuration: the YAML defaults in configs/, an optional named preset (configs/presets/), an optional
+user file, ``key=value`` overrides, all validated against the schema of the configuration (every error at
+once, before any work starts)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,32 @@ def config_names() -> list[str]:
     from edgeinspect.train.models import MODELS
 
     return [*MODELS, "export"]
+
+
+def preset_names() -> list[str]:
+    """The presets shipped in configs/presets/, by name."""
+    folder = resources.files("edgeinspect.configs").joinpath("presets")
+    return sorted(f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml"))
+
+
+def preset_config(preset: str, family: str) -> dict[str, Any]:
+    """The keys preset ``preset`` sets for ``family``: its shared sections, then its entry for the family.
+
+    A preset is a partial configuration (configs/presets/<preset>.yaml) for the anomaly-map families; a
+    top-level key that names a family holds settings for that family only (over the shared ones).
+    """
+    from edgeinspect.train.models import MODELS
+
+    names = preset_names()
+    if preset not in names:
+        raise ConfigError(f"no preset named {preset!r}; choose one of {names} (configs/presets/)")
+    if family not in MODELS or MODELS[family].task != "anomaly_map":
+        raise ConfigError(f"--preset {preset}: presets are for the anomaly-map families "
+                          f"({', '.join(f for f, cls in MODELS.items() if cls.task == 'anomaly_map')}), "
+                          f"not {family}; use --set for its keys")
+    raw = yaml.safe_load(resources.files("edgeinspect.configs").joinpath("presets", f"{preset}.yaml").read_text())
+    shared = {key: value for key, value in raw.items() if key not in MODELS}
+    return _merge(shared, raw.get(family) or {}, "", {})
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any], where: str, origins: dict[str, str],
@@ -108,12 +135,15 @@ def validate(name: str, config: Any, origins: dict[str, str] | None = None) -> d
     return model.model_dump(mode="json")
 
 
-def load_config(name: str, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
-                ) -> dict[str, Any]:
-    """Defaults of ``name``, updated by the YAML file ``path`` and ``section.key=value`` overrides, validated."""
+def load_config(name: str, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                preset: str | None = None) -> dict[str, Any]:
+    """Defaults of ``name``, updated by the preset, the YAML file ``path`` and ``section.key=value``
+    overrides (in this order), validated."""
     schema_for(name)  # an unknown name fails with the choices before any file is read
     origins: dict[str, str] = {}
     config = default_config(name)
+    if preset is not None:
+        config = _merge(config, preset_config(preset, name), f"preset {preset}", origins)
     if path is not None:
         path = Path(path)
         if not path.is_file():

@@ -44,6 +44,22 @@ def test_config_overrides_and_errors(tmp_path: Path) -> None:
         load_config("padim", overrides=["n_features"])
 
 
+def test_train_with_a_preset_gives_the_runtime_its_input(synth_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tall"
+    runner = CliRunner()
+    result = runner.invoke(main, ["-q", "train", "padim", "--data", str(synth_root), "--category", SYNTH_CATEGORY,
+                                  "--out", str(out), "--preset", "tall", "--set", "model.n_features=50",
+                                  "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["preprocess"]["input_size"] == [384, 160] and manifest["model"]["n_features"] == 50
+    assert manifest["preprocess"]["resize"] == [384, 160]  # what the runtime resizes every frame to
+    unknown = runner.invoke(main, ["train", "padim", "--data", str(synth_root), "--category", SYNTH_CATEGORY,
+                                   "--out", str(tmp_path / "x"), "--preset", "accurate"])
+    assert unknown.exit_code == 1 and "no preset named 'accurate'; choose one of ['tall', 'wide']" in unknown.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_train_evaluate_info_via_cli(synth_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "bundle"
     runner = CliRunner()

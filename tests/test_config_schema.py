@@ -12,7 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeinspect.cli import main
-from edgeinspect.config import config_names, default_config, default_text, load_config, schema_for, validate
+from edgeinspect.config import (
+    config_names,
+    default_config,
+    default_text,
+    load_config,
+    preset_names,
+    schema_for,
+    validate,
+)
 from edgeinspect.errors import ConfigError
 from edgeinspect.schema import Section, family_config, integer, real
 
@@ -114,6 +122,45 @@ def test_unknown_configuration_name() -> None:
     result = CliRunner().invoke(main, ["config", "show", "no_such_family"])
     assert result.exit_code == 1
     assert "Error: no configuration named 'no_such_family'; choose one of" in result.output
+
+
+ANOMALY_FAMILIES = ["patchcore", "padim", "autoencoder", "glass", "cam"]
+
+
+@pytest.mark.parametrize("preset", preset_names())
+@pytest.mark.parametrize("family", ANOMALY_FAMILIES)
+def test_every_preset_gives_every_anomaly_family_the_parts_aspect_at_about_its_default_pixels(
+        preset: str, family: str) -> None:
+    """The shape presets keep their principle for each family: the part's aspect (2.4:1, tall or wide) at about
+    the pixels of the family's own default input, valid under the family's schema."""
+    default_h, default_w = default_config(family)["preprocess"]["input_size"]
+    config = load_config(family, preset=preset)
+    h, w = config["preprocess"]["input_size"]
+    assert {"tall": h / w, "wide": w / h}[preset] == pytest.approx(2.4)
+    assert 0.9 <= h * w / (default_h * default_w) <= 1.25
+    # only what the preset names changes
+    defaults = load_config(family)
+    assert {**config, "preprocess": defaults["preprocess"]} == defaults
+    assert {k: v for k, v in config["preprocess"].items() if k != "input_size"} == \
+        {k: v for k, v in defaults["preprocess"].items() if k != "input_size"}
+
+
+def test_config_file_and_set_apply_over_a_preset_and_bad_presets_are_named(tmp_path) -> None:
+    user = tmp_path / "mine.yaml"
+    user.write_text("preprocess:\n  input_size: [320, 128]\n")
+    assert load_config("padim", user, preset="tall")["preprocess"]["input_size"] == [320, 128]
+    overridden = load_config("padim", user, ["preprocess.input_size=[96, 64]"], "tall")
+    assert overridden["preprocess"]["input_size"] == [96, 64]
+    with pytest.raises(ConfigError) as info:
+        load_config("padim", preset="elongated")
+    assert str(info.value) == f"no preset named 'elongated'; choose one of {preset_names()} (configs/presets/)"
+    with pytest.raises(ConfigError, match="presets are for the anomaly-map families .*not ssd; use --set"):
+        load_config("ssd", preset="tall")
+    result = CliRunner().invoke(main, ["config", "show", "glass", "--preset", "wide"])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.output) == load_config("glass", preset="wide")
+    result = CliRunner().invoke(main, ["config", "show", "glass", "--preset", "no_such"])
+    assert result.exit_code == 1 and "no preset named 'no_such'; choose one of ['tall', 'wide']" in result.output
 
 
 # ------------------------------------------------------------------------ property-based

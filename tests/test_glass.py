@@ -180,3 +180,30 @@ def test_bundle_reloads_to_the_same_scores(glass_run: dict[str, Any]) -> None:
         logits = model.discriminator(model.adaptor(model.embed(x).permute(0, 2, 3, 1).reshape(-1, 152)))
     # a blurred map of softplus(logit) = -log(1 - p): positive, below the largest patch score
     assert (amap > 0).all() and float(score.max()) <= float(F.softplus(logits).max()) + 1e-5
+
+
+def test_runtime_gives_the_pytorch_models_verdict(glass_run: dict[str, Any], synth_root: Path) -> None:
+    """What `predict` and `serve` publish: the torch-free runtime on the FP32 engine judges good and
+    defective parts as the PyTorch model does, score normalised to 0.5 at the threshold, boxes in the frame."""
+    from edgeinspect.bundle import Bundle
+    from edgeinspect.imageio import read_image
+    from edgeinspect.runtime.predictor import Predictor
+    from edgeinspect.train.trainer import load_model
+
+    bundle = Bundle.open(glass_run["bundle"])
+    model, threshold = load_model(bundle), bundle.decision["threshold"]
+    predictor = Predictor(glass_run["bundle"], engine="onnx")
+    images = sorted((synth_root / SYNTH_CATEGORY / "test").glob("*/*.png"))
+    verdicts = set()
+    for path in images:
+        rgb = read_image(path)
+        with torch.no_grad():
+            _, score = model(torch.from_numpy(bundle.preprocess(rgb)))
+        r = predictor.predict(rgb)
+        assert r.raw_score == pytest.approx(float(score), rel=1e-4) and r.raw_threshold == pytest.approx(threshold)
+        assert r.verdict == ("NOK" if float(score) > threshold else "OK") and (r.score > 0.5) == (r.verdict == "NOK")
+        height, width = rgb.shape[:2]
+        assert all(0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height for x0, y0, x1, y1 in (g.box for g in r.regions))
+        assert r.verdict == "NOK" or not r.regions  # the map's max is the score: nothing above the threshold
+        verdicts.add(r.verdict)
+    assert verdicts == {"OK", "NOK"}  # both verdicts were exercised
