@@ -61,6 +61,9 @@ def write_fp32(model: torch.nn.Module, path: Path, input_shape: tuple[int, ...],
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(path)
         ort.InferenceSession(str(traced), options, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(path))
+    if relax_loop_carried_shapes(model.graph):
+        onnx.save(model, str(path))
     check(path)
 
 
@@ -196,6 +199,32 @@ def drop_cast_round_trips(graph: onnx.GraphProto) -> None:
     keep = [n for n in graph.node if n.output[0] not in rename and (n.op_type != "Cast" or n.output[0] in used)]
     del graph.node[:]
     graph.node.extend(keep)
+
+
+def relax_loop_carried_shapes(graph: onnx.GraphProto) -> int:
+    """Forget the traced sizes of the loop-carried values of every Loop (in subgraphs too); returns how
+    many values changed.
+
+    The tracer declares them with the sizes of its one example, but a carried value may grow from one
+    iteration to the next (torchvision's Mask R-CNN pastes the masks into a tensor that gains a row per
+    detection), and ONNX Runtime then logs a VerifyOutputSizes warning at every iteration of every frame.
+    The rank is kept; only the sizes become unknown.
+    """
+    changed = 0
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type != onnx.AttributeProto.GRAPH:
+                continue
+            if node.op_type == "Loop":  # body: (iteration, condition, carried...) -> (condition, carried..., scans...)
+                carried = len(node.input) - 2
+                for value in [*attr.g.input[2:2 + carried], *attr.g.output[1:1 + carried]]:
+                    dims = value.type.tensor_type.shape.dim
+                    if any(d.HasField("dim_value") for d in dims):
+                        changed += 1
+                    for dim in dims:
+                        dim.Clear()
+            changed += relax_loop_carried_shapes(attr.g)
+    return changed
 
 
 def sort_topologically(graph: onnx.GraphProto) -> None:
