@@ -418,7 +418,7 @@ def _evaluate_detector(ctx: click.Context, bundle: str, data_root: str, *, categ
         raise click.UsageError("--category: a detector bundle is evaluated on a COCO folder (--data); drop it")
     if report_dir:
         raise click.UsageError("--report is for anomaly-map bundles; detector bundles have --save-viz")
-    m = run_evaluate(bundle, data_root, split=split or "test", conf=conf, engine=engine, device=device,
+    m = run_evaluate(bundle, data_root, split=split, conf=conf, engine=engine, device=device,
                      save_viz_dir=save_viz, predictions_path=predictions, progress=_progress(ctx))
     c = m["confusion"]
     rows = [(f"{kind}", f"mAP {m[kind]['map']:.4f}  mAP@0.5 {m[kind]['map50']:.4f}  mAP@0.75 {m[kind]['map75']:.4f}")
@@ -449,7 +449,7 @@ _EVALUATORS = {"anomaly_map": _evaluate_anomaly, "detections": _evaluate_detecto
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
               help="Torch device for --engine torch.")
 @click.option("--split", default=None, type=click.Choice(["train", "val", "test"]),
-              help="Detector bundles: the COCO split  [default: test]")
+              help="Detector bundles: the COCO split  [default: test, val when the folder has none]")
 @click.option("--conf", default=None, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Detector bundles: confidence of a defect detection for the image-level metrics "
                    "[default: the bundle's decision threshold]")

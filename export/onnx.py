@@ -63,6 +63,7 @@ def write_fp32(model: torch.nn.Module, path: Path, input_shape: tuple[int, ...],
         ort.InferenceSession(str(traced), options, providers=["CPUExecutionProvider"])
     proto = onnx.load(str(path))
     fold_zero_pads(proto.graph)
+    relax_loop_carried_shapes(proto.graph)
     onnx.save(proto, str(path))
     check(path)
 
@@ -251,6 +252,32 @@ def fold_zero_pads(graph: onnx.GraphProto) -> int:
     for initializer in unused:
         graph.initializer.remove(initializer)
     return len(folded)
+
+
+def relax_loop_carried_shapes(graph: onnx.GraphProto) -> int:
+    """Forget the traced sizes of the loop-carried values of every Loop (in subgraphs too); returns how
+    many values changed.
+
+    The tracer declares them with the sizes of its one example, but a carried value may grow from one
+    iteration to the next (torchvision's Mask R-CNN pastes the masks into a tensor that gains a row per
+    detection), and ONNX Runtime then logs a VerifyOutputSizes warning at every iteration of every frame.
+    The rank is kept; only the sizes become unknown.
+    """
+    changed = 0
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type != onnx.AttributeProto.GRAPH:
+                continue
+            if node.op_type == "Loop":  # body: (iteration, condition, carried...) -> (condition, carried..., scans...)
+                carried = len(node.input) - 2
+                for value in [*attr.g.input[2:2 + carried], *attr.g.output[1:1 + carried]]:
+                    dims = value.type.tensor_type.shape.dim
+                    if any(d.HasField("dim_value") for d in dims):
+                        changed += 1
+                    for dim in dims:
+                        dim.Clear()
+            changed += relax_loop_carried_shapes(attr.g)
+    return changed
 
 
 def sort_topologically(graph: onnx.GraphProto) -> None:

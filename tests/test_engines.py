@@ -20,7 +20,7 @@ from edgeinspect.bundle import Bundle
 from edgeinspect.config import load_config
 from edgeinspect.errors import BundleError, ConfigError, ExportError
 from edgeinspect.export.exporter import CannotBuildHere, ExportJob, export_bundle
-from edgeinspect.export.onnx import OnnxSubgraph, fold_zero_pads, read_metadata
+from edgeinspect.export.onnx import OnnxSubgraph, fold_zero_pads, read_metadata, write_fp32
 from edgeinspect.export.parity import Gate, compare
 from edgeinspect.imageio import read_image
 from edgeinspect.runtime.backends import TensorRTBackend, select_engine
@@ -195,6 +195,38 @@ def test_gate_leaves_out_borderline_images_and_splits_flips() -> None:
     assert not parity.passed and "verdict agreement 66.7% < 99%" in parity.failures[0]
     strict = compare((maps, reference), (maps, engine), labels, 1.0, 1.0, Gate(None, 0.5, None))
     assert strict.n_borderline == 0 and strict.verdict_agreement == 0.5 and strict.passed
+
+
+class PasteMasks(torch.nn.Module):
+    """torchvision's Mask R-CNN mask pasting (a Loop in ONNX whose carried tensor gains a row per box) on
+    the boxes of ``x`` (1 x N x 4) whose x0 is not negative: a count only known at run time."""
+
+    onnx_dynamic_axes = {"masks": {0: "detections"}}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+        boxes = x[0][x[0, :, 0] >= 0]
+        return paste_masks_in_image(torch.ones(boxes.shape[0], 1, 7, 7), boxes, (32, 32))
+
+
+def test_loop_carried_sizes_are_not_fixed_by_the_trace(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """The traced Loop declared the carried masks as 1 x 32 x 32, and ONNX Runtime logged a VerifyOutputSizes
+    warning at every further detection of every frame (Mask R-CNN engines on the line)."""
+    import onnxruntime as ort
+
+    path = tmp_path / "paste.onnx"
+    write_fp32(PasteMasks(), path, (1, 4, 4), ["masks"])
+    [loop] = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Loop"]
+    carried = [o.type.tensor_type.shape for o in loop.attribute[0].g.output[1:len(loop.input) - 1]]
+    assert carried and all(len(s.dim) == 3 and not any(d.HasField("dim_value") for d in s.dim) for s in carried)
+    x = np.array([[[2, 2, 10, 12], [-1, 0, 0, 0], [5, 6, 20, 30], [0, 10, 8, 31]]], np.float32)
+    capfd.readouterr()
+    [masks] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    assert "VerifyOutputSizes" not in capfd.readouterr().err
+    with torch.no_grad():
+        np.testing.assert_allclose(masks, PasteMasks()(torch.from_numpy(x)).numpy(), atol=1e-5)
+    assert masks.shape == (3, 1, 32, 32) and masks.max() > 0.5
 
 
 def test_int8_gate_refuses_and_retries(padim_bundle: Path, tmp_path: Path) -> None:

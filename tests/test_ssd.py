@@ -209,11 +209,13 @@ def test_evaluate_and_cli(ssd_bundle: Path, coco_dir: Path, tmp_path: Path) -> N
 
     from edgeinspect.cli import main
 
-    result = CliRunner().invoke(main, ["-q", "evaluate", str(ssd_bundle), "--data", str(coco_dir), "--split", "val",
+    # no --split: the folder has no test split (data coco of an MVTec layout), so val, as training reported
+    result = CliRunner().invoke(main, ["-q", "evaluate", str(ssd_bundle), "--data", str(coco_dir),
                                        "--save-viz", str(tmp_path / "viz"), "--json", str(tmp_path / "m.json"),
                                        "--predictions", str(tmp_path / "p.json")])
     assert result.exit_code == 0, result.output
     m = json.loads((tmp_path / "m.json").read_text())
+    assert not (coco_dir / "test").exists() and m["split"] == "val"
     manifest = Bundle.open(ssd_bundle).manifest["metrics"]
     assert m["bbox"] == manifest["bbox"] and m["confusion"] == manifest["confusion"]
     n_val = len(open_split(coco_dir, "val"))

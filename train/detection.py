@@ -70,6 +70,12 @@ def has_split(root: str | Path, split: str) -> bool:
     return (Path(root) / split / "annotations.json").is_file()
 
 
+def default_split(root: str | Path) -> str:
+    """The split a detector is tested on: ``test``, or ``val`` when the folder has none (``data coco`` of an
+    MVTec-layout dataset writes train/val only)."""
+    return "test" if has_split(root, "test") else "val"
+
+
 def to_input(target: dict[str, Any], image_hw: tuple[int, int], preprocess: Preprocess) -> dict[str, torch.Tensor]:
     """A target in image pixels -> torch tensors in model-input pixels (scaled, cropped, clipped; boxes that
     leave the input are dropped)."""
@@ -348,7 +354,7 @@ def _write_bundle(path: Path, family: str, model: DetectorModel, data_dir: str |
                   preprocess: Preprocess, config: dict[str, Any], work: Path, dev: torch.device,
                   seconds: float, best_epoch: int, progress: bool) -> Bundle:
     """The bundle of a trained detector (evaluated on test/, or val/ when there is no test split)."""
-    split_name = "test" if has_split(data_dir, "test") else "val"
+    split_name = default_split(data_dir)
     split = open_split(data_dir, split_name)
     conf = config["decision"]["conf"]
     t0 = time.perf_counter()
@@ -605,12 +611,14 @@ def predict_engine(bundle: Bundle, engine: str, split: Any, *, progress: bool = 
     return out
 
 
-def evaluate(bundle_path: str | Path, data_dir: str | Path, *, split: str = "test", conf: float | None = None,
+def evaluate(bundle_path: str | Path, data_dir: str | Path, *, split: str | None = None, conf: float | None = None,
              engine: str = "torch", device: str = "cpu", save_viz_dir: str | Path | None = None,
              predictions_path: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """:func:`detection_metrics` of a detector bundle on a split of a COCO folder (``conf`` defaults to the
-    bundle's ``decision.threshold``); optionally visualisations and the COCO results file."""
+    """:func:`detection_metrics` of a detector bundle on a split of a COCO folder (``split`` defaults to
+    :func:`default_split`, the one training reported on; ``conf`` to the bundle's ``decision.threshold``);
+    optionally visualisations and the COCO results file."""
     bundle = Bundle.open(bundle_path)
+    split = split or default_split(data_dir)
     if not has_split(data_dir, split):
         raise DataError(f"{data_dir} has no {split} split ({Path(data_dir) / split / 'annotations.json'})")
     coco_split = open_split(data_dir, split)
@@ -634,5 +642,6 @@ def evaluate(bundle_path: str | Path, data_dir: str | Path, *, split: str = "tes
     return metrics
 
 
-__all__ = ["CocoSplit", "DetectionBatches", "FeatureCache", "coco_eval", "coco_results", "detection_metrics", "draw",
-           "evaluate", "lr_factor", "open_split", "predict", "predict_engine", "save_viz", "to_input", "train"]
+__all__ = ["CocoSplit", "DetectionBatches", "FeatureCache", "coco_eval", "coco_results", "default_split",
+           "detection_metrics", "draw", "evaluate", "lr_factor", "open_split", "predict", "predict_engine", "save_viz",
+           "to_input", "train"]
