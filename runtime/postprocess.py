@@ -96,7 +96,9 @@ class Postprocess(Protocol):
 
 
 class AnomalyMapPostprocess:
-    """``(anomaly_map, score)``: NOK above the threshold, regions of the map above it."""
+    """``(anomaly_map, score)``: NOK above the threshold, regions of the map above it. An OK verdict has no
+    regions: a family whose image score is not the map's maximum (CAM: the mean of the map's logits) can
+    have map positions above the threshold on a part it passes, and a line must not see boxes on an OK."""
 
     rule = ">"
 
@@ -109,9 +111,10 @@ class AnomalyMapPostprocess:
     def __call__(self, outputs: tuple[np.ndarray, ...], frame_hw: tuple[int, int]) -> Outcome:
         """Verdict and regions of one image."""
         amap, raw = outputs[0][0, 0], float(outputs[1][0])
+        nok = raw > self.threshold
         regions = find_regions(amap, self.threshold, self.min_region_area, self.normalization, self.preprocess,
-                               frame_hw)
-        return Outcome(raw > self.threshold, raw, regions, amap)
+                               frame_hw) if nok else []
+        return Outcome(nok, raw, regions, amap)
 
 
 class DetectionPostprocess:

@@ -153,3 +153,18 @@ def test_bench_measures_the_recorded_hold_out(cam_bundle: Path) -> None:
     (row,) = result["rows"]
     expected = _manifest(cam_bundle)["metrics"]["image_auroc"]
     assert row["status"] == "ok" and row["image_auroc"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_runtime_verdicts_on_the_hold_out_have_regions_only_when_nok(cam_bundle: Path, cam_root: Path) -> None:
+    """CAM's image score is the sigmoid of the mean logit, its map the sigmoid of each one: a part it
+    passes can have map positions above the threshold. The runtime reports regions only with NOK."""
+    from edgeinspect.imageio import read_image
+    from edgeinspect.runtime.predictor import Predictor
+
+    predictor = Predictor(cam_bundle, engine="onnx:fp32")
+    category = cam_root / SYNTH_CATEGORY
+    results = [predictor.predict(read_image(category / p)) for p in _manifest(cam_bundle)["data"]["split"]["test"]]
+    above = [r for r in results if r.verdict == "OK" and (r.anomaly_map > r.raw_threshold).any()]
+    assert {r.verdict for r in results} == {"OK", "NOK"} and above  # the case exists on these parts
+    assert all(not r.regions for r in results if r.verdict == "OK")
+    assert any(r.regions for r in results if r.verdict == "NOK")

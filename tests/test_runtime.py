@@ -33,6 +33,7 @@ def test_predictor_verdicts_follow_the_bundle_threshold(patchcore_bundle: Path, 
         assert (r.score > 0.5) == (r.verdict == "NOK")
         assert r.anomaly_map.shape == (224, 224)
         assert set(r.latency_ms) == {"preprocess", "inference", "postprocess"}
+        assert not (r.regions and r.verdict == "OK")  # an OK part carries no defect boxes
         for region in r.regions:  # boxes are in frame pixels (256 x 256 images)
             x0, y0, x1, y1 = region.box
             assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
