@@ -71,7 +71,7 @@ def preset_config(preset: str, family: str) -> dict[str, Any]:
         raise ConfigError(f"--preset {preset}: presets are for the anomaly-map families "
                           f"({', '.join(f for f, cls in MODELS.items() if cls.task == 'anomaly_map')}), "
                           f"not {family}; use --set for its keys")
-    raw = yaml.safe_load(resources.files("edgeinspect.configs").joinpath("presets", f"{preset}.yaml").read_text())
+    raw = yaml.safe_load(resources.files("edgeinspect.configs").joinpath("presets", f"{preset}.yaml").read_text()) or {}
     shared = {key: value for key, value in raw.items() if key not in MODELS}
     return _merge(shared, raw.get(family) or {}, "", {})
 
