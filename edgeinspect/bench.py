@@ -243,6 +243,17 @@ def anomaly_test_images(bundle: Any, data_root: str | Path | None, category: str
     return TestImages(paths, np.array([p.parent.name != "good" for p in paths]), category or data["category"], True)
 
 
+def has_split(root: str | Path, split: str) -> bool:
+    """Whether the COCO folder has that split."""
+    return (Path(root) / split / "annotations.json").is_file()
+
+
+def default_split(root: str | Path) -> str:
+    """The split a detector is tested on (training reports on it, ``evaluate`` and this benchmark use it):
+    ``test``, or ``val`` when the folder has none (``data coco`` of an MVTec-layout dataset writes train/val)."""
+    return "test" if has_split(root, "test") else "val"
+
+
 def detection_test_images(bundle: Any, data_root: str | Path | None, category: str | None) -> TestImages:
     """The ``test`` split of a detector bundle's COCO folder (``val`` when it has none), images in id order; an
     image is defective when it has an annotation of a class not in the bundle's ``ok_classes``. Read with the
@@ -250,8 +261,8 @@ def detection_test_images(bundle: Any, data_root: str | Path | None, category: s
     from edgeinspect.errors import DataError
 
     root = Path(data_root or bundle.manifest["data"]["root"])
-    name = next((s for s in ("test", "val") if (root / s / "annotations.json").is_file()), None)
-    if name is None:
+    name = default_split(root)
+    if not has_split(root, name):
         raise DataError(f"{root} has no test/ or val/ annotations.json; give --data COCO_DIR")
     path = root / name / "annotations.json"
     try:

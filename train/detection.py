@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from edgeinspect import __version__
+from edgeinspect.bench import default_split, has_split
 from edgeinspect.bundle import Bundle, atomic_write_bytes, bundle_target, staging_dir, swap_in
 from edgeinspect.config import validate
 from edgeinspect.errors import BundleError, ConfigError, DataError
@@ -63,17 +64,6 @@ log = logging.getLogger(__name__)
 def open_split(root: str | Path, split: str) -> Any:
     """One split (train, val, test) of a COCO folder."""
     return CocoSplit(root, split)
-
-
-def has_split(root: str | Path, split: str) -> bool:
-    """Whether the COCO folder has that split."""
-    return (Path(root) / split / "annotations.json").is_file()
-
-
-def default_split(root: str | Path) -> str:
-    """The split a detector is tested on: ``test``, or ``val`` when the folder has none (``data coco`` of an
-    MVTec-layout dataset writes train/val only)."""
-    return "test" if has_split(root, "test") else "val"
 
 
 def to_input(target: dict[str, Any], image_hw: tuple[int, int], preprocess: Preprocess) -> dict[str, torch.Tensor]:
