@@ -27,6 +27,7 @@ from edgeinspect.train.data import MVTecCategory
 from edgeinspect.train.data.batches import Batches
 from edgeinspect.train.data.coco import CocoSplit
 from edgeinspect.train.data.split import DataSplit
+from edgeinspect.train.detection import coco_eval, to_image
 from edgeinspect.train.evaluate import infer_engine
 from edgeinspect.train.trainer import bundle_split, calibrate, infer
 
@@ -126,9 +127,22 @@ class DetectionsCheck:
         return DetectionPostprocess(self.job.bundle, self.job.bundle.decision)
 
     @cached_property
+    def split(self) -> CocoSplit:
+        """The check split (its ground truth serves the gates that bound the mAP drop)."""
+        return CocoSplit(self.job.dataset, self.check_split)
+
+    @cached_property
     def images(self) -> list[Path]:
         """The check images."""
-        return split_paths(CocoSplit(self.job.dataset, self.check_split))
+        return split_paths(self.split)
+
+    def map50(self, detections: list[Detections]) -> float:
+        """bbox mAP@0.5 (pycocotools) of detections in input pixels, one per check image, against the
+        split's ground truth."""
+        preprocess = self.job.bundle.preprocess
+        predictions = [{"image_id": image_id, **to_image(d.to_dict(), preprocess, read_image(p).shape[:2])}
+                       for image_id, p, d in zip(self.split.image_ids, self.images, detections, strict=True)]
+        return coco_eval(self.split.coco, predictions, "bbox")["map50"]
 
     def inputs(self, paths: list[Path]) -> list[np.ndarray]:
         """Preprocessed 1 x 3 x H x W inputs of image files."""
@@ -175,10 +189,12 @@ class DetectionsCheck:
         input_hw = self.job.bundle.preprocess.input_size
         ref_outcomes = [self.postprocess.judge(d, input_hw) for d in reference]
         outcomes = [self.postprocess.judge(d, input_hw) for d in detections]
+        gate = DetectionGate.from_config(self.job.settings["detections"][precision])
+        map50 = None if gate.max_map50_drop is None else (self.map50(reference), self.map50(detections))
         parity = compare_detections(reference, detections, np.array([o.nok for o in ref_outcomes]),
                                     np.array([o.nok for o in outcomes]),
                                     np.array([o.raw_score for o in ref_outcomes]), self.postprocess.threshold,
-                                    DetectionGate.from_config(self.job.settings["detections"][precision]))
+                                    gate, map50)
         return parity, None, ms
 
 

@@ -280,12 +280,28 @@ def relax_loop_carried_shapes(graph: onnx.GraphProto) -> int:
     return changed
 
 
+def _needed(node: onnx.NodeProto) -> set[str]:
+    """The values a node reads: its inputs and those its subgraphs (Loop / If bodies) take from the outer scope."""
+    needed = set(node.input)
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for sub in graphs:
+            inner = {i.name for i in sub.input} | {i.name for i in sub.initializer}
+            for n in sub.node:
+                needed |= _needed(n) - inner
+                inner.update(n.output)
+    return needed
+
+
 def sort_topologically(graph: onnx.GraphProto) -> None:
-    """Reorder ``graph.node`` so every node comes after the producers of its inputs (stable otherwise)."""
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs, those its subgraphs read
+    from the outer scope included (stable otherwise)."""
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    produced = {o for n in graph.node for o in n.output}
     pending, ordered = list(graph.node), []
+    needs = {id(n): _needed(n) & (produced | available) for n in pending}
     while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
+        ready = [n for n in pending if needs[id(n)] <= available]
         if not ready:
             raise ExportError(f"graph has a cycle or dangling inputs at {pending[0].name!r}")
         for node in ready:

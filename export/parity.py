@@ -110,17 +110,20 @@ class DetectionGate:
     min_iou: float                # a detection matches one of the same class with at least this box IoU
     score_tolerance: float | None  # max |d confidence| of a matched pair; None: not required
     min_score: float              # detections below this confidence need not be matched (nor counted)
-    max_unmatched: float          # unmatched detections (either side, >= min_score) per reference detection
+    max_unmatched: float | None   # unmatched detections (either side, >= min_score) per reference detection;
+    #                               None: not required
     min_verdict_agreement: float  # fraction of images with the same OK/NOK, outside the borderline band
     borderline_band: float = 0.0  # images whose highest defect confidence (PyTorch) is within this fraction
     #                               of the threshold are not counted in the agreement
+    max_map50_drop: float | None = None  # allowed bbox mAP@0.5 loss against the PyTorch model on the check
+    #                                      images' ground truth (accuracy control); None: not required
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> DetectionGate:
         """Build from a precision's section of ``detections`` in the export config."""
         return cls(float(section["min_iou"]), section.get("score_tolerance"), float(section["min_score"]),
-                   float(section["max_unmatched"]), float(section["min_verdict_agreement"]),
-                   float(section.get("borderline_band") or 0.0))
+                   section.get("max_unmatched"), float(section["min_verdict_agreement"]),
+                   float(section.get("borderline_band") or 0.0), section.get("max_map50_drop"))
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,8 @@ class DetectionParity(GateResult):
     n_borderline: int
     verdict_agreement_all: float
     gate: dict[str, Any]
+    reference_map50: float | None = None  # bbox mAP@0.5 of the PyTorch model on the check images (when the
+    map50: float | None = None            # gate has max_map50_drop) and of the engine
     failures: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -147,6 +152,8 @@ class DetectionParity(GateResult):
                 f"{self.max_abs_score_delta:.3g}, unmatched {self.unmatched_reference} PyTorch / "
                 f"{self.unmatched_engine} engine, verdict agreement {100 * self.verdict_agreement:.1f}% "
                 f"({100 * self.verdict_agreement_all:.1f}% with the {self.n_borderline} borderline)")
+        if self.map50 is not None:
+            line += f", bbox mAP@0.5 {self.map50:.4f} (PyTorch {self.reference_map50:.4f})"
         return line + (f"; failed: {', '.join(self.failures)}" if self.failures else "")
 
 
@@ -180,10 +187,11 @@ def match_detections(reference: Detections, engine: Detections, min_iou: float, 
 
 
 def compare_detections(reference: list[Detections], engine: list[Detections], reference_nok: np.ndarray,
-                       engine_nok: np.ndarray, reference_raw: np.ndarray, threshold: float, gate: DetectionGate
-                       ) -> DetectionParity:
+                       engine_nok: np.ndarray, reference_raw: np.ndarray, threshold: float, gate: DetectionGate,
+                       map50: tuple[float, float] | None = None) -> DetectionParity:
     """Compare an engine's decoded detections (one :class:`Detections` per image) and OK/NOK with
-    the PyTorch model's; ``reference_raw`` is PyTorch's highest defect confidence per image."""
+    the PyTorch model's; ``reference_raw`` is PyTorch's highest defect confidence per image; ``map50``:
+    (PyTorch's, the engine's) bbox mAP@0.5 on the images' ground truth, needed when the gate bounds its drop."""
     finite = all(np.isfinite(d.scores).all() and np.isfinite(d.boxes).all() for d in engine)
     n_ref = matched = unmatched_ref = unmatched_eng = 0
     ious, deltas = [], []
@@ -199,14 +207,19 @@ def compare_detections(reference: list[Detections], engine: list[Detections], re
     agreement = float(np.mean(reference_nok[clear] == engine_nok[clear])) if clear.any() else 1.0
     failures = [] if finite else ["the engine outputs NaN or infinity"]
     unmatched = (unmatched_ref + unmatched_eng) / max(n_ref, 1)
-    if unmatched > gate.max_unmatched:
+    if gate.max_unmatched is not None and unmatched > gate.max_unmatched:
         failures.append(f"{unmatched_ref} PyTorch and {unmatched_eng} engine detections >= {gate.min_score:g} "
                         f"unmatched ({unmatched:.3g} per reference detection > {gate.max_unmatched:g})")
     if gate.score_tolerance is not None and max_delta > gate.score_tolerance:
         failures.append(f"max |d confidence| {max_delta:.3g} > tolerance {gate.score_tolerance:g}")
     if agreement < gate.min_verdict_agreement:
         failures.append(f"verdict agreement {100 * agreement:.1f}% < {100 * gate.min_verdict_agreement:g}%")
+    if gate.max_map50_drop is not None:
+        if map50 is None:
+            raise ValueError("the gate bounds the mAP@0.5 drop: pass map50=(PyTorch's, the engine's)")
+        if map50[0] - map50[1] > gate.max_map50_drop:
+            failures.append(f"bbox mAP@0.5 drop {map50[0] - map50[1]:.4f} > {gate.max_map50_drop:g}")
     return DetectionParity(len(reference), n_ref, int(matched), unmatched_ref, unmatched_eng,
                            min(ious, default=1.0), max_delta, agreement, int((~clear).sum()),
                            float(np.mean(reference_nok == engine_nok)) if len(reference) else 1.0, asdict(gate),
-                           failures)
+                           *(map50 or (None, None)), failures)

@@ -11,6 +11,7 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from edgeinspect.errors import ConfigError
+from edgeinspect.export.onnx import sort_topologically
 
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                        "percentile": CalibrationMethod.Percentile}
@@ -28,12 +29,18 @@ class _Inputs(CalibrationDataReader):
 
 def quantize_qdq(source: Path, path: Path, inputs: Sequence[np.ndarray], keep_float: Sequence[str], method: str,
                  per_channel: bool) -> None:
-    """QDQ model of ``source``: uint8 activations, int8 (per-channel) weights, ``keep_float`` nodes untouched."""
+    """QDQ model of ``source``: uint8 activations, int8 (per-channel) weights, ``keep_float`` nodes untouched;
+    its nodes in topological order."""
     if method not in CALIBRATION_METHODS:
         raise ConfigError(f"int8.calibration_method: {method!r} is not one of {sorted(CALIBRATION_METHODS)}")
     quantize_static(str(source), str(path), _Inputs(inputs), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
                     nodes_to_exclude=list(keep_float), calibrate_method=CALIBRATION_METHODS[method])
+    # the quantizer appends nodes after their consumers, those read from inside a Loop body included (which
+    # ONNX Runtime tolerates and the ONNX checker does not)
+    model = onnx.load(str(path))
+    sort_topologically(model.graph)
+    onnx.save(model, str(path))
 
 
 def rank_sensitive_nodes(source: Path, qdq: Path, inputs: Sequence[np.ndarray], candidates: Sequence[str]

@@ -34,9 +34,10 @@ class DetectionGateSection(Section):
     min_iou: real(0.0, 1.0)
     score_tolerance: real(0.0, 1.0) | None
     min_score: real(0.0, 1.0)
-    max_unmatched: real(0.0, 1e6)
+    max_unmatched: real(0.0, 1e6) | None
     min_verdict_agreement: real(0.0, 1.0)
     borderline_band: real(0.0, 1.0, hi_open=True)
+    max_map50_drop: real(0.0, 1.0) | None
 
 
 class DetectionGatesSection(Section):

@@ -252,6 +252,8 @@ def test_detector_int8_calibrates_on_the_train_split_and_keeps_its_threshold(
     n_train = len(CocoSplit(detector_coco, "train"))
     assert entry["int8"]["calibration_images"] == n_train and not entry["int8"]["statistics_refit_on_int8_features"]
     assert "decision" not in entry and entry["parity"]["gate"] == load_config("export")["detections"]["int8"]
+    parity, gate = entry["parity"], entry["parity"]["gate"]  # accuracy control on the val split's ground truth
+    assert 0.0 <= parity["map50"] <= 1.0 and parity["reference_map50"] - parity["map50"] <= gate["max_map50_drop"]
     predictor = Predictor(copy_path, engine="onnx:int8")
     assert predictor.threshold == _manifest(copy_path)["decision"]["threshold"]
 
@@ -277,6 +279,14 @@ def test_detection_gate_counts_unmatched_above_min_score_and_leaves_out_borderli
     loose = DetectionGate(0.9, 0.05, 0.05, 0.0, 1.0, 0.05)
     assert compare_detections(reference, engine, np.array([True, True]), np.array([True, False]),
                               np.array([0.9, 0.51]), 0.5, loose).passed
+    # INT8's accuracy control: unmatched detections are not counted, the mAP@0.5 drop is
+    accuracy = DetectionGate(0.99, None, 0.05, None, 1.0, 0.05, max_map50_drop=0.01)
+    args = (reference, engine, np.array([True, True]), np.array([True, False]), np.array([0.9, 0.51]), 0.5, accuracy)
+    kept = compare_detections(*args, map50=(0.80, 0.795))
+    assert kept.passed and (kept.reference_map50, kept.map50) == (0.80, 0.795) and "mAP@0.5 0.7950" in kept.describe()
+    assert compare_detections(*args, map50=(0.80, 0.70)).failures == ["bbox mAP@0.5 drop 0.1000 > 0.01"]
+    with pytest.raises(ValueError, match="map50"):
+        compare_detections(*args)
 
 
 def test_bench_measures_a_detector_bundle_on_its_coco_split(detector_bundle: Path) -> None:

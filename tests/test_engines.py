@@ -20,7 +20,7 @@ from edgeinspect.bundle import Bundle
 from edgeinspect.config import load_config
 from edgeinspect.errors import BundleError, ConfigError, ExportError
 from edgeinspect.export.exporter import CannotBuildHere, ExportJob, export_bundle
-from edgeinspect.export.onnx import OnnxSubgraph, fold_zero_pads, read_metadata, write_fp32
+from edgeinspect.export.onnx import OnnxSubgraph, fold_zero_pads, read_metadata, sort_topologically, write_fp32
 from edgeinspect.export.parity import Gate, compare
 from edgeinspect.imageio import read_image
 from edgeinspect.runtime.backends import TensorRTBackend, select_engine
@@ -227,6 +227,36 @@ def test_loop_carried_sizes_are_not_fixed_by_the_trace(tmp_path: Path, capfd: py
     with torch.no_grad():
         np.testing.assert_allclose(masks, PasteMasks()(torch.from_numpy(x)).numpy(), atol=1e-5)
     assert masks.shape == (3, 1, 32, 32) and masks.max() > 0.5
+
+
+def test_nodes_are_sorted_after_the_values_their_loop_bodies_read(tmp_path: Path) -> None:
+    """ONNX Runtime's quantizer appended a Cast after the Mask R-CNN Loop whose body reads it from the outer
+    scope: ONNX Runtime ran the graph, the ONNX checker refused it, and with it the INT8 engine."""
+    import onnxruntime as ort
+
+    path = tmp_path / "paste.onnx"
+    write_fp32(PasteMasks(), path, (1, 4, 4), ["masks"])
+    model = onnx.load(str(path))
+    [loop] = [n for n in model.graph.node if n.op_type == "Loop"]
+    produced = {o: n for n in model.graph.node for o in n.output}
+    body = loop.attribute[0].g
+    inner = {i.name for i in body.input} | {o for n in body.node for o in n.output}
+    outer = {i for n in body.node for i in n.input if i and i not in inner and i in produced}
+    assert outer  # the body reads values of the main graph that the Loop node does not list as inputs
+    moved = [produced[name] for name in sorted(outer)]
+    nodes = [n for n in model.graph.node if all(n is not m for m in moved)]
+    at = next(i for i, n in enumerate(nodes) if n.op_type == "Loop") + 1
+    shuffled = [onnx.NodeProto.FromString(n.SerializeToString()) for n in [*nodes[:at], *moved, *nodes[at:]]]
+    del model.graph.node[:]
+    model.graph.node.extend(shuffled)
+    with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
+        onnx.checker.check_model(model, full_check=True)
+    sort_topologically(model.graph)
+    onnx.checker.check_model(model, full_check=True)
+    x = np.array([[[2, 2, 10, 12], [5, 6, 20, 30], [0, 10, 8, 31], [1, 1, 4, 4]]], np.float32)
+    run = [ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+           for m in (str(path), model.SerializeToString())]
+    np.testing.assert_array_equal(run[0], run[1])
 
 
 def test_int8_gate_refuses_and_retries(padim_bundle: Path, tmp_path: Path) -> None:
