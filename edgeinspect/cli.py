@@ -349,7 +349,8 @@ _TRAIN_KEYS = (("--epochs", "epochs"), ("--batch-size", "batch_size"), ("--lr", 
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Detectors: train.lr.")
 @click.option("--save-every", type=click.IntRange(min=0), default=None,
               help="Detectors: also keep checkpoints/epoch_N.pt every N epochs.")
-@click.option("--resume", is_flag=True, help="Detectors: continue the interrupted run in <out>.work/.")
+@click.option("--resume", is_flag=True, help="Detectors: continue the interrupted run in <out>.work/, or extend "
+              "the finished bundle at <out> (with --overwrite and a larger --epochs).")
 @click.pass_context
 @recorded_command
 def train(ctx: click.Context, family: str, data_root: str, category: str | None, out: str, overwrite: bool,

@@ -202,6 +202,15 @@ def test_resume_continues_an_interrupted_run(coco_dir: Path, tmp_path: Path, mon
     history = bundle.manifest["training"]["history"]
     assert len(history["val_loss"]) == 2 and bundle.manifest["metrics"]["epochs"] == 2
     assert (out / "checkpoints" / "epoch_1.pt").is_file() and (out / "checkpoints" / "epoch_2.pt").is_file()
+    # a finished run is extended from the bundle's own checkpoints (replacing the bundle: --overwrite)
+    longer = load_config("ssd", overrides=[*FAST, "train.epochs=3"])
+    with pytest.raises(BundleError, match="--overwrite"):
+        detection.train("ssd", coco_dir, out, longer, device="cpu", progress=False, resume=True)
+    extended = detection.train("ssd", coco_dir, out, longer, device="cpu", progress=False, resume=True,
+                               overwrite=True)
+    assert extended.manifest["training"]["history"]["val_loss"][:2] == history["val_loss"]
+    assert len(extended.manifest["training"]["history"]["val_loss"]) == 3
+    assert extended.manifest["metrics"]["epochs"] == 3
 
 
 def test_evaluate_and_cli(ssd_bundle: Path, coco_dir: Path, tmp_path: Path) -> None:

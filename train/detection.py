@@ -7,8 +7,9 @@ on the ``val`` images: no flips, no gradient) and, every ``map_every`` epochs, t
 checkpoint is the one with the lowest validation loss (steadier than mAP on a small val split).
 
 Checkpoints go to ``<out>.work/checkpoints/`` while training (kept when training fails or is stopped;
-``resume=True`` continues from its ``last.pt``); the finished bundle (the best weights) is built beside
-``out`` and swapped in atomically, with the checkpoints, ``config.json`` and ``history.json``.
+``resume=True`` continues from its ``last.pt``, or from the finished bundle's to extend it); the finished
+bundle (the best weights) is built beside ``out`` and swapped in atomically, with the checkpoints,
+``config.json`` and ``history.json``.
 
 Evaluation (:func:`detection_metrics`): pycocotools COCOeval (bbox, and segm when the predictions have
 masks) plus image-level metrics, see its docstring.
@@ -231,8 +232,9 @@ def train(family: str, data_dir: str | Path, out: str | Path, config: dict[str, 
           progress: bool = True, overwrite: bool = False, resume: bool = False) -> Bundle:
     """Train a detector family on the COCO folder ``data_dir`` (train/ and val/) and write a bundle at ``out``.
 
-    ``resume`` continues the interrupted run in ``<out>.work/`` (its saved configuration; only
-    ``train.epochs`` is taken from ``config``, so a finished run can also be extended).
+    ``resume`` continues the interrupted run in ``<out>.work/``, or extends the finished one at ``out`` from
+    its ``checkpoints/last.pt`` (with ``overwrite``): its saved configuration, only ``train.epochs`` is taken
+    from ``config`` (the learning-rate schedule is then the one of the new epoch count, from the step reached).
     """
     out = bundle_target(out)
     check_out(out, overwrite)
@@ -241,9 +243,11 @@ def train(family: str, data_dir: str | Path, out: str | Path, config: dict[str, 
     ckpt_dir = work / "checkpoints"
     state = None
     if resume:
+        if not (ckpt_dir / "last.pt").is_file() and (out / "checkpoints" / "last.pt").is_file():
+            shutil.copytree(out / "checkpoints", ckpt_dir, dirs_exist_ok=True)  # extend the finished run
         if not (ckpt_dir / "last.pt").is_file():
-            raise BundleError(f"--resume: no interrupted run at {work} (no checkpoints/last.pt); train without "
-                              f"--resume")
+            raise BundleError(f"--resume: no interrupted run at {work} and no finished one at {out} (no "
+                              f"checkpoints/last.pt); train without --resume")
         state = _load_checkpoint(ckpt_dir / "last.pt")
         config = validate(family, {**state["config"], "train": {**state["config"]["train"],
                                                                 "epochs": config["train"]["epochs"]}})
