@@ -95,6 +95,7 @@ class DetectorTrainSection(Section):
     grad_clip: real(0.0, 1e6)
     hflip: real(0.0, 1.0)
     vflip: real(0.0, 1.0)
+    crop: real(0.0, 1.0)
     save_every: integer(0, 100_000)
     cache_features: bool
     map_every: integer(0, 100_000)

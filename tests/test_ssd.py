@@ -135,6 +135,35 @@ def test_detection_metrics_on_known_cases() -> None:
     assert m["confusion"]["fn"] == 1 and m["defect_detection_rate"] == 0.0 and m["bbox"]["map50"] == pytest.approx(1.0)
 
 
+def test_random_iou_crop_moves_boxes_and_masks_with_the_image() -> None:
+    from edgeinspect.train.detection import DetectionBatches, _iou_crop
+
+    x = torch.zeros(3, 96, 96)
+    masks = torch.zeros(2, 96, 96, dtype=torch.uint8)
+    boxes = torch.tensor([[10.0, 20.0, 40.0, 50.0], [60.0, 8.0, 90.0, 30.0]])
+    for k, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
+        masks[k, y0:y1, x0:x1] = 1
+        x[k, y0:y1, x0:x1] = 1.0  # channel k shows instance k
+    target = {"boxes": boxes, "labels": torch.tensor([1, 2]), "masks": masks}
+    generator = torch.Generator().manual_seed(0)
+    cropped_any = False
+    for _ in range(30):
+        xi, ti = _iou_crop(x, target, generator)
+        assert xi.shape == x.shape and ti["masks"].shape[1:] == (96, 96)
+        assert len(ti["boxes"]) == len(ti["labels"]) == len(ti["masks"]) >= 1
+        cropped_any |= len(ti["boxes"]) < 2 or not torch.equal(ti["boxes"], boxes)
+        for box, label, mask in zip(ti["boxes"], ti["labels"], ti["masks"], strict=True):
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            drawn = torch.nonzero(xi[int(label) - 1] > 0.5, as_tuple=True)
+            for found in ((xs, ys), (drawn[1], drawn[0])):  # the mask and the image's own instance
+                span = torch.tensor([found[0].min(), found[1].min(), found[0].max() + 1, found[1].max() + 1])
+                assert torch.allclose(span.float(), box, atol=2.5), (span, box)
+    assert cropped_any
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    assert _iou_crop(x, empty, generator)[0] is x  # a negative image is left whole
+    assert DetectionBatches.__init__.__kwdefaults__["crop"] == 0.0
+
+
 def test_training_learns_boxes_on_the_defects(ssd_bundle: Path, coco_dir: Path) -> None:
     from edgeinspect.train.detection import _iou, predict
     from edgeinspect.train.trainer import load_model

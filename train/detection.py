@@ -101,13 +101,39 @@ def _flip(x: torch.Tensor, target: dict[str, torch.Tensor], horizontal: bool) ->
     return torch.flip(x, [dim]), out
 
 
+def _iou_crop(x: torch.Tensor, target: dict[str, torch.Tensor], generator: torch.Generator
+              ) -> tuple[torch.Tensor, dict]:
+    """SSD's "random IoU crop" (torchvision's ``RandomIoUCrop``: a window of 0.3-1 of each side, aspect
+    0.5-2, overlapping some box by a random minimum IoU, or no crop) of one image 3 x H x W with its target,
+    scaled back to H x W; boxes whose centre falls outside go, with their labels and masks."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    if not len(target["boxes"]):
+        return x, target
+    h, w = x.shape[-2:]
+    sample = {"image": tv_tensors.Image(x), "labels": target["labels"],
+              "boxes": tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(h, w))}
+    if "masks" in target:
+        sample["masks"] = tv_tensors.Mask(target["masks"])
+    transform = v2.Compose([v2.RandomIoUCrop(), v2.Resize((h, w), antialias=True), v2.ClampBoundingBoxes(),
+                            v2.SanitizeBoundingBoxes()])
+    with torch.random.fork_rng():  # torchvision draws from the global generator: seed it from ours
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        out = transform(sample)
+    cropped = {**target, "boxes": out["boxes"].as_subclass(torch.Tensor), "labels": out["labels"]}
+    if "masks" in target:
+        cropped["masks"] = out["masks"].as_subclass(torch.Tensor)
+    return out["image"].as_subclass(torch.Tensor), cropped
+
+
 class DetectionBatches:
     """Batches (normalised images N x 3 x H x W, targets in input pixels) of a COCO split."""
 
     def __init__(self, split: Any, preprocess: Preprocess, batch_size: int, *, shuffle: bool = False,
-                 hflip: float = 0.0, vflip: float = 0.0, seed: int = 0):
+                 hflip: float = 0.0, vflip: float = 0.0, crop: float = 0.0, seed: int = 0):
         self.split, self.preprocess, self.batch_size = split, preprocess, batch_size
-        self.shuffle, self.hflip, self.vflip, self.seed = shuffle, hflip, vflip, seed
+        self.shuffle, self.hflip, self.vflip, self.crop, self.seed = shuffle, hflip, vflip, crop, seed
         self._epoch = 0
 
     def __len__(self) -> int:
@@ -119,8 +145,10 @@ class DetectionBatches:
         return self
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[dict[str, torch.Tensor]], list[tuple[int, bool, bool]]]]:
-        """(images, targets, keys): each image's key is (index in the split, flipped horizontally, vertically)."""
+        """(images, targets, keys): each image's key is (index in the split, flipped horizontally, vertically);
+        with ``crop`` the images may also be cropped (their keys then no longer name what they hold)."""
         rng = np.random.default_rng([self.seed, self._epoch])
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         order = rng.permutation(len(self.split)) if self.shuffle else np.arange(len(self.split))
         for start in range(0, len(order), self.batch_size):
             images, targets, keys = [], [], []
@@ -138,6 +166,8 @@ class DetectionBatches:
                     xi, ti = _flip(xi, ti, horizontal=True)
                 if v:
                     xi, ti = _flip(xi, ti, horizontal=False)
+                if self.crop and rng.random() < self.crop:
+                    xi, ti = _iou_crop(xi, ti, generator)
                 xs.append(xi)
                 targets[k] = ti
             yield torch.stack(xs), targets, keys
@@ -269,7 +299,7 @@ def train(family: str, data_dir: str | Path, out: str | Path, config: dict[str, 
                         preprocess.input_size).to(dev)
     optimizer = make_optimizer(model, tcfg)
     batches = DetectionBatches(train_split, preprocess, tcfg["batch_size"], shuffle=True, hflip=tcfg["hflip"],
-                               vflip=tcfg["vflip"], seed=tcfg["seed"])
+                               vflip=tcfg["vflip"], crop=tcfg["crop"], seed=tcfg["seed"])
     val_batches = DetectionBatches(val_split, preprocess, tcfg["batch_size"])
     start, best, seconds = 0, math.inf, 0.0
     if state is not None:
@@ -279,7 +309,7 @@ def train(family: str, data_dir: str | Path, out: str | Path, config: dict[str, 
         start, best, seconds = state["epoch"], state["best_val_loss"], state["seconds"]
         log.info("resuming %s at epoch %d of %d", family, start + 1, tcfg["epochs"])
     (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    cached = tcfg["cache_features"] and model.features_frozen
+    cached = tcfg["cache_features"] and model.features_frozen and not tcfg["crop"]  # crops are never seen twice
     cache, val_cache = (FeatureCache(), FeatureCache()) if cached else (None, None)
     total = tcfg["epochs"] * len(batches)
     warmup = int(round(tcfg["warmup_epochs"] * len(batches)))
