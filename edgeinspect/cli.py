@@ -422,8 +422,12 @@ def _evaluate_detector(ctx: click.Context, bundle: str, data_root: str, *, categ
     m = run_evaluate(bundle, data_root, split=split, conf=conf, engine=engine, device=device,
                      save_viz_dir=save_viz, predictions_path=predictions, progress=_progress(ctx))
     c = m["confusion"]
-    rows = [(f"{kind}", f"mAP {m[kind]['map']:.4f}  mAP@0.5 {m[kind]['map50']:.4f}  mAP@0.75 {m[kind]['map75']:.4f}")
-            for kind in ("bbox", "segm") if kind in m]
+    rows = []
+    for kind in ("bbox", "segm"):
+        if kind in m:
+            rows.append((kind, f"mAP {m[kind]['map']:.4f}  mAP@0.5 {m[kind]['map50']:.4f}  "
+                               f"mAP@0.75 {m[kind]['map75']:.4f}"))
+            rows.append(("  AP@0.5", "  ".join(f"{name} {ap:.3f}" for name, ap in m[kind]["ap50_per_class"].items())))
     rows += [(f"@ conf {m['conf']:g}", f"accuracy {m['accuracy']:.4f}  precision {m['precision']:.4f}  "
                                        f"recall {m['recall']:.4f}  F1 {m['f1']:.4f}  "
                                        f"TP {c['tp']} FN {c['fn']} FP {c['fp']} TN {c['tn']}"),

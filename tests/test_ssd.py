@@ -125,6 +125,15 @@ def test_detection_metrics_on_known_cases() -> None:
                "scores": np.array([0.99], np.float32)}
     m = detection_metrics(coco, [hit, good_ok], 0.5, ["good"])
     assert m["bbox"]["map50"] == pytest.approx(1.0)
+    assert m["bbox"]["ap50_per_class"] == {"scratch": pytest.approx(1.0)}  # `good` has no ground truth
+    # a second scratch the model misses: that class's AP@0.5 halves (one of two found, at the top score)
+    coco.dataset["annotations"].append({"id": 2, "image_id": 2, "category_id": 1, "bbox": [50, 50, 20, 20],
+                                        "area": 400, "iscrowd": 0})
+    coco.createIndex()
+    half = detection_metrics(coco, [hit, good_ok], 0.5, ["good"])["bbox"]
+    assert half["ap50_per_class"]["scratch"] == pytest.approx(0.5, abs=0.01) == half["map50"]
+    coco.dataset["annotations"].pop()
+    coco.createIndex()
     assert m["confusion"] == {"tp": 1, "fn": 0, "fp": 0, "tn": 1}
     assert m["f1"] == 1.0 and m["defect_detection_rate"] == 1.0 and m["mean_confidence"] == pytest.approx(0.9)
     # without `good` being ok, the full-image good box makes the good image NOK

@@ -500,13 +500,14 @@ def coco_results(predictions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return results
 
 
-def coco_eval(coco_gt: Any, predictions: Sequence[dict[str, Any]], iou_type: str = "bbox") -> dict[str, float]:
-    """pycocotools COCOeval: mAP (IoU 0.5:0.95), mAP@0.5, mAP@0.75 (0 when nothing was detected)."""
+def coco_eval(coco_gt: Any, predictions: Sequence[dict[str, Any]], iou_type: str = "bbox") -> dict[str, Any]:
+    """pycocotools COCOeval: mAP (IoU 0.5:0.95), mAP@0.5, mAP@0.75 (0 when nothing was detected) and
+    ``ap50_per_class`` (category name -> AP@0.5, for the categories with ground truth)."""
     from pycocotools.cocoeval import COCOeval
 
     results = coco_results(predictions)
     if not results or not coco_gt.getAnnIds():
-        return {"map": 0.0, "map50": 0.0, "map75": 0.0}
+        return {"map": 0.0, "map50": 0.0, "map75": 0.0, "ap50_per_class": {}}
     with contextlib.redirect_stdout(io.StringIO()):
         dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, dt, iou_type)
@@ -514,8 +515,13 @@ def coco_eval(coco_gt: Any, predictions: Sequence[dict[str, Any]], iou_type: str
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
+    # precision: IoU thresholds x recall points x categories x areas ("all" first) x max detections (100 last);
+    # -1 where a category has no ground truth
+    at50 = ev.eval["precision"][list(ev.params.iouThrs).index(0.5), :, :, 0, -1]
+    per_class = {coco_gt.cats[cat]["name"]: float(at50[at50[:, k] > -1, k].mean())
+                 for k, cat in enumerate(ev.params.catIds) if (at50[:, k] > -1).any()}
     return {"map": max(float(ev.stats[0]), 0.0), "map50": max(float(ev.stats[1]), 0.0),
-            "map75": max(float(ev.stats[2]), 0.0)}
+            "map75": max(float(ev.stats[2]), 0.0), "ap50_per_class": per_class}
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
