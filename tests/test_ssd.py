@@ -21,7 +21,8 @@ from edgeinspect.train.detection import open_split
 SIZE = 128  # synthetic image side and model input: small enough for one CPU core
 FAST = ["preprocess.input_size=[128,128]", "train.epochs=12", "train.batch_size=8", "train.lr=0.003",
         "train.map_every=6", "train.warmup_epochs=0.5", "model.neck_channels=64",
-        "model.extra_channels=[64,64]", "model.aspect_ratios=[[2],[2],[2],[2],[2]]", "model.min_ratio=0.1"]
+        "model.extra_channels=[64,64]", "model.aspect_ratios=[[2],[2],[2],[2],[2]]", "model.min_ratio=0.1",
+        "model.train_backbone_stages=0"]  # the frozen trunk with its cached features (the default trains it all)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def ssd_bundle(coco_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def test_config_defaults_and_schema() -> None:
     config = load_config("ssd")
     assert config["preprocess"]["input_size"] == [300, 300] and config["decision"]["conf"] == 0.5
+    assert config["model"]["train_backbone_stages"] == 7 and config["train"]["crop"] == 0.0
     with pytest.raises(ConfigError, match="aspect_ratios"):
         load_config("ssd", overrides=["model.aspect_ratios=[[2]]"])
     with pytest.raises(ConfigError, match="conf"):
