@@ -148,7 +148,9 @@ class DetectionBatches:
         """(images, targets, keys): each image's key is (index in the split, flipped horizontally, vertically);
         with ``crop`` the images may also be cropped (their keys then no longer name what they hold)."""
         rng = np.random.default_rng([self.seed, self._epoch])
-        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        # the crops' own stream: the order and flips stay those of runs without crops
+        crop_seed = np.random.SeedSequence([self.seed, self._epoch, 1]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(crop_seed))
         order = rng.permutation(len(self.split)) if self.shuffle else np.arange(len(self.split))
         for start in range(0, len(order), self.batch_size):
             images, targets, keys = [], [], []
