@@ -78,6 +78,37 @@ def test_default_ssd300_layout_and_detect_is_torchvision_postprocess() -> None:
     assert not frozen_stem.requires_grad
 
 
+def test_fpn_neck_feeds_deep_features_to_the_fine_maps_and_exports(tmp_path: Path) -> None:
+    """``model.neck: fpn``: the finest map changes with the deepest stage (the conv neck's does not), the
+    layout and anchors stay the conv neck's, and the traced ONNX graph gives the PyTorch outputs."""
+    import onnxruntime as ort
+
+    from edgeinspect.export.onnx import write_fp32
+    from edgeinspect.train.trainer import build_model
+
+    overrides = ["model.extra_channels=[64,64]", "model.aspect_ratios=[[2],[2],[2],[2],[2]]"]
+    models = {neck: build_model("ssd", {**load_config("ssd", overrides=[*overrides, f"model.neck={neck}"])["model"],
+                                        "classes": ["a"]}, (128, 128), pretrained=False).eval()
+              for neck in ("conv", "fpn")}
+    assert models["fpn"].anchors.shape == models["conv"].anchors.shape
+    x = torch.randn(1, 3, 128, 128)
+    for neck, model in models.items():
+        with torch.no_grad():
+            stages = model.frozen_features(x)
+            finest = model.ssd.backbone.tail(stages)["0"]
+            deeper = model.ssd.backbone.tail([*stages[:-1], stages[-1] + 1.0])["0"]
+        assert finest.shape[1] == 128
+        assert (not torch.equal(finest, deeper)) == (neck == "fpn")
+    path = tmp_path / "fpn.onnx"
+    write_fp32(models["fpn"], path, (1, 3, 128, 128), ["bbox_regression", "cls_logits"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = models["fpn"](x)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_vgg16_without_weights_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import torchvision
 

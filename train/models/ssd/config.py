@@ -21,6 +21,7 @@ class SsdSection(WeightsSection):
     weights: str | None = None
     stages: list[str]
     train_backbone_stages: integer(0, 7)
+    neck: Literal["conv", "fpn"] = "conv"
     neck_channels: integer(0, 4096)
     extra_channels: list[integer(8, 4096)]
     aspect_ratios: list[list[real(1.0, 10.0)]]

@@ -18,6 +18,7 @@ from torch import nn
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops import boxes as box_ops
 
 from edgeinspect.errors import ConfigError
@@ -38,7 +39,8 @@ class LiteSSDBackbone(nn.Module):
     followed by extra layers like SSD300's (1x1 reduce, 3x3 stride 2 conv, ReLU) down to a 1 x 1 map."""
 
     def __init__(self, backbone: str, stages: list[str], extra_channels: list[int], train_stages: int,
-                 neck_channels: int, input_size: tuple[int, int], *, pretrained: bool, weights: str | None):
+                 neck: str, neck_channels: int, input_size: tuple[int, int], *, pretrained: bool,
+                 weights: str | None):
         super().__init__()
         self.extractor = FeatureExtractor(backbone, stages, pretrained=pretrained, weights=weights)
         trunk = self.extractor.trunk
@@ -49,11 +51,18 @@ class LiteSSDBackbone(nn.Module):
         with torch.no_grad():
             feature = self.extractor(torch.zeros(1, 3, *input_size))[-1]
         cin, size = feature.shape[1], tuple(feature.shape[-2:])
-        # the neck: one trainable 3x3 conv + ReLU on each stage map (the heads' only non-linear layer on frozen
-        # stages); none with neck_channels 0
-        self.neck = nn.ModuleList(nn.Sequential(nn.Conv2d(c, neck_channels, 3, padding=1), nn.ReLU(inplace=True))
-                                  for c in (self.extractor.channels() if neck_channels else []))
-        self.out_channels = [neck_channels] * len(stages) if neck_channels else [*self.extractor.channels()]
+        # the neck on the stage maps: "conv", one trainable 3x3 conv + ReLU on each (the heads' only non-linear
+        # layer on frozen stages); "fpn", torchvision's feature pyramid (1x1 laterals, top-down sum of the
+        # upsampled coarser map, 3x3 output conv): the fine maps also see the deep stages' features. None with
+        # neck_channels 0.
+        channels = self.extractor.channels()
+        self.neck: nn.Module | None = None
+        if neck_channels and neck == "fpn":
+            self.neck = FeaturePyramidNetwork(channels, neck_channels)
+        elif neck_channels:
+            self.neck = nn.ModuleList(nn.Sequential(nn.Conv2d(c, neck_channels, 3, padding=1), nn.ReLU(inplace=True))
+                                      for c in channels)
+        self.out_channels = [neck_channels] * len(stages) if neck_channels else [*channels]
         extras = []
         for cout in extra_channels:
             # 3x3 stride 2 while the map is larger than 3 x 3, then one conv over the whole map (-> 1 x 1)
@@ -64,7 +73,7 @@ class LiteSSDBackbone(nn.Module):
             cin = cout
             self.out_channels.append(cout)
         self.extras = nn.ModuleList(extras)
-        for layer in [*self.extras.modules(), *self.neck.modules()]:
+        for layer in [*self.extras.modules(), *(self.neck.modules() if self.neck is not None else [])]:
             if isinstance(layer, nn.Conv2d):
                 nn.init.xavier_uniform_(layer.weight)
                 nn.init.zeros_(layer.bias)
@@ -75,7 +84,12 @@ class LiteSSDBackbone(nn.Module):
 
     def tail(self, stages: list[torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
         """The feature maps from the stage outputs: the neck, the extra layers on the last stage."""
-        features = [neck(f) for neck, f in zip(self.neck, stages, strict=True)] if len(self.neck) else list(stages)
+        if isinstance(self.neck, FeaturePyramidNetwork):
+            features = list(self.neck(OrderedDict((str(i), f) for i, f in enumerate(stages))).values())
+        elif self.neck is not None:
+            features = [neck(f) for neck, f in zip(self.neck, stages, strict=True)]
+        else:
+            features = list(stages)
         y = stages[-1]
         for extra in self.extras:
             y = extra(y)
@@ -117,14 +131,14 @@ class SSDDetector(DetectorModel):
 
     def __init__(self, classes: list[str], input_size: tuple[int, int], *, pretrained: bool = True,
                  backbone: str, weights: str | None, stages: list[str], train_backbone_stages: int,
-                 neck_channels: int, extra_channels: list[int], aspect_ratios: list[list[float]], min_ratio: float,
-                 max_ratio: float,
-                 iou_thresh: float, positive_fraction: float, score_thresh: float, nms_thresh: float,
-                 topk_candidates: int, detections_per_img: int, seed: int = 0):
+                 neck: str = "conv", neck_channels: int, extra_channels: list[int],
+                 aspect_ratios: list[list[float]], min_ratio: float, max_ratio: float, iou_thresh: float,
+                 positive_fraction: float, score_thresh: float, nms_thresh: float, topk_candidates: int,
+                 detections_per_img: int, seed: int = 0):
         super().__init__(classes, input_size, pretrained=pretrained, backbone=backbone, weights=weights,
-                         stages=stages, train_backbone_stages=train_backbone_stages, neck_channels=neck_channels,
-                         extra_channels=extra_channels,
-                         aspect_ratios=aspect_ratios, min_ratio=min_ratio, max_ratio=max_ratio,
+                         stages=stages, train_backbone_stages=train_backbone_stages, neck=neck,
+                         neck_channels=neck_channels, extra_channels=extra_channels, aspect_ratios=aspect_ratios,
+                         min_ratio=min_ratio, max_ratio=max_ratio,
                          iou_thresh=iou_thresh, positive_fraction=positive_fraction, score_thresh=score_thresh,
                          nms_thresh=nms_thresh, topk_candidates=topk_candidates,
                          detections_per_img=detections_per_img, seed=seed)
@@ -138,7 +152,7 @@ class SSDDetector(DetectorModel):
             net, detector_state = _vgg_backbone(weights, pretrained, min(train_backbone_stages, 5))
             anchors = DefaultBoxGenerator(ratios, scales=VGG_SCALES, steps=VGG_STEPS)
         else:
-            net = LiteSSDBackbone(backbone, stages, extra_channels, train_backbone_stages, neck_channels,
+            net = LiteSSDBackbone(backbone, stages, extra_channels, train_backbone_stages, neck, neck_channels,
                                   self.input_size, pretrained=pretrained, weights=weights)
             anchors = DefaultBoxGenerator(ratios, min_ratio=min_ratio, max_ratio=max_ratio)
         self.ssd = SSD(net, anchors, self.input_size, self.num_classes, image_mean=[0.0] * 3, image_std=[1.0] * 3,
