@@ -22,12 +22,9 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeinspect.bundle import Bundle
-from edgeinspect.train.data import MVTecCategory
-from edgeinspect.train.data.batches import Batches
+from benchmarks.reduced_search import embed_test_images
 from edgeinspect.train.metrics import image_auroc, pixel_auroc, pro
 from edgeinspect.train.models.patchcore.model import BANK_BLOCK
-from edgeinspect.train.trainer import bundle_split, load_model, test_masks
 
 
 def search_graph(bank: np.ndarray, int8: bool) -> onnx.ModelProto:
@@ -88,13 +85,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    bundle = Bundle.open(args.bundle)
-    model = load_model(bundle)
-    dataset = MVTecCategory(args.data, args.category)
-    samples = bundle_split(bundle, dataset).test
-    embedding = torch.cat([model.embed(x) for x in Batches(dataset, samples, bundle.preprocess, 8)])
-    labels = np.array([s.label for s in samples])
-    masks = test_masks(dataset, samples, bundle.preprocess)
+    model, embedding, labels, masks = embed_test_images(args.bundle, args.data, args.category)
     n, d, h, w = embedding.shape
     per_image = embedding.permute(0, 2, 3, 1).reshape(n, h * w, d).numpy()
     bank = model.memory_bank.numpy()

@@ -41,6 +41,20 @@ def nearest_distance(patches: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def embed_test_images(bundle_dir: str, data: str, category: str) -> tuple[torch.nn.Module, torch.Tensor,
+                                                                          np.ndarray, np.ndarray]:
+    """The PatchCore bundle's model, the embeddings of its test images (N x D x h x w), their labels and
+    ground-truth masks."""
+    bundle = Bundle.open(bundle_dir)
+    model = load_model(bundle)
+    dataset = MVTecCategory(data, category)
+    samples = bundle_split(bundle, dataset).test
+    embedding = torch.cat([model.embed(x) for x in Batches(dataset, samples, bundle.preprocess, 8)])
+    labels = np.array([s.label for s in samples])
+    return model, embedding, labels, test_masks(dataset, samples, bundle.preprocess)
+
+
+@torch.no_grad()
 def main() -> None:
     """Embed the test images once, score them with the exact and each reduced search, print the figures."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -50,13 +64,7 @@ def main() -> None:
     parser.add_argument("--dims", default="16,32,48,64")
     parser.add_argument("--plain", action="store_true", help="full residual norms added instead of a coordinate")
     args = parser.parse_args()
-    bundle = Bundle.open(args.bundle)
-    model = load_model(bundle)
-    dataset = MVTecCategory(args.data, args.category)
-    samples = bundle_split(bundle, dataset).test
-    embedding = torch.cat([model.embed(x) for x in Batches(dataset, samples, bundle.preprocess, 8)])
-    labels = np.array([s.label for s in samples])
-    masks = test_masks(dataset, samples, bundle.preprocess)
+    model, embedding, labels, masks = embed_test_images(args.bundle, args.data, args.category)
     n, d, h, w = embedding.shape
     patches = embedding.permute(0, 2, 3, 1).reshape(-1, d)
     bank = model.memory_bank
