@@ -110,6 +110,11 @@ class ExportJob:
         """ONNX node-name prefixes of the submodules that may run in FP16/INT8 (the rest stays float)."""
         return tuple(f"/{name}/" for name in self.model.low_precision_modules)
 
+    def dynamic_int8_prefixes(self) -> tuple[str, ...]:
+        """ONNX node-name prefixes of the float submodules whose constant-matrix MatMuls run in 8-bit integers
+        in the INT8 engine (the model's ``dynamic_int8_modules``)."""
+        return tuple(f"/{name}/" for name in self.model.dynamic_int8_modules)
+
     def source_engine(self, fmt: str, precision: str) -> Path:
         """Path of another engine of this bundle (exported first, with its own gate, when absent)."""
         entry = self.bundle.find_engine(fmt, precision)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,8 +84,9 @@ def write_fp16(source: Path, path: Path, low_precision_prefixes: tuple[str, ...]
 
 
 def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
-    """Static QDQ quantization of the extractor, its statistics refit on the quantized features,
-    retried with the most sensitive nodes kept in float."""
+    """Static QDQ quantization of the extractor, its statistics refit on the quantized features, the
+    model's constant-matrix MatMuls in integers with dynamic activation ranges (``dynamic_int8_modules``);
+    retried with those MatMuls back in float, then with the most sensitive nodes kept in float."""
     from edgeinspect.export.quantize import quantize_qdq, rank_sensitive_nodes
 
     cfg = job.settings["int8"]
@@ -92,6 +94,7 @@ def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
     model = onnx.load(str(source))
     keep = float_nodes(model, job.low_precision_prefixes())
     keep += boundary_producers(model, keep)
+    dynamic = job.dynamic_int8_prefixes() if cfg["dynamic_matmuls"] else ()
     inputs = job.calibration_inputs(int(cfg["calibration_images"]))
     refit = bool(cfg["refit_statistics"]) and job.model.fit_is_statistics
     moved: list[str] = []
@@ -104,13 +107,17 @@ def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
                 write_fp32(job.refit_on_engine(path), refit_source, job.input_shape, job.output_names)
                 quantize_qdq(refit_source, path, inputs, keep + moved, cfg["calibration_method"],
                              bool(cfg["per_channel"]))
+        proto = onnx.load(str(path))
+        integer_matmuls = quantize_dynamic_matmuls(proto.graph, dynamic, moved) if dynamic else []
+        onnx.save(proto, str(path))
         parity, _, _ = job.check("onnx", "int8", path)
         attempts.append(parity.describe())
         if parity.passed:
             break
-        if attempt < int(cfg["exclusion_rounds"]):
+        if attempt < int(cfg["exclusion_rounds"]):  # the integer MatMuls go back to float first
             candidates = [n.name for n in model.graph.node if n.name not in keep + moved]
-            moved += rank_sensitive_nodes(source, path, inputs[:8], candidates)[:int(cfg["exclude_per_round"])]
+            moved += integer_matmuls or rank_sensitive_nodes(source, path, inputs[:8], candidates)[
+                :int(cfg["exclude_per_round"])]
     else:
         raise ExportError(f"onnx:int8 engine refused after {len(attempts)} attempts (last with {len(moved)} "
                           f"sensitive nodes in float): " + " | ".join(attempts))
@@ -118,7 +125,7 @@ def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
     return {"int8": {"calibration_images": len(inputs), "calibration_method": cfg["calibration_method"],
                      "per_channel": bool(cfg["per_channel"]), "statistics_refit_on_int8_features": refit,
                      "attempts": len(attempts), "moved_to_float": moved,
-                     "statistics_nodes_in_float": len(keep)}}
+                     "statistics_nodes_in_float": len(keep), "integer_matmuls": integer_matmuls}}
 
 
 class OnnxSubgraph(torch.nn.Module):
@@ -247,10 +254,7 @@ def fold_zero_pads(graph: onnx.GraphProto) -> int:
         folded.append(pad)
     for pad in folded:
         graph.node.remove(pad)
-    used = {name for node in graph.node for name in node.input}
-    unused = [i for i in graph.initializer if i.name not in used]
-    for initializer in unused:
-        graph.initializer.remove(initializer)
+    _drop_unused_initializers(graph)
     return len(folded)
 
 
@@ -333,6 +337,103 @@ def boundary_producers(model: onnx.ModelProto, float_names: list[str]) -> list[s
     floats = set(float_names)
     consumed = {i for n in model.graph.node if n.name in floats for i in n.input}
     return [n.name for n in model.graph.node if n.name not in floats and consumed & set(n.output)]
+
+
+def quantize_dynamic_matmuls(graph: onnx.GraphProto, prefixes: tuple[str, ...], keep_float: Collection[str] = ()
+                             ) -> list[str]:
+    """Run the MatMul / Gemm nodes named under ``prefixes`` (not in ``keep_float``) whose right-hand matrix
+    is a constant in 8-bit integers; the names of the nodes rewritten.
+
+    The left-hand activations are quantized to uint8 at run time (``DynamicQuantizeLinear``, once per
+    tensor, its range that of each image, so there is nothing to calibrate), the constant to int8 with a
+    symmetric scale per column; ``MatMulInteger``, then back to float: Cast, Mul by the two scales, the
+    Gemm's bias added. Standard ONNX ops: ONNX Runtime fuses each chain into one MatMulIntegerToFloat on
+    the CPU. A column's scale is its own, so a bank entry with small values keeps its precision, and
+    the bias (PatchCore's |b|^2) stays float.
+    """
+    initializers = {i.name: i for i in graph.initializer}
+    quantized_inputs: dict[str, tuple[str, str, str]] = {}
+    rewritten, nodes = [], []
+    for node in graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
+        plain_gemm = (node.op_type == "Gemm" and not attrs.get("transA", 0)
+                      and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0)
+        if (node.op_type not in ("MatMul", "Gemm") or (node.op_type == "Gemm" and not plain_gemm)
+                or not node.name.startswith(prefixes) or node.name in keep_float
+                or weight is None or len(weight.dims) != 2):
+            nodes.append(node)
+            continue
+        matrix = onnx.numpy_helper.to_array(weight).astype(np.float64)
+        if attrs.get("transB", 0):
+            matrix = matrix.T
+        scale = np.maximum(np.abs(matrix).max(axis=0), 1e-30) / 127.0
+        name, source = node.name, node.input[0]
+        if source not in quantized_inputs:
+            quantized_inputs[source] = (f"{source}_uint8", f"{source}_scale", f"{source}_zero_point")
+            nodes.append(onnx.helper.make_node("DynamicQuantizeLinear", [source], list(quantized_inputs[source]),
+                                               name=f"{name}/DynamicQuantizeLinear"))
+        q, q_scale, q_zero = quantized_inputs[source]
+        graph.initializer.extend([
+            onnx.numpy_helper.from_array(np.clip(np.round(matrix / scale), -127, 127).astype(np.int8),
+                                         f"{name}/weight_int8"),
+            onnx.numpy_helper.from_array(scale.astype(np.float32), f"{name}/weight_scale"),
+            onnx.numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{name}/weight_zero_point")])
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else ""
+        scaled = f"{name}/scaled" if bias else node.output[0]
+        nodes += [
+            onnx.helper.make_node("MatMulInteger", [q, f"{name}/weight_int8", q_zero, f"{name}/weight_zero_point"],
+                                  [f"{name}/int32"], name=f"{name}/MatMulInteger"),
+            onnx.helper.make_node("Cast", [f"{name}/int32"], [f"{name}/float"], name=f"{name}/Cast",
+                                  to=onnx.TensorProto.FLOAT),
+            onnx.helper.make_node("Mul", [q_scale, f"{name}/weight_scale"], [f"{name}/scales"],
+                                  name=f"{name}/MulScales"),
+            onnx.helper.make_node("Mul", [f"{name}/float", f"{name}/scales"], [scaled], name=f"{name}/Mul")]
+        if bias:
+            nodes.append(onnx.helper.make_node("Add", [scaled, bias], [node.output[0]], name=f"{name}/AddBias"))
+        rewritten.append(name)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused_initializers(graph)
+    return rewritten
+
+
+def dequantize_dynamic_matmuls(graph: onnx.GraphProto) -> int:
+    """Undo :func:`quantize_dynamic_matmuls` for runtimes without integer MatMuls (TensorRT's ONNX parser
+    takes no DynamicQuantizeLinear / MatMulInteger): each chain becomes a float MatMul against its
+    dequantized int8 matrix; the number of chains."""
+    initializers = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    replaced: dict[int, onnx.NodeProto | None] = {}
+    for node in graph.node:
+        if node.op_type != "MatMulInteger" or node.input[1] not in initializers:
+            continue
+        quantize = producer[node.input[0]]
+        (cast,) = consumers[node.output[0]]
+        (mul,) = consumers[cast.output[0]]
+        scales = producer[mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0]]
+        scale = onnx.numpy_helper.to_array(initializers[scales.input[1]])
+        matrix = onnx.numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32) * scale
+        graph.initializer.append(onnx.numpy_helper.from_array(matrix, f"{node.name}/dequantized"))
+        replaced[id(node)] = onnx.helper.make_node("MatMul", [quantize.input[0], f"{node.name}/dequantized"],
+                                                   list(mul.output), name=node.name)
+        replaced.update({id(cast): None, id(mul): None, id(scales): None, id(quantize): None})
+    nodes = [replaced.get(id(n), n) for n in graph.node]
+    del graph.node[:]
+    graph.node.extend(n for n in nodes if n is not None)
+    _drop_unused_initializers(graph)
+    return sum(n is not None for n in replaced.values())
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {name for node in graph.node for name in _needed(node)}
+    unused = [i for i in graph.initializer if i.name not in used]
+    for initializer in unused:
+        graph.initializer.remove(initializer)
 
 
 def check(path: Path) -> None:

@@ -2,7 +2,8 @@
 
 FP32 and FP16 build from the FP32 ONNX graph (FP16 with the statistics and map head held in FP32
 by precision constraints); INT8 builds from the gated INT8 QDQ graph (explicit quantization, the
-path current TensorRT recommends, no calibrator). The plan is written with a JSON header
+path current TensorRT recommends, no calibrator), its dynamically quantized MatMuls (PatchCore's
+search, which TensorRT's parser does not take) turned back into float MatMuls. The plan is written with a JSON header
 (``runtime/backends/tensorrt.py``) that records the TensorRT version, GPU and DLA core it was built
 for: a plan only runs where it was built.
 """
@@ -12,9 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import onnx
+
 from edgeinspect.bundle import atomic_write_bytes
 from edgeinspect.errors import ExportError
 from edgeinspect.export.exporter import CannotBuildHere
+from edgeinspect.export.onnx import dequantize_dynamic_matmuls
 from edgeinspect.runtime.backends.tensorrt import TensorRTBackend, cuda_call, cudart, pack_plan
 
 if TYPE_CHECKING:
@@ -42,7 +46,9 @@ def export_tensorrt(job: ExportJob, precision: str, path: Path) -> dict[str, Any
     explicit_batch = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)  # implicit since TRT 10
     network = builder.create_network(0 if explicit_batch is None else 1 << int(explicit_batch))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(source)):
+    graph = onnx.load(str(source))
+    dequantize_dynamic_matmuls(graph.graph)  # TensorRT parses no integer MatMuls; its GPU runs them in float
+    if not parser.parse(graph.SerializeToString(), str(source)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ExportError(f"TensorRT cannot parse {source}: {errors}")
 

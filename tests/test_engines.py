@@ -20,13 +20,22 @@ from edgeinspect.bundle import Bundle
 from edgeinspect.config import load_config
 from edgeinspect.errors import BundleError, ConfigError, ExportError
 from edgeinspect.export.exporter import CannotBuildHere, ExportJob, export_bundle
-from edgeinspect.export.onnx import OnnxSubgraph, fold_zero_pads, read_metadata, sort_topologically, write_fp32
+from edgeinspect.export.onnx import (
+    OnnxSubgraph,
+    dequantize_dynamic_matmuls,
+    fold_zero_pads,
+    quantize_dynamic_matmuls,
+    read_metadata,
+    sort_topologically,
+    write_fp32,
+)
 from edgeinspect.export.parity import Gate, compare
 from edgeinspect.imageio import read_image
 from edgeinspect.runtime.backends import TensorRTBackend, select_engine
 from edgeinspect.runtime.backends.tensorrt import check_plan_version, pack_plan, unpack_plan
 from edgeinspect.runtime.predictor import Predictor
 from edgeinspect.train.data import MVTecCategory
+from edgeinspect.train.models.patchcore.model import BANK_BLOCK
 
 # A gate any INT8 engine meets, for the tests that need an INT8 engine to exist; the default gate
 # (configs/export.yaml) is exercised by test_int8_gate_refuses_and_retries and on real data.
@@ -105,13 +114,13 @@ def test_zero_pads_fold_into_their_convolutions() -> None:
 
 
 def engine_memory_bank(model: onnx.ModelProto, dim: int) -> np.ndarray:
-    """The PatchCore memory bank inside an engine (rows x ``dim``, float32 only; rows sorted, see
-    :func:`by_rows`): the graph holds it in blocks, each transposed with a row of norms appended."""
+    """The PatchCore memory bank inside a float engine (rows x ``dim``; rows sorted, see :func:`by_rows`):
+    the search holds it in blocks of columns, each -2 b_j (an integer engine: dequantize it first)."""
     arrays = {i.name: i for i in model.graph.initializer}
-    blocks = [arrays[name] for n in model.graph.node if n.op_type == "MatMul" for name in n.input
-              if name in arrays and len(arrays[name].dims) == 2 and arrays[name].dims[0] == dim + 1]
+    blocks = [arrays[n.input[1]] for n in model.graph.node if n.name.startswith("/search/")
+              and n.op_type in ("MatMul", "Gemm") and n.input[1] in arrays and arrays[n.input[1]].dims[0] == dim]
     assert blocks and all(b.data_type == onnx.TensorProto.FLOAT for b in blocks)
-    return by_rows(np.concatenate([onnx.numpy_helper.to_array(b) for b in blocks], axis=1)[:dim].T)
+    return by_rows(np.concatenate([onnx.numpy_helper.to_array(b) for b in blocks], axis=1).T / -2.0)
 
 
 def by_rows(bank: np.ndarray) -> np.ndarray:
@@ -140,23 +149,79 @@ def test_fp16_engine_meets_its_documented_gate(all_engines: tuple[Path, list]) -
 def test_int8_engine_is_qdq_with_its_own_calibrated_decision(all_engines: tuple[Path, list]) -> None:
     bundle = Bundle.open(all_engines[0])
     path, entry = bundle.engine("onnx", "int8")
-    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    model = onnx.load(str(path))
+    ops = [n.op_type for n in model.graph.node]
+    assert {"QuantizeLinear", "DequantizeLinear"} <= set(ops)
     assert entry["int8"]["calibration_images"] == 16 and entry["int8"]["per_channel"] is True
     assert entry["int8"]["statistics_nodes_in_float"] > 0
-    # the memory bank inside the engine was refit on the engine's own INT8 features
-    assert entry["int8"]["statistics_refit_on_int8_features"] is True
+    # the nearest-neighbour search runs in integers: one MatMulInteger per bank block, the patches
+    # quantized once
     bank = np.load(bundle.file("memory_bank"))
+    blocks = -(-len(bank) // BANK_BLOCK)
+    assert len(entry["int8"]["integer_matmuls"]) == ops.count("MatMulInteger") == blocks
+    assert ops.count("DynamicQuantizeLinear") == 1
+    # the memory bank inside the engine was refit on the engine's own INT8 features: its entries are not
+    # the FP32 bank's within the int8 rounding (|error| <= scale / 4 per coordinate of b = -w / 2)
+    assert entry["int8"]["statistics_refit_on_int8_features"] is True
     fp32_path, _ = bundle.engine("onnx", "fp32")
     np.testing.assert_allclose(engine_memory_bank(onnx.load(str(fp32_path)), bank.shape[1]), by_rows(bank), atol=1e-6)
-    refit = engine_memory_bank(onnx.load(str(path)), bank.shape[1])
-    assert refit.shape == bank.shape and not np.allclose(refit, by_rows(bank), atol=1e-3)
+    scales = np.concatenate([onnx.numpy_helper.to_array(i) for i in model.graph.initializer
+                             if i.name.endswith("/weight_scale")])
+    assert dequantize_dynamic_matmuls(model.graph) == blocks
+    refit = engine_memory_bank(model, bank.shape[1])
+    assert refit.shape == bank.shape
+    nearest_fp32_entry = torch.cdist(torch.from_numpy(refit), torch.from_numpy(bank)).amin(1).numpy()
+    assert np.median(nearest_fp32_entry) > np.sqrt(bank.shape[1]) * scales.max() / 4
     decision = entry["decision"]
     assert decision["calibration"]["source"] == bundle.decision["calibration"]["source"]
     assert decision["calibration"]["n_images"] == bundle.decision["calibration"]["n_images"]
     assert bundle.engine_decision(entry) is decision
     predictor = Predictor(bundle, engine="onnx:int8")
     assert predictor.threshold == decision["threshold"] and predictor.engine == "onnx:int8"
+
+
+def test_integer_matmuls_match_float_and_lower_back(tmp_path: Path) -> None:
+    """quantize_dynamic_matmuls on a MatMul and a Gemm (bias, transposed matrix) sharing one input: one
+    DynamicQuantizeLinear, results within int8 rounding, a chain ONNX Runtime fuses into
+    MatMulIntegerToFloat; dequantize_dynamic_matmuls gives a float graph computing the same."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w, wt, bias = rng.normal(size=(32, 40)), rng.normal(size=(24, 32)), rng.normal(size=24) * 100
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in ((w, "w"), (wt, "wt"), (bias, "bias"))]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="/search/MatMul"),
+             helper.make_node("Gemm", ["x", "wt", "bias"], ["z"], name="/search/Gemm", transB=1),
+             helper.make_node("MatMul", ["x", "w"], ["kept"], name="/other/MatMul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 32])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, c])
+                               for n, c in (("y", 40), ("z", 24), ("kept", 40))],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(50, 32)).astype(np.float32)
+    exact = [x @ w, x @ wt.T + bias, x @ w]
+
+    assert quantize_dynamic_matmuls(model.graph, ("/search/",)) == ["/search/MatMul", "/search/Gemm"]
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("DynamicQuantizeLinear") == 1 and ops.count("MatMulInteger") == 2 and "Gemm" not in ops
+    onnx.checker.check_model(model, full_check=True)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    y, z, kept = ort.InferenceSession(model.SerializeToString(), options,
+                                      providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node].count(
+        "MatMulIntegerToFloat") == 2
+    for got, want in ((y, exact[0]), (z, exact[1])):
+        assert 0 < np.abs(got - want).max() < 0.02 * np.abs(want).max()
+    np.testing.assert_allclose(kept, exact[2], rtol=1e-5, atol=1e-4)
+
+    assert dequantize_dynamic_matmuls(model.graph) == 2
+    ops = {n.op_type for n in model.graph.node}
+    assert not ops & {"DynamicQuantizeLinear", "MatMulInteger", "Cast"}
+    onnx.checker.check_model(model, full_check=True)
+    lowered = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for got, integer in zip(lowered, (y, z, kept), strict=True):
+        np.testing.assert_allclose(got, integer, rtol=1e-2, atol=0.02 * np.abs(integer).max())
 
 
 def test_statistics_refit_on_the_fp32_engine_reproduce_training(padim_bundle: Path, tmp_path: Path) -> None:
@@ -259,9 +324,12 @@ def test_nodes_are_sorted_after_the_values_their_loop_bodies_read(tmp_path: Path
     np.testing.assert_array_equal(run[0], run[1])
 
 
-def test_int8_gate_refuses_and_retries(padim_bundle: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "padim"
-    shutil.copytree(padim_bundle, copy)
+@pytest.mark.parametrize("family", ["padim", "patchcore"])
+def test_int8_gate_refuses_and_retries(family: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """The retry keeps more in float: PaDiM's two most sensitive nodes; PatchCore's integer search first."""
+    copy = tmp_path / family
+    shutil.copytree(request.getfixturevalue(f"{family}_bundle"), copy)
+    moved = 2 if family == "padim" else -(-len(Bundle.open(copy).load_array("memory_bank")) // BANK_BLOCK)
     before = (copy / "manifest.json").read_bytes()
     impossible = load_config("export", overrides=["int8.max_auroc_drop=-1.0", "int8.exclusion_rounds=1",
                                                   "int8.exclude_per_round=2", "int8.calibration_images=8"])
@@ -269,7 +337,7 @@ def test_int8_gate_refuses_and_retries(padim_bundle: Path, tmp_path: Path) -> No
     status = _status(results)
     assert status == {"onnx:fp32": "written", "onnx:fp16": "written", "onnx:int8": "refused"}
     detail = next(r.detail for r in results if r.precision == "int8")
-    assert "after 2 attempts (last with 2 sensitive nodes in float)" in detail
+    assert f"after 2 attempts (last with {moved} sensitive nodes in float)" in detail
     assert "image AUROC drop" in detail and "> -1" in detail
     assert not (copy / "engines" / "model_int8.onnx").exists()
     assert not list((copy / "engines").glob(".tmp-*"))

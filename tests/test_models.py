@@ -49,7 +49,7 @@ def test_patchcore_blocked_search_is_the_exact_nearest_neighbour() -> None:
     """The bank is searched in blocks of BANK_BLOCK entries (for the CPU cache); the distances must be
     those of a plain search over the whole bank, also with a last block shorter than the others."""
     model = PatchCore(pretrained=False)
-    dim = model.bank_with_norms.shape[0] - 1
+    dim = model.search.minus_two_bank_t.shape[0]
     gen = torch.Generator().manual_seed(0)
     bank = torch.randn(2 * BANK_BLOCK + 37, dim, generator=gen)
     model.load_statistics({"memory_bank": bank.numpy()})

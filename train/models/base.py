@@ -75,6 +75,10 @@ class AnomalyModel(nn.Module):
     # Submodules whose operations may run in FP16/INT8 engines; everything else (the statistics,
     # nearest-neighbour / Mahalanobis scoring and the map head) stays in float32.
     low_precision_modules: tuple[str, ...] = ("extractor",)
+    # Submodules of that float part whose MatMuls against constant matrices the ONNX INT8 engine runs in
+    # 8-bit integers, the activations quantized per image at run time instead of calibrated
+    # (export/onnx.py quantize_dynamic_matmuls; PatchCore's nearest-neighbour search). The INT8 gate checks them.
+    dynamic_int8_modules: tuple[str, ...] = ()
     # fit() only gathers statistics over the outputs of the frozen low-precision modules, so an INT8
     # engine can have them refit on its own (quantized) features in seconds, without training.
     fit_is_statistics: bool = True

@@ -32,6 +32,8 @@ class DetectorModel(nn.Module):
     config_section: type[Section] = Section
     # submodules whose operations may run in FP16/INT8 engines
     low_precision_modules: tuple[str, ...] = ("backbone",)
+    # float submodules whose constant-matrix MatMuls the ONNX INT8 engine runs in 8-bit (see AnomalyModel)
+    dynamic_int8_modules: tuple[str, ...] = ()
     fit_is_statistics: bool = False
     # the runtime decoder of the engine outputs: "anchor_boxes" (SSD) | "final_detections" (Mask R-CNN)
     decoder: str = ""

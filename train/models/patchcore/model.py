@@ -8,12 +8,13 @@ from itertools import accumulate
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from edgeinspect.train.models.base import BackboneAnomalyModel, aggregate_stages
 from edgeinspect.train.models.patchcore.config import PatchCoreSection
 
-BANK_BLOCK = 512  # memory-bank entries per block of the nearest-neighbour MatMul (see PatchCore.patch_scores)
+BANK_BLOCK = 512  # memory-bank entries per block of the nearest-neighbour MatMul (see NearestNeighbourSearch)
 
 
 def greedy_coreset(features: torch.Tensor, n_select: int, projection_dim: int, seed: int = 0,
@@ -66,11 +67,41 @@ def _greedy(points: torch.Tensor, n_select: int, gen: torch.Generator, bar: tqdm
     return selected
 
 
+class NearestNeighbourSearch(nn.Module):
+    """Euclidean distance of each patch (P x D) to its nearest memory-bank entry, exact.
+
+    min_j |p - b_j|^2 = |p|^2 + min_j (|b_j|^2 - 2 p.b_j): per block of :data:`BANK_BLOCK` entries one
+    MatMul of the patches against the block's -2 b_j, plus the block's norms |b_j|^2, reduced to its min
+    at once, so the patches x block products stay in the CPU cache instead of going through memory (on the
+    2-core CPU the 10 % bottle bank's search took 11 ms instead of 18 ms unblocked); no elementwise pass
+    over the patches x bank matrix. A separate module so that its MatMuls are named ``/search/...`` in the
+    ONNX graph: the INT8 engine runs them in 8-bit integers (``dynamic_int8_modules``).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("minus_two_bank_t", torch.zeros(dim, 0), persistent=False)  # D x M: -2 b_j per column
+        self.register_buffer("norms", torch.zeros(0), persistent=False)  # M: |b_j|^2
+
+    def set_bank(self, bank: torch.Tensor) -> None:
+        """Search ``bank`` (M x D) from now on."""
+        self.minus_two_bank_t = (-2.0 * bank.T).contiguous()
+        self.norms = (bank.double() ** 2).sum(1).float()
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """P x D patches -> P nearest distances."""
+        blocks = zip(self.minus_two_bank_t.split(BANK_BLOCK, dim=1), self.norms.split(BANK_BLOCK), strict=True)
+        partial = [(patches @ block + norms).amin(dim=1) for block, norms in blocks]
+        nearest = (partial[0] if len(partial) == 1 else torch.stack(partial).amin(dim=0)) + (patches * patches).sum(1)
+        return nearest.clamp_min(0.0).sqrt()
+
+
 class PatchCore(BackboneAnomalyModel):
     """PatchCore anomaly model; the memory bank is a buffer so the exported graph carries it."""
 
     family = "patchcore"
     config_section = PatchCoreSection
+    dynamic_int8_modules = ("search",)
 
     def __init__(self, backbone: str = "efficientnet_lite0", stages: Sequence[str] = ("stage3", "stage5"),
                  input_size: Sequence[int] = (224, 224), *, neighbourhood: int = 3, coreset_ratio: float = 0.1,
@@ -86,29 +117,16 @@ class PatchCore(BackboneAnomalyModel):
         self.seed = seed
         dim = sum(self.extractor.channels())
         self.register_buffer("memory_bank", torch.zeros(0, dim), persistent=False)
-        # the bank transposed, with each entry's squared norm as an extra row (see patch_scores)
-        self.register_buffer("bank_with_norms", torch.zeros(dim + 1, 0), persistent=False)
+        self.search = NearestNeighbourSearch(dim)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Locally aware patch features N x D x h x w at the finest stage's resolution."""
         return aggregate_stages(self.extractor(x), self.neighbourhood)
 
     def patch_scores(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Euclidean distance of every patch to its nearest memory-bank entry.
-
-        min_j |p - b_j|^2 = |p|^2 + min_j (|b_j|^2 - 2 p.b_j): a MatMul of [-2p, 1] against the bank with
-        its norms appended, then a min; no elementwise pass over the patches x bank matrix. The bank is
-        taken in blocks of :data:`BANK_BLOCK` entries, each block's MatMul reduced to its min at once, so
-        the patches x block products stay in the CPU cache instead of going through memory (the same
-        minimum; on the 2-core CPU the 10 % bottle bank's search took 11 ms instead of 18 ms).
-        """
+        """Euclidean distance of every patch to its nearest memory-bank entry (see :class:`NearestNeighbourSearch`)."""
         n, d, h, w = embedding.shape
-        patches = embedding.permute(0, 2, 3, 1).reshape(-1, d)
-        scaled = torch.cat([-2.0 * patches, torch.ones_like(patches[:, :1])], dim=1)
-        blocks = self.bank_with_norms.split(BANK_BLOCK, dim=1)
-        partial = [(scaled @ block).amin(dim=1) for block in blocks]
-        nearest = (partial[0] if len(partial) == 1 else torch.stack(partial).amin(dim=0)) + (patches * patches).sum(1)
-        return nearest.clamp_min(0.0).sqrt().reshape(n, 1, h, w)
+        return self.search(embedding.permute(0, 2, 3, 1).reshape(-1, d)).reshape(n, 1, h, w)
 
     @torch.no_grad()
     def fit(self, batches: Iterable[torch.Tensor], progress: bool = True, *,
@@ -126,8 +144,7 @@ class PatchCore(BackboneAnomalyModel):
     def _set_bank(self, bank: torch.Tensor) -> None:
         device = self.memory_bank.device
         self.memory_bank = bank.to(device=device, dtype=torch.float32).contiguous()
-        norms = (self.memory_bank.double() ** 2).sum(1).float()
-        self.bank_with_norms = torch.cat([self.memory_bank.T, norms[None]]).contiguous()
+        self.search.set_bank(self.memory_bank)
 
     def statistics(self) -> dict[str, np.ndarray]:
         """The memory bank, M x D float32."""
