@@ -28,7 +28,7 @@ from torch import nn
 from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from edgeinspect.errors import ConfigError
@@ -39,7 +39,7 @@ from edgeinspect.train.backbones import (
     _load_state_dict,
     fetch_torchvision_weights,
 )
-from edgeinspect.train.models.detector import DetectorModel
+from edgeinspect.train.models.detector import DetectorModel, normalised_fpn
 from edgeinspect.train.models.maskrcnn.config import MaskRcnnSection
 
 RESNET50_COCO = "torchvision MaskRCNN_ResNet50_FPN_Weights.COCO_V1"
@@ -76,12 +76,7 @@ class LiteFPN(nn.Module):
                     module.requires_grad_(True)
         if trainable_stages > last:  # the stem too
             trunk._conv_stem.requires_grad_(True)
-        # GroupNorm after the FPN's convolutions: the frozen Lite stages' outputs (linear projections, no
-        # activation) are large and differ in scale between stages (plain FPN levels: mean |x| 13 at stride 4,
-        # 1 at stride 32), which gave a first mask loss of ~25 and loss spikes at lr 1e-3; normalised levels
-        # keep the heads' inputs at unit scale
-        self.fpn = FeaturePyramidNetwork(self.body.channels(), fpn_channels, extra_blocks=LastLevelMaxPool(),
-                                         norm_layer=lambda c: nn.GroupNorm(min(32, c // 4), c))
+        self.fpn = normalised_fpn(self.body.channels(), fpn_channels, extra_blocks=LastLevelMaxPool())
         self.out_channels = fpn_channels
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:

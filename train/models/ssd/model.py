@@ -23,7 +23,7 @@ from torchvision.ops import boxes as box_ops
 
 from edgeinspect.errors import ConfigError
 from edgeinspect.train.backbones import FeatureExtractor, _load_state_dict, fetch_torchvision_weights
-from edgeinspect.train.models.detector import DetectorModel
+from edgeinspect.train.models.detector import DetectorModel, normalised_fpn
 from edgeinspect.train.models.ssd.config import SsdSection
 
 # torchvision's SSD300: input normalisation (0..255 pixels minus the mean), default boxes
@@ -53,12 +53,12 @@ class LiteSSDBackbone(nn.Module):
         cin, size = feature.shape[1], tuple(feature.shape[-2:])
         # the neck on the stage maps: "conv", one trainable 3x3 conv + ReLU on each (the heads' only non-linear
         # layer on frozen stages); "fpn", torchvision's feature pyramid (1x1 laterals, top-down sum of the
-        # upsampled coarser map, 3x3 output conv): the fine maps also see the deep stages' features. None with
-        # neck_channels 0.
+        # upsampled coarser map, 3x3 output conv, GroupNorm; normalised_fpn): the fine maps also see the deep
+        # stages' features. None with neck_channels 0.
         channels = self.extractor.channels()
         self.neck: nn.Module | None = None
         if neck_channels and neck == "fpn":
-            self.neck = FeaturePyramidNetwork(channels, neck_channels)
+            self.neck = normalised_fpn(channels, neck_channels)
         elif neck_channels:
             self.neck = nn.ModuleList(nn.Sequential(nn.Conv2d(c, neck_channels, 3, padding=1), nn.ReLU(inplace=True))
                                       for c in channels)
@@ -76,7 +76,8 @@ class LiteSSDBackbone(nn.Module):
         for layer in [*self.extras.modules(), *(self.neck.modules() if self.neck is not None else [])]:
             if isinstance(layer, nn.Conv2d):
                 nn.init.xavier_uniform_(layer.weight)
-                nn.init.zeros_(layer.bias)
+                if layer.bias is not None:  # none before a norm (the FPN's)
+                    nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """Feature maps, finest first: the stages (through the neck), then the extra layers."""
