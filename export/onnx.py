@@ -107,9 +107,11 @@ def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
                 write_fp32(job.refit_on_engine(path), refit_source, job.input_shape, job.output_names)
                 quantize_qdq(refit_source, path, inputs, keep + moved, cfg["calibration_method"],
                              bool(cfg["per_channel"]))
-        proto = onnx.load(str(path))
-        integer_matmuls = quantize_dynamic_matmuls(proto.graph, dynamic, moved) if dynamic else []
-        onnx.save(proto, str(path))
+        integer_matmuls: list[str] = []
+        if dynamic:
+            proto = onnx.load(str(path))
+            integer_matmuls = quantize_dynamic_matmuls(proto.graph, dynamic, moved)
+            onnx.save(proto, str(path))
         parity, _, _ = job.check("onnx", "int8", path)
         attempts.append(parity.describe())
         if parity.passed:
