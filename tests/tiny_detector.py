@@ -51,6 +51,7 @@ class TinySSD(nn.Module):
     decoder = "anchor_boxes"
     output_names = ("bbox_regression", "cls_logits")
     low_precision_modules = ("backbone",)
+    dynamic_int8_modules = ()
     fit_is_statistics = False
 
     def __init__(self, classes: list[str], input_size: tuple[int, int], *, pretrained: bool = True,
