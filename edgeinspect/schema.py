@@ -99,6 +99,7 @@ class DetectorTrainSection(Section):
     save_every: integer(0, 100_000)
     cache_features: bool
     map_every: integer(0, 100_000)
+    best_by: Literal["val_map50", "val_loss", "last"]
     seed: integer(0, 2**32 - 1)
     workers: integer(0, 0)
 

@@ -17,6 +17,7 @@ from edgeinspect.errors import BundleError, ConfigError
 from edgeinspect.train.data import synthesize
 from edgeinspect.train.data.coco import convert_mvtec
 from edgeinspect.train.detection import open_split
+from edgeinspect.train.trainer import load_model
 
 SIZE = 128  # synthetic image side and model input: small enough for one CPU core
 FAST = ["preprocess.input_size=[128,128]", "train.epochs=12", "train.batch_size=8", "train.lr=0.003",
@@ -251,7 +252,8 @@ def test_resume_continues_an_interrupted_run(coco_dir: Path, tmp_path: Path, mon
                                              ) -> None:
     from edgeinspect.train import detection
 
-    config = load_config("ssd", overrides=[*FAST, "train.epochs=2", "train.map_every=0", "train.save_every=1"])
+    config = load_config("ssd", overrides=[*FAST, "train.epochs=2", "train.map_every=0", "train.save_every=1",
+                                           "train.best_by=val_loss"])
     out = tmp_path / "b"
     calls = {"n": 0}
     real = detection.validation_loss
@@ -273,8 +275,12 @@ def test_resume_continues_an_interrupted_run(coco_dir: Path, tmp_path: Path, mon
     history = bundle.manifest["training"]["history"]
     assert len(history["val_loss"]) == 2 and bundle.manifest["metrics"]["epochs"] == 2
     assert (out / "checkpoints" / "epoch_1.pt").is_file() and (out / "checkpoints" / "epoch_2.pt").is_file()
-    # a finished run is extended from the bundle's own checkpoints (replacing the bundle: --overwrite)
-    longer = load_config("ssd", overrides=[*FAST, "train.epochs=3"])
+    with pytest.raises(ConfigError, match="map_every"):  # nothing to rank the epochs by
+        by_map = {**config, "train": {**config["train"], "best_by": "val_map50"}}
+        detection.train("ssd", coco_dir, tmp_path / "c", by_map, device="cpu", progress=False)
+    # a finished run is extended from the bundle's own checkpoints (replacing the bundle: --overwrite); the
+    # rule that picks the kept checkpoint comes from this call: here the last epoch
+    longer = load_config("ssd", overrides=[*FAST, "train.epochs=3", "train.best_by=last"])
     with pytest.raises(BundleError, match="--overwrite"):
         detection.train("ssd", coco_dir, out, longer, device="cpu", progress=False, resume=True)
     extended = detection.train("ssd", coco_dir, out, longer, device="cpu", progress=False, resume=True,
@@ -282,6 +288,22 @@ def test_resume_continues_an_interrupted_run(coco_dir: Path, tmp_path: Path, mon
     assert extended.manifest["training"]["history"]["val_loss"][:2] == history["val_loss"]
     assert len(extended.manifest["training"]["history"]["val_loss"]) == 3
     assert extended.manifest["metrics"]["epochs"] == 3
+    assert extended.manifest["metrics"]["best_epoch"] == 3 and extended.manifest["metrics"]["best_by"] == "last"
+    last = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    kept = load_model(extended, "cpu").state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in last.items() if k in kept)
+
+
+def test_selection_score_ranks_epochs_by_the_rule() -> None:
+    from edgeinspect.train.detection import selection_score
+
+    epochs = [{"val_loss": 3.0}, {"val_loss": 2.0, "val_map50": 0.4}, {"val_loss": 2.5, "val_map50": 0.6}]
+    def kept(rule: str) -> int:
+        scored = [(s, e) for e, entry in enumerate(epochs, 1)
+                  if (s := selection_score(entry, e, rule)) is not None]
+        return min(scored)[1]
+    assert kept("val_loss") == 2 and kept("val_map50") == 3 and kept("last") == 3
+    assert selection_score(epochs[0], 1, "val_map50") is None  # not measured that epoch
 
 
 def test_evaluate_and_cli(ssd_bundle: Path, coco_dir: Path, tmp_path: Path) -> None:

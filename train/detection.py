@@ -3,8 +3,9 @@
 Training: AdamW (or SGD with Nesterov momentum), the learning rate warmed up linearly over
 ``train.warmup_epochs`` then decayed by a cosine to ``lr * min_lr_ratio``, both per step; optional flips of
 the training images with their boxes (and masks). After every epoch the validation loss (the training loss
-on the ``val`` images: no flips, no gradient) and, every ``map_every`` epochs, the val COCO mAP@0.5. The best
-checkpoint is the one with the lowest validation loss (steadier than mAP on a small val split).
+on the ``val`` images: no flips, no gradient) and, every ``map_every`` epochs, the val COCO mAP@0.5. The
+checkpoint the bundle keeps is chosen by ``train.best_by`` (:func:`selection_score`): the highest val
+mAP@0.5 (default), the lowest validation loss, or the last epoch.
 
 Checkpoints go to ``<out>.work/checkpoints/`` while training (kept when training fails or is stopped;
 ``resume=True`` continues from its ``last.pt``, or from the finished bundle's to extend it); the finished
@@ -199,6 +200,16 @@ class FeatureCache:
 
 
 # --------------------------------------------------------------------------------------- training
+def selection_score(entry: dict[str, float], epoch: int, best_by: str) -> float | None:
+    """How an epoch ranks for ``train.best_by`` (lower is better; None: not measured this epoch):
+    ``val_map50`` the val mAP@0.5, highest first (the figure the goals are in, measured every ``map_every``
+    epochs; on NEU-DET the validation loss of the FPN SSD was lowest at epoch 14 of 48 while its mAP rose to
+    the end); ``val_loss`` the validation loss; ``last`` the latest epoch."""
+    if best_by == "val_map50":
+        return -entry["val_map50"] if "val_map50" in entry else None
+    return entry["val_loss"] if best_by == "val_loss" else -float(epoch)
+
+
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Learning-rate multiplier at ``step``: linear warmup over ``warmup`` steps, then cosine to ``min_ratio``."""
     if step < warmup:
@@ -281,8 +292,11 @@ def train(family: str, data_dir: str | Path, out: str | Path, config: dict[str, 
             raise BundleError(f"--resume: no interrupted run at {work} and no finished one at {out} (no "
                               f"checkpoints/last.pt); train without --resume")
         state = _load_checkpoint(ckpt_dir / "last.pt")
+        # the run's own config, but the epochs (to extend it) and the rule that picks its checkpoint from
+        # this call
         config = validate(family, {**state["config"], "train": {**state["config"]["train"],
-                                                                "epochs": config["train"]["epochs"]}})
+                                                                "epochs": config["train"]["epochs"],
+                                                                "best_by": config["train"]["best_by"]}})
     elif work.exists():
         if not overwrite:
             raise BundleError(f"{work} holds the checkpoints of an unfinished run; continue it with --resume, or "
@@ -303,12 +317,16 @@ def train(family: str, data_dir: str | Path, out: str | Path, config: dict[str, 
     batches = DetectionBatches(train_split, preprocess, tcfg["batch_size"], shuffle=True, hflip=tcfg["hflip"],
                                vflip=tcfg["vflip"], crop=tcfg["crop"], seed=tcfg["seed"])
     val_batches = DetectionBatches(val_split, preprocess, tcfg["batch_size"])
+    if tcfg["best_by"] == "val_map50" and not tcfg["map_every"]:
+        raise ConfigError("train.best_by: val_map50 needs train.map_every > 0 (the val mAP is measured then)")
     start, best, seconds = 0, math.inf, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         model.history = {k: list(v) for k, v in state["history"].items()}
-        start, best, seconds = state["epoch"], state["best_val_loss"], state["seconds"]
+        start, seconds = state["epoch"], state["seconds"]
+        if state.get("best_by", "val_loss") == tcfg["best_by"]:  # checkpoints before best_by: by val loss
+            best = state.get("best_score", state.get("best_val_loss", math.inf))
         log.info("resuming %s at epoch %d of %d", family, start + 1, tcfg["epochs"])
     (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     cached = tcfg["cache_features"] and model.features_frozen and not tcfg["crop"]  # crops are never seen twice
@@ -351,17 +369,22 @@ def train(family: str, data_dir: str | Path, out: str | Path, config: dict[str, 
         seconds += time.perf_counter() - t0
         log.info("epoch %d/%d: %s (%.0f s)", epoch + 1, tcfg["epochs"],
                  ", ".join(f"{k} {v:.4g}" for k, v in entry.items()), time.perf_counter() - t0)
+        score = selection_score(entry, epoch + 1, tcfg["best_by"])
+        if score is not None and score < best:
+            best = score
+            _save(ckpt_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch + 1, "score": best,
+                                         "best_by": tcfg["best_by"]})
         checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                      "history": model.history, "config": config, "seconds": seconds,
-                      "best_val_loss": min(best, entry["val_loss"])}
-        if entry["val_loss"] < best:
-            best = entry["val_loss"]
-            _save(ckpt_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch + 1, "val_loss": best})
+                      "history": model.history, "config": config, "seconds": seconds, "best_score": best,
+                      "best_by": tcfg["best_by"]}
         if tcfg["save_every"] and (epoch + 1) % tcfg["save_every"] == 0:
             _save(ckpt_dir / f"epoch_{epoch + 1}.pt", {"model": model.state_dict(), "epoch": epoch + 1})
         _save(ckpt_dir / "last.pt", checkpoint)
     (work / "history.json").write_text(json.dumps(model.history, indent=2) + "\n")
-    best_state = _load_checkpoint(ckpt_dir / "best.pt")
+    best_state = _load_checkpoint(ckpt_dir / ("last.pt" if tcfg["best_by"] == "last" else "best.pt"))
+    if best_state.get("best_by", "val_loss") != tcfg["best_by"] and tcfg["best_by"] != "last":
+        log.warning("no epoch was trained under train.best_by=%s since resuming: the bundle keeps epoch %d, "
+                    "chosen by %s", tcfg["best_by"], best_state["epoch"], best_state.get("best_by", "val_loss"))
     model.load_state_dict(best_state["model"])
     model.eval()
     staged = staging_dir(out)
@@ -388,7 +411,8 @@ def _write_bundle(path: Path, family: str, model: DetectorModel, data_dir: str |
     ms = 1000.0 * (time.perf_counter() - t0) / max(len(split), 1)
     metrics = {**detection_metrics(split.coco, predictions, conf, model.ok_classes), "split": split_name,
                "engine": "torch", "device": str(dev), "ms_per_image": ms, "fit_seconds": seconds,
-               "epochs": config["train"]["epochs"], "best_epoch": best_epoch}
+               "epochs": config["train"]["epochs"], "best_epoch": best_epoch,
+               "best_by": config["train"]["best_by"]}
     stats = model.statistics()
     state = model.state_dict()
     info_path = Path(data_dir) / "dataset_info.json"
