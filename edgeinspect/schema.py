@@ -103,6 +103,12 @@ class DetectorTrainSection(Section):
     seed: integer(0, 2**32 - 1)
     workers: integer(0, 0)
 
+    @model_validator(mode="after")
+    def _map_to_rank_by(self) -> DetectorTrainSection:
+        if self.best_by == "val_map50" and not self.map_every:
+            raise ValueError("best_by: val_map50 needs map_every > 0 (the val mAP is measured then)")
+        return self
+
 
 class DetectorDecisionSection(Section):
     """``decision`` of a detector: the confidence a defect detection needs to make the verdict NOK."""

@@ -317,8 +317,6 @@ def train(family: str, data_dir: str | Path, out: str | Path, config: dict[str, 
     batches = DetectionBatches(train_split, preprocess, tcfg["batch_size"], shuffle=True, hflip=tcfg["hflip"],
                                vflip=tcfg["vflip"], crop=tcfg["crop"], seed=tcfg["seed"])
     val_batches = DetectionBatches(val_split, preprocess, tcfg["batch_size"])
-    if tcfg["best_by"] == "val_map50" and not tcfg["map_every"]:
-        raise ConfigError("train.best_by: val_map50 needs train.map_every > 0 (the val mAP is measured then)")
     start, best, seconds = 0, math.inf, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
