@@ -24,6 +24,7 @@ import socket
 import sqlite3
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -44,6 +45,20 @@ FINGERPRINT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".json
 STATUSES = ("running", "finished", "failed")
 GONE = "process gone (killed?)"  # the error of a running run whose process no longer exists on its host
 JSON_COLUMNS = ("argv", "config", "metrics", "engines")
+
+
+def _enable_wal(db: sqlite3.Connection) -> bool:
+    """Switch ``db`` to WAL; whether it took. SQLite answers "database is locked" at once, without waiting
+    for the busy timeout, while another process is switching the same new file, so that is retried until
+    ``BUSY_TIMEOUT_S``."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            return db.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() == "wal"
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 class RegistryError(EdgeInspectError):
@@ -211,7 +226,7 @@ class Registry:
         try:
             db.row_factory = sqlite3.Row
             db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            if db.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+            if not _enable_wal(db):
                 log.warning("run registry %s: WAL mode is not available here; concurrent writers wait longer", path)
             db.execute("PRAGMA synchronous = NORMAL")  # durable across a crash of the process, WAL-safe
             registry = cls(db, path)
