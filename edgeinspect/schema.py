@@ -100,6 +100,7 @@ class DetectorTrainSection(Section):
     cache_features: bool
     map_every: integer(0, 100_000)
     best_by: Literal["val_map50", "val_loss", "last"]
+    ema_epochs: real(0.0, 1000.0)
     seed: integer(0, 2**32 - 1)
     workers: integer(0, 0)
 

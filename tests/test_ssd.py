@@ -4,6 +4,7 @@ the bundle, resume, evaluation), the detection metrics on hand-made cases, the c
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -253,7 +254,7 @@ def test_resume_continues_an_interrupted_run(coco_dir: Path, tmp_path: Path, mon
     from edgeinspect.train import detection
 
     config = load_config("ssd", overrides=[*FAST, "train.epochs=2", "train.map_every=0", "train.save_every=1",
-                                           "train.best_by=val_loss"])
+                                           "train.best_by=val_loss", "train.ema_epochs=1"])
     out = tmp_path / "b"
     calls = {"n": 0}
     real = detection.validation_loss
@@ -279,7 +280,8 @@ def test_resume_continues_an_interrupted_run(coco_dir: Path, tmp_path: Path, mon
         by_map = {**config, "train": {**config["train"], "best_by": "val_map50"}}
         detection.train("ssd", coco_dir, tmp_path / "c", by_map, device="cpu", progress=False)
     # a finished run is extended from the bundle's own checkpoints (replacing the bundle: --overwrite); the
-    # rule that picks the kept checkpoint comes from this call: here the last epoch
+    # rule that picks the kept checkpoint comes from this call: here the last epoch, whose weight average
+    # (train.ema_epochs, carried through both resumes) is what the bundle keeps
     longer = load_config("ssd", overrides=[*FAST, "train.epochs=3", "train.best_by=last"])
     with pytest.raises(BundleError, match="--overwrite"):
         detection.train("ssd", coco_dir, out, longer, device="cpu", progress=False, resume=True)
@@ -289,9 +291,29 @@ def test_resume_continues_an_interrupted_run(coco_dir: Path, tmp_path: Path, mon
     assert len(extended.manifest["training"]["history"]["val_loss"]) == 3
     assert extended.manifest["metrics"]["epochs"] == 3
     assert extended.manifest["metrics"]["best_epoch"] == 3 and extended.manifest["metrics"]["best_by"] == "last"
-    last = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    last = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     kept = load_model(extended, "cpu").state_dict()
-    assert all(torch.equal(kept[k], v) for k, v in last.items() if k in kept)
+    assert all(torch.equal(kept[k], v) for k, v in last["average"].items() if k in kept)
+    assert last["average_updates"] == 3 * math.ceil(len(detection.open_split(coco_dir, "train")) / 8)  # steps
+    assert any(not torch.equal(kept[k], v) for k, v in last["model"].items() if k in kept)  # not the raw weights
+
+
+def test_weight_average_follows_the_weights_with_a_capped_decay() -> None:
+    from edgeinspect.train.detection import WeightAverage
+
+    model = torch.nn.Linear(2, 1)
+    torch.nn.init.zeros_(model.weight)
+    average = WeightAverage(model, span_steps=100)  # decay 0.99, capped early by (1 + n) / (10 + n)
+    assert average.decay == pytest.approx(0.99)
+    expected = torch.zeros(1, 2)
+    for n in range(1, 4):
+        with torch.no_grad():
+            model.weight.fill_(float(n))
+        average.update(model)
+        decay = (1 + n) / (10 + n)
+        expected = decay * expected + (1 - decay) * n
+        assert torch.allclose(average.model.weight, expected)
+    assert not average.model.weight.requires_grad and model.weight.requires_grad
 
 
 def test_selection_score_ranks_epochs_by_the_rule() -> None:

@@ -2,10 +2,12 @@
 
 Training: AdamW (or SGD with Nesterov momentum), the learning rate warmed up linearly over
 ``train.warmup_epochs`` then decayed by a cosine to ``lr * min_lr_ratio``, both per step; optional flips of
-the training images with their boxes (and masks). After every epoch the validation loss (the training loss
-on the ``val`` images: no flips, no gradient) and, every ``map_every`` epochs, the val COCO mAP@0.5. The
-checkpoint the bundle keeps is chosen by ``train.best_by`` (:func:`selection_score`): the highest val
-mAP@0.5 (default), the lowest validation loss, or the last epoch.
+the training images with their boxes (and masks); optionally an exponential moving average of the weights
+(``train.ema_epochs``, :class:`WeightAverage`), which is then what is validated, checkpointed as best and
+bundled. After every epoch the validation loss (the training loss on the ``val`` images: no flips, no
+gradient) and, every ``map_every`` epochs, the val COCO mAP@0.5. The checkpoint the bundle keeps is chosen
+by ``train.best_by`` (:func:`selection_score`): the highest val mAP@0.5 (default), the lowest validation
+loss, or the last epoch.
 
 Checkpoints go to ``<out>.work/checkpoints/`` while training (kept when training fails or is stopped;
 ``resume=True`` continues from its ``last.pt``, or from the finished bundle's to extend it); the finished
@@ -19,6 +21,7 @@ masks) plus image-level metrics, see its docstring.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -218,6 +221,30 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+class WeightAverage:
+    """Exponential moving average of a model's weights, updated after every optimizer step.
+
+    The decay makes the average span about ``span_steps`` steps (``1 - 1 / span_steps``); early in training
+    it is capped by ``(1 + n) / (10 + n)`` after ``n`` updates, so the first steps' weights fade quickly.
+    Integer buffers are copied, not averaged."""
+
+    def __init__(self, model: torch.nn.Module, span_steps: float, updates: int = 0) -> None:
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        self.decay = 1.0 - 1.0 / max(span_steps, 1.0)
+        self.updates = updates
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        """Move the average towards ``model``'s current weights."""
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for mine, theirs in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
+            if mine.dtype.is_floating_point:
+                mine.lerp_(theirs, 1.0 - decay)
+            else:
+                mine.copy_(theirs)
+
+
 def make_optimizer(model: torch.nn.Module, tcfg: dict[str, Any]) -> torch.optim.Optimizer:
     """AdamW or SGD (Nesterov) over the trainable parameters; no weight decay on biases and norm weights."""
     decay, no_decay = [], []
@@ -331,6 +358,11 @@ def train(family: str, data_dir: str | Path, out: str | Path, config: dict[str, 
     cache, val_cache = (FeatureCache(), FeatureCache()) if cached else (None, None)
     total = tcfg["epochs"] * len(batches)
     warmup = int(round(tcfg["warmup_epochs"] * len(batches)))
+    average = WeightAverage(model, tcfg["ema_epochs"] * len(batches)) if tcfg["ema_epochs"] else None
+    if average is not None and state is not None and "average" in state:
+        average.model.load_state_dict(state["average"])
+        average.updates = state["average_updates"]
+    judged = model if average is None else average.model  # the weights validated, kept as best and bundled
     for epoch in range(start, tcfg["epochs"]):
         t0 = time.perf_counter()
         model.train()
@@ -352,15 +384,17 @@ def train(family: str, data_dir: str | Path, out: str | Path, config: dict[str, 
             if tcfg["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
             optimizer.step()
+            if average is not None:
+                average.update(model)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * x.shape[0]
             n += x.shape[0]
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        val = validation_loss(model, val_batches, dev, progress, val_cache)
+        val = validation_loss(judged, val_batches, dev, progress, val_cache)
         entry = {**{f"train_{k}": v / n for k, v in sums.items()}, "train_loss": sum(sums.values()) / n,
                  **{f"val_{k}": v for k, v in val.items()}, "val_loss": sum(val.values()), "lr": lr}
         if tcfg["map_every"] and ((epoch + 1) % tcfg["map_every"] == 0 or epoch + 1 == tcfg["epochs"]):
-            preds = predict(model, val_split, preprocess, tcfg["batch_size"], progress=False)
+            preds = predict(judged, val_split, preprocess, tcfg["batch_size"], progress=False)
             entry["val_map50"] = coco_eval(val_split.coco, preds, "bbox")["map50"]
         for k, v in entry.items():
             model.history.setdefault(k, []).append(float(v))
@@ -370,20 +404,22 @@ def train(family: str, data_dir: str | Path, out: str | Path, config: dict[str, 
         score = selection_score(entry, epoch + 1, tcfg["best_by"])
         if score is not None and score < best:
             best = score
-            _save(ckpt_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch + 1, "score": best,
+            _save(ckpt_dir / "best.pt", {"model": judged.state_dict(), "epoch": epoch + 1, "score": best,
                                          "best_by": tcfg["best_by"]})
         checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                       "history": model.history, "config": config, "seconds": seconds, "best_score": best,
                       "best_by": tcfg["best_by"]}
+        if average is not None:
+            checkpoint.update(average=average.model.state_dict(), average_updates=average.updates)
         if tcfg["save_every"] and (epoch + 1) % tcfg["save_every"] == 0:
-            _save(ckpt_dir / f"epoch_{epoch + 1}.pt", {"model": model.state_dict(), "epoch": epoch + 1})
+            _save(ckpt_dir / f"epoch_{epoch + 1}.pt", {"model": judged.state_dict(), "epoch": epoch + 1})
         _save(ckpt_dir / "last.pt", checkpoint)
     (work / "history.json").write_text(json.dumps(model.history, indent=2) + "\n")
     best_state = _load_checkpoint(ckpt_dir / ("last.pt" if tcfg["best_by"] == "last" else "best.pt"))
     if best_state.get("best_by", "val_loss") != tcfg["best_by"] and tcfg["best_by"] != "last":
         log.warning("no epoch was trained under train.best_by=%s since resuming: the bundle keeps epoch %d, "
                     "chosen by %s", tcfg["best_by"], best_state["epoch"], best_state.get("best_by", "val_loss"))
-    model.load_state_dict(best_state["model"])
+    model.load_state_dict(best_state.get("average", best_state["model"]))
     model.eval()
     staged = staging_dir(out)
     try:
