@@ -6,10 +6,10 @@ FP32 engine on the test split, latency of the engine alone and of the whole runt
 RSS of a torch-free runtime process. Two reference rows time the frozen backbone alone as its own
 ONNX graph (FP32 and INT8): the floor the anomaly engines are measured against (``x_backbone``).
 
-Timings are batch 1, ``--warmup`` untimed calls then ``--runs`` timed calls per case, split into
-``--rounds`` rounds that alternate the cases (:func:`time_interleaved`), so drifts of a shared
-machine hit every row alike. This module imports only the standard library and numpy at the top,
-so the RSS child process can import it without torch.
+Timings are batch 1, each engine alone in a fresh torch-free process of its own (:func:`time_isolated`),
+``--runs`` timed calls split into ``--rounds`` rounds that alternate the engines (each after
+``--warmup`` untimed calls), so drifts of a shared machine hit every row alike. This module imports
+only the standard library and numpy at the top, so its child processes import no torch.
 """
 
 from __future__ import annotations
@@ -161,9 +161,22 @@ def maxrss_mb() -> float:
     return rss / MB if sys.platform == "darwin" else rss * 1024 / MB
 
 
+def in_child(function: str, *args: Any) -> Any:
+    """``function(*args)`` of this module run in a fresh interpreter (which imports no torch); its JSON result."""
+    code = ("import json, sys; from edgeinspect import bench; "
+            "print(json.dumps(getattr(bench, sys.argv[1])(*json.loads(sys.argv[2]))))")
+    # Linux carries ru_maxrss over execve, so a child exec'd straight from this (torch-sized) process would
+    # report at least our peak. A small shell in between forks the interpreter from its own small image.
+    proc = subprocess.run(["/bin/sh", "-c", '"$0" "$@"; exit $?', sys.executable, "-c", code, function,
+                           json.dumps(args)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{function} child process failed ({proc.returncode}):\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def rss_child(bundle_path: str, engine: str, image_paths: Sequence[str], threads: int | None, runs: int
               ) -> dict[str, Any]:
-    """Run in a fresh interpreter: load the runtime Predictor, predict ``runs`` times, report peak RSS."""
+    """In a fresh interpreter: load the runtime Predictor, predict ``runs`` times, report the peak RSS."""
     start = maxrss_mb()
     from edgeinspect.imageio import read_image
     from edgeinspect.runtime.predictor import Predictor
@@ -174,19 +187,65 @@ def rss_child(bundle_path: str, engine: str, image_paths: Sequence[str], threads
     return {"rss_start_mb": start, "peak_rss_mb": maxrss_mb(), "torch_imported": "torch" in sys.modules}
 
 
+def timing_child(bundle_path: str, engine: str, image_paths: Sequence[str], threads: int | None, warmup: int,
+                 start: int, stop: int) -> dict[str, list[float]]:
+    """In a fresh interpreter: the milliseconds of calls ``start`` to ``stop`` of one engine, alone.
+
+    ``engine`` is a bundle engine (``format:precision``: timed as the engine call on preprocessed tensors,
+    ``"engine"``, and as the whole runtime path on decoded frames, ``"runtime"``) or an ONNX file (the
+    engine call only). Call ``i`` gets image ``i % len(image_paths)``, after ``warmup`` untimed calls."""
+    from edgeinspect.bundle import Bundle
+    from edgeinspect.imageio import read_image
+    from edgeinspect.runtime.backends import OnnxRuntimeBackend
+    from edgeinspect.runtime.predictor import Predictor
+
+    bundle = Bundle.open(bundle_path)
+    images = [read_image(p) for p in image_paths]
+    tensors = [bundle.preprocess(rgb) for rgb in images]
+    if engine.endswith(".onnx"):
+        cases: dict[str, Case] = {"engine": (OnnxRuntimeBackend(Path(engine), threads=threads).run, tensors)}
+    else:
+        predictor = Predictor(bundle, engine=engine, threads=threads)
+        cases = {"engine": (predictor.backend.run, tensors), "runtime": (predictor.predict, images)}
+    out: dict[str, list[float]] = {}
+    for name, (fn, inputs) in cases.items():
+        for i in range(warmup):
+            fn(inputs[(start + i) % len(inputs)])
+        ms = out[name] = []
+        for i in range(start, stop):
+            item = inputs[i % len(inputs)]
+            t0 = time.perf_counter()
+            fn(item)
+            ms.append(1e3 * (time.perf_counter() - t0))
+    return out
+
+
+def time_isolated(bundle_path: Path, engines: Sequence[str], image_paths: Sequence[Path], threads: int | None,
+                  warmup: int, runs: int, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Per engine (see :func:`timing_child`) the milliseconds of ``runs`` calls, each engine timed alone.
+
+    Every engine runs in a fresh process of its own, as on a line: ONNX Runtime sessions kept alive side
+    by side in one process slowed each other, and by different factors (the spinning worker threads of the
+    session that just ran compete with the next one; on this 2-core machine the FP32 backbone went from
+    2.67 ms alone to 3.01 ms beside its INT8 twin). The runs are split into ``rounds`` rounds that
+    alternate the engines, each round a new process after ``warmup`` untimed calls, so slow drifts of a
+    shared machine hit every engine alike."""
+    rounds = max(1, min(rounds, runs))
+    out: dict[str, dict[str, list[float]]] = {engine: {} for engine in engines}
+    for r in range(rounds):
+        start, stop = r * runs // rounds, (r + 1) * runs // rounds
+        for engine in engines:
+            timed = in_child("timing_child", str(bundle_path), engine, [str(p) for p in image_paths], threads,
+                             warmup, start, stop)
+            for name, ms in timed.items():
+                out[engine].setdefault(name, []).extend(ms)
+    return out
+
+
 def measure_rss(bundle_path: Path, engine: str, image_paths: Sequence[Path], threads: int | None, runs: int
                 ) -> dict[str, Any]:
     """Peak RSS of the runtime alone, measured in a child interpreter without torch."""
-    args = json.dumps([str(bundle_path), engine, [str(p) for p in image_paths], threads, runs])
-    code = ("import json, sys; from edgeinspect.bench import rss_child; "
-            "print(json.dumps(rss_child(*json.loads(sys.argv[1]))))")
-    # Linux carries ru_maxrss over execve, so a child exec'd straight from this (torch-sized) process would
-    # report at least our peak. A small shell in between forks the interpreter from its own small image.
-    proc = subprocess.run(["/bin/sh", "-c", '"$0" "$@"; exit $?', sys.executable, "-c", code, args],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"RSS child process failed ({proc.returncode}):\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return in_child("rss_child", str(bundle_path), engine, [str(p) for p in image_paths], threads, runs)
 
 
 # ------------------------------------------------------------------------------------ backbone alone
@@ -296,7 +355,7 @@ def bench(bundle_path: str | Path, engines: Sequence[str] = (), *, data_root: st
           backbone: bool = True, rss: bool = True) -> dict[str, Any]:
     """``{"device": {...}, "rows": [...]}`` for the bundle's engines (or the ``engines`` selectors)."""
     from edgeinspect.bundle import Bundle, size_path
-    from edgeinspect.runtime.backends import OnnxRuntimeBackend, backend_class, parse_selector
+    from edgeinspect.runtime.backends import backend_class, parse_selector
     from edgeinspect.runtime.predictor import Predictor
     from edgeinspect.train.metrics import image_auroc
 
@@ -309,8 +368,7 @@ def bench(bundle_path: str | Path, engines: Sequence[str] = (), *, data_root: st
     selected = [parse_selector(s) for s in engines] or [(e["format"], e["precision"]) for e in bundle.engines]
 
     rows: list[dict[str, Any]] = []
-    cases: dict[str, Case] = {}
-    predictors: dict[str, Any] = {}
+    keys: list[str] = []  # the engines that run here
     for fmt, precision in selected:
         row: dict[str, Any] = {"format": fmt, "precision": precision, "status": "ok"}
         entry = bundle.find_engine(fmt, precision)
@@ -326,26 +384,25 @@ def bench(bundle_path: str | Path, engines: Sequence[str] = (), *, data_root: st
         if reason:
             row["status"] = reason
             continue
-        key = f"{fmt}:{precision}"
-        predictor = predictors[key] = Predictor(bundle, engine=key, threads=threads)
-        cases[f"engine|{key}"] = (predictor.backend.run, tensors)
-        cases[f"runtime|{key}"] = (predictor.predict, images)
+        keys.append(f"{fmt}:{precision}")
 
     with tempfile.TemporaryDirectory() as tmp:
+        timed_engines = list(keys)
         if backbone and test.frozen_backbone and "backbone" in bundle.manifest["model"]:  # none when trained
             for precision, path in backbone_engines(bundle, Path(tmp), tensors[:16]).items():
                 rows.append({"format": "backbone alone", "precision": precision, "status": "ok",
-                             "size_mb": round(path.stat().st_size / MB, 2)})
-                cases[f"engine|backbone:{precision}"] = (OnnxRuntimeBackend(path, threads=threads).run, tensors)
-        timed = time_interleaved(cases, warmup, runs, rounds)
+                             "size_mb": round(path.stat().st_size / MB, 2), "file": str(path)})
+                timed_engines.append(str(path))
+        timed = time_isolated(bundle.path, timed_engines, paths, threads, warmup, runs, rounds)
 
+    predictors = {key: Predictor(bundle, engine=key, threads=threads) for key in keys}
     reference = None
     if "onnx:fp32" in predictors:
         reference = [predictors["onnx:fp32"].predict(rgb) for rgb in images]
     for row in rows:
         key = f"{row['format']}:{row['precision']}"
         if row["format"] == "backbone alone":
-            row["engine_p50_ms"] = round(summarize(timed[f"engine|backbone:{row['precision']}"][0])["p50"], 2)
+            row["engine_p50_ms"] = round(summarize(timed[row.pop("file")]["engine"])["p50"], 2)
             continue
         if key not in predictors:
             continue
@@ -354,7 +411,7 @@ def bench(bundle_path: str | Path, engines: Sequence[str] = (), *, data_root: st
         if reference is not None:
             row["verdict_agreement"] = round(float(np.mean([a.verdict == b.verdict
                                                             for a, b in zip(predictions, reference, strict=True)])), 4)
-        engine_ms, runtime_ms = summarize(timed[f"engine|{key}"][0]), summarize(timed[f"runtime|{key}"][0])
+        engine_ms, runtime_ms = summarize(timed[key]["engine"]), summarize(timed[key]["runtime"])
         row.update({"engine_p50_ms": round(engine_ms["p50"], 2), "runtime_p50_ms": round(runtime_ms["p50"], 2),
                     "runtime_p90_ms": round(runtime_ms["p90"], 2), "runtime_p99_ms": round(runtime_ms["p99"], 2),
                     "fps": round(1e3 / runtime_ms["mean"], 1)})
