@@ -14,7 +14,8 @@ import numpy as np
 from edgeinspect.errors import BundleError
 
 _INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC,
-                   "nearest": cv2.INTER_NEAREST}
+                   "nearest": cv2.INTER_NEAREST, "auto": None}
+AREA_FROM_SHRINK = 2.0  # "auto": area resize when a side shrinks this much or more, linear below
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,10 @@ class Preprocess:
 
     ``resize`` and ``crop`` are (height, width); ``crop`` None means the whole resized image is the
     model input. ``mean``/``std`` apply to pixel values scaled to [0, 1], in ``color_order``.
+    ``interpolation`` ``auto`` resizes by pixel area where a side shrinks by :data:`AREA_FROM_SHRINK` or
+    more (no source pixel skipped, no aliasing) and bilinearly otherwise, where every source pixel still
+    weighs in: OpenCV's area resize at a non-integer scale is slow (256 -> 224 px: 0.34 ms against 0.07 ms
+    on this 2-core machine, a tenth of an INT8 PatchCore frame).
     """
 
     resize: tuple[int, int]
@@ -58,9 +63,15 @@ class Preprocess:
         h, w = self.resize
         top, left = self.crop_offset()
         ch, cw = self.input_size
-        img = rgb if rgb.shape[:2] == (h, w) else cv2.resize(
-            rgb, (w, h), interpolation=_INTERPOLATIONS[self.interpolation])
+        img = rgb if rgb.shape[:2] == (h, w) else cv2.resize(rgb, (w, h), interpolation=self.cv2_flag(rgb.shape[:2]))
         return img[top:top + ch, left:left + cw]
+
+    def cv2_flag(self, source_hw: tuple[int, int]) -> int:
+        """The OpenCV interpolation that resizes an image of ``source_hw`` to ``resize``."""
+        if self.interpolation != "auto":
+            return _INTERPOLATIONS[self.interpolation]
+        shrink = max(source_hw[0] / self.resize[0], source_hw[1] / self.resize[1])
+        return cv2.INTER_AREA if shrink >= AREA_FROM_SHRINK else cv2.INTER_LINEAR
 
     def batch(self, images: list[np.ndarray]) -> np.ndarray:
         """A list of RGB uint8 images -> Nx3xHxW float32 tensor."""

@@ -56,6 +56,19 @@ def test_regions_map_back_to_frame_pixels() -> None:
     assert normalize(1.0, {"center": 1.0, "scale": 2.0}) == 0.5
 
 
+def test_auto_interpolation_shrinks_by_area_only_from_twice_the_input() -> None:
+    import cv2
+
+    pre = Preprocess(resize=(224, 224), crop=None, mean=(0, 0, 0), std=(1, 1, 1), interpolation="auto")
+    rng = np.random.default_rng(0)
+    for side, flag in ((256, cv2.INTER_LINEAR), (447, cv2.INTER_LINEAR), (448, cv2.INTER_AREA), (1080, cv2.INTER_AREA),
+                       (200, cv2.INTER_LINEAR)):
+        rgb = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        assert pre.cv2_flag(rgb.shape[:2]) == flag
+        np.testing.assert_array_equal(pre.view(rgb), cv2.resize(rgb, (224, 224), interpolation=flag))
+    assert Preprocess.from_dict(pre.to_dict()).interpolation == "auto"
+
+
 def test_predict_cli_json_and_corrupt_image(patchcore_bundle: Path, synth_root: Path, tmp_path: Path) -> None:
     good = sorted((synth_root / SYNTH_CATEGORY / "test" / "good").glob("*.png"))[0]
     corrupt = tmp_path / "corrupt.png"
