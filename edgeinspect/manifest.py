@@ -73,7 +73,7 @@ class PreprocessEntry(_Entry):
     crop: tuple[integer(1), integer(1)] | None = None
     mean: tuple[real(), real(), real()]
     std: tuple[real(0.0, lo_open=True), real(0.0, lo_open=True), real(0.0, lo_open=True)]
-    interpolation: Literal["auto", "area", "linear", "cubic", "nearest"] = "area"
+    interpolation: Literal["area", "linear", "cubic", "nearest", "auto"] = "area"
     color_order: Literal["RGB", "BGR"] = "RGB"
 
 

@@ -44,7 +44,7 @@ class PreprocessSection(Section):
 
     input_size: tuple[Side, Side]
     resize: tuple[Side, Side] | None = None
-    interpolation: Literal["auto", "area", "linear", "cubic", "nearest"] = "area"
+    interpolation: Literal["area", "linear", "cubic", "nearest", "auto"] = "area"
 
     @model_validator(mode="after")
     def _crop_fits(self) -> PreprocessSection:

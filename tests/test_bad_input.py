@@ -188,7 +188,7 @@ CASES = [
     Case("unknown_stage", f"{TRAIN} --set model.stages=[stage3,stage9]", 1,
          r"model\.stages: \['stage3', 'stage9'\] is not a non-empty list of distinct stages of efficientnet_lite0"),
     Case("unknown_interpolation", f"{TRAIN} --set preprocess.interpolation=bicubic", 1,
-         r"preprocess\.interpolation: 'bicubic' is not one of area, linear, cubic, nearest"),
+         r"preprocess\.interpolation: 'bicubic' is not one of area, linear, cubic, nearest, auto"),
     Case("resize_smaller_than_crop", f"{TRAIN} --set preprocess.resize=[100,100]", 1,
          r"preprocess\.resize: \[100, 100\] is smaller than input_size \[224, 224\]"),
     Case("even_neighbourhood", f"{TRAIN} --set model.neighbourhood=4", 1, r"model\.neighbourhood: 4 is not odd"),
