@@ -78,14 +78,22 @@ def time_interleaved(cases: dict[str, Case], warmup: int, runs: int, rounds: int
         for name, (fn, inputs) in cases.items():
             if r:
                 fn(inputs[start % len(inputs)])
-            ms, results = out[name]
-            for i in range(start, stop):
-                item = inputs[i % len(inputs)]
-                t0 = time.perf_counter()
-                result = fn(item)
-                ms.append(1e3 * (time.perf_counter() - t0))
-                results.append(result)
+            ms, results = timed_calls(fn, inputs, start, stop)
+            out[name][0].extend(ms)
+            out[name][1].extend(results)
     return out
+
+
+def timed_calls(fn: Callable[[Any], Any], inputs: Sequence[Any], start: int, stop: int
+                ) -> tuple[list[float], list[Any]]:
+    """Calls ``start`` to ``stop`` of ``fn`` (call ``i`` on ``inputs[i % len(inputs)]``): ms and return values."""
+    ms, results = [], []
+    for i in range(start, stop):
+        item = inputs[i % len(inputs)]
+        t0 = time.perf_counter()
+        results.append(fn(item))
+        ms.append(1e3 * (time.perf_counter() - t0))
+    return ms, results
 
 
 # ------------------------------------------------------------------------------------ the device
@@ -211,12 +219,7 @@ def timing_child(bundle_path: str, engine: str, image_paths: Sequence[str], thre
     for name, (fn, inputs) in cases.items():
         for i in range(warmup):
             fn(inputs[(start + i) % len(inputs)])
-        ms = out[name] = []
-        for i in range(start, stop):
-            item = inputs[i % len(inputs)]
-            t0 = time.perf_counter()
-            fn(item)
-            ms.append(1e3 * (time.perf_counter() - t0))
+        out[name] = timed_calls(fn, inputs, start, stop)[0]
     return out
 
 

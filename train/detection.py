@@ -228,10 +228,10 @@ class WeightAverage:
     it is capped by ``(1 + n) / (10 + n)`` after ``n`` updates, so the first steps' weights fade quickly.
     Integer buffers are copied, not averaged."""
 
-    def __init__(self, model: torch.nn.Module, span_steps: float, updates: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, span_steps: float) -> None:
         self.model = copy.deepcopy(model).requires_grad_(False)
         self.decay = 1.0 - 1.0 / max(span_steps, 1.0)
-        self.updates = updates
+        self.updates = 0
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
