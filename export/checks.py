@@ -82,9 +82,13 @@ class AnomalyMapCheck:
         return infer_engine(backend, self.job.dataset, samples, self.job.bundle.preprocess, self.job.progress)
 
     def check(self, fmt: str, precision: str, path: Path) -> tuple[Parity, dict[str, Any] | None, float]:
-        """Run the engine on the test images and apply the gate of ``precision`` (INT8: recalibrated)."""
+        """Run the engine on the test images and apply its gate: the format's own (``<format>.gate`` in the
+        export config) where it has one, else that of ``precision``. A gate without a score tolerance
+        (INT8, approximate search) lets scores shift, so the engine gets its own threshold, calibrated like
+        training's."""
+        gate = Gate.from_config((self.job.settings.get(fmt) or {}).get("gate") or self.job.settings[precision])
         decision = None
-        if precision == "int8":
+        if gate.tolerance is None:
             _, calib_scores, _ = self.run_engine(fmt, path, self.split.calibration)
             decision = calibrate(self.split.calibration, calib_scores, self.split.labelled,
                                  self.job.bundle.manifest["config"]["decision"])
@@ -92,8 +96,7 @@ class AnomalyMapCheck:
         labels = np.array([s.label for s in self.split.test])
         ref_maps, ref_scores, _ = self.reference
         parity = compare((ref_maps, ref_scores), (maps, scores), labels, self.job.bundle.decision["threshold"],
-                         (decision or self.job.bundle.decision)["threshold"],
-                         Gate.from_config(self.job.settings[precision]))
+                         (decision or self.job.bundle.decision)["threshold"], gate)
         return parity, decision, ms
 
 

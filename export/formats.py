@@ -50,6 +50,10 @@ FORMATS: dict[str, EngineFormat] = {f.name: f for f in (
     EngineFormat("triton", "engines/triton_{precision}", PRECISIONS,
                  "Triton Inference Server (model repository around an ONNX or TensorRT engine)",
                  "edgeinspect.export.triton:export_triton", "edgeinspect[triton]"),
+    EngineFormat("faiss", "engines/faiss_{precision}", PRECISIONS,
+                 "ONNX Runtime for features and map head, a FAISS index for the memory-bank search "
+                 "(PatchCore; banks too large for the in-graph search)",
+                 "edgeinspect.export.faiss:export_faiss", "edgeinspect[faiss]"),
 )}
 
 

@@ -1,5 +1,5 @@
 """The schema of configs/export.yaml: gates per precision (anomaly models, detectors), INT8 calibration,
-TensorRT, Core ML, Triton."""
+TensorRT, Core ML, Triton, FAISS."""
 
 from __future__ import annotations
 
@@ -72,6 +72,14 @@ class TritonSection(Section):
     instance_kind: Literal["KIND_AUTO", "KIND_GPU", "KIND_CPU"]
 
 
+class FaissSection(Section):
+    """FAISS engines: the index over the memory bank, its search parameters, and their gate."""
+
+    index: str
+    search_parameters: str | None
+    gate: GateSection
+
+
 class ExportConfig(Section):
     """Configuration of export."""
 
@@ -82,3 +90,4 @@ class ExportConfig(Section):
     tensorrt: TensorRTSection
     coreml: CoreMLSection
     triton: TritonSection
+    faiss: FaissSection

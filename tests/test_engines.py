@@ -60,7 +60,8 @@ def _status(results: list) -> dict[str, str]:
 def test_export_all_writes_what_this_machine_can_build(all_engines: tuple[Path, list]) -> None:
     bundle_path, results = all_engines
     status = _status(results)
-    for key in ("onnx:fp32", "onnx:fp16", "onnx:int8", "triton:fp32", "triton:fp16", "triton:int8"):
+    for key in ("onnx:fp32", "onnx:fp16", "onnx:int8", "triton:fp32", "triton:fp16", "triton:int8", "faiss:fp32",
+                "faiss:fp16", "faiss:int8"):
         assert status[key] == "written", key
     reason = TensorRTBackend.unavailable_reason()
     for precision in ("fp32", "fp16", "int8"):
@@ -363,6 +364,12 @@ def test_metadata_travels_inside_every_engine(all_engines: tuple[Path, list]) ->
         assert [i.name for i in spec.description.input] == ["image"]
         assert list(spec.description.input[0].type.multiArrayType.shape) == [1, 3, 224, 224]
         assert [o.name for o in spec.description.output] == ["anomaly_map", "score"]
+    for precision in ("fp32", "fp16", "int8"):
+        path, _ = bundle.engine("faiss", precision)
+        spec = json.loads((path / "engine.json").read_text())
+        assert spec["metadata"]["bundle_id"] == bundle.bundle_id and spec["metadata"]["precision"] == precision
+        for part in ("features.onnx", "head.onnx"):
+            assert read_metadata(path / part)["bundle_id"] == bundle.bundle_id
     plan = pack_plan({"tensorrt_version": "10.0.1", "bundle_id": bundle.bundle_id}, b"PLAN")
     assert unpack_plan(plan) == ({"tensorrt_version": "10.0.1", "bundle_id": bundle.bundle_id}, b"PLAN")
 
@@ -428,6 +435,7 @@ def test_engine_selection(all_engines: tuple[Path, list], patchcore_bundle: Path
         assert (auto["format"], auto["precision"]) == ("onnx", "int8")
     assert select_engine(bundle, "onnx")["precision"] == "fp32"
     assert select_engine(bundle, "onnx:fp16")["precision"] == "fp16"
+    assert select_engine(bundle, "faiss:int8")["file"] == "engines/faiss_int8"  # never auto, on request
     assert select_engine(Bundle.open(patchcore_bundle), "auto")["precision"] == "fp32"  # only FP32 there
     with pytest.raises(BundleError, match="no tensorrt:fp16 engine.*--format tensorrt --precision fp16"):
         select_engine(bundle, "tensorrt:fp16")
@@ -454,3 +462,56 @@ def test_serve_runs_the_selected_engine(all_engines: tuple[Path, list], synth_ro
     verdicts, statuses = _serve_to_end(all_engines[0], folder, "--engine", "onnx:int8")
     assert len(verdicts) == len(list(folder.glob("*.png"))) and {v["engine"] for v in verdicts} == {"onnx:int8"}
     assert statuses[-1]["engine"] == "onnx:int8" and statuses[-1]["state"] == "stopped"
+
+
+# ------------------------------------------------------------------------------------------- faiss engines
+def test_faiss_engine_with_an_exact_index_scores_like_the_onnx_engine(patchcore_bundle: Path, synth_root: Path,
+                                                                      tmp_path: Path) -> None:
+    """The ONNX engine cut at its search, the search a FAISS Flat index over the bank: same maps and scores."""
+    copy = tmp_path / "patchcore"
+    shutil.copytree(patchcore_bundle, copy)
+    exact = load_config("export", overrides=["faiss.index=Flat", "faiss.search_parameters=null"])
+    (result,) = export_bundle(copy, "faiss", "fp32", settings=exact, progress=False)
+    assert result.status == "written" and result.parity.passed
+    bundle = Bundle.open(copy)
+    path, entry = bundle.engine("faiss", "fp32")
+    assert sorted(p.name for p in path.iterdir()) == ["bank.faiss", "engine.json", "features.onnx", "head.onnx"]
+    assert entry["faiss"]["bank_entries"] == len(bundle.load_array("memory_bank"))
+    assert entry["faiss"]["index_factory"] == "Flat" and entry["decision"]["threshold"] > 0
+    onnx_engine, faiss_engine = Predictor(copy, engine="onnx:fp32"), Predictor(copy, engine="faiss:fp32")
+    assert faiss_engine.backend.index.ntotal == entry["faiss"]["bank_entries"]
+    for image in sorted((synth_root / SYNTH_CATEGORY / "test").glob("*/*.png"))[::4]:
+        a, b = onnx_engine.predict(read_image(image)), faiss_engine.predict(read_image(image))
+        assert b.raw_score == pytest.approx(a.raw_score, rel=1e-4)
+        np.testing.assert_allclose(b.anomaly_map, a.anomaly_map, atol=1e-4 * a.raw_threshold)
+
+
+def test_faiss_engine_needs_a_memory_bank_and_passes_its_gate(padim_bundle: Path, patchcore_bundle: Path,
+                                                              tmp_path: Path) -> None:
+    padim = tmp_path / "padim"
+    shutil.copytree(padim_bundle, padim)
+    with pytest.raises(CannotBuildHere, match="padim model has none"):
+        export_bundle(padim, "faiss", "fp32", progress=False)
+    assert Bundle.open(padim).engines == []
+    copy = tmp_path / "patchcore"
+    shutil.copytree(patchcore_bundle, copy)
+    impossible = load_config("export", overrides=["faiss.gate.max_auroc_drop=-1.0"])
+    with pytest.raises(ExportError, match="faiss:fp32 refused: gate failed.*image AUROC drop"):
+        export_bundle(copy, "faiss", "fp32", settings=impossible, progress=False)
+    assert not list((copy / "engines").glob("*faiss*")) and Bundle.open(copy).find_engine("faiss", "fp32") is None
+    with pytest.raises(ExportError, match="not an index FAISS can build"):
+        export_bundle(copy, "faiss", "fp32", settings=load_config("export", overrides=["faiss.index=NoSuchIndex"]),
+                      progress=False)
+
+
+def test_faiss_backend_refuses_a_broken_engine(all_engines: tuple[Path, list], tmp_path: Path) -> None:
+    from edgeinspect.runtime.backends import FaissBackend
+
+    engine = tmp_path / "faiss_fp32"
+    shutil.copytree(Bundle.open(all_engines[0]).engine("faiss", "fp32")[0], engine)
+    (engine / "bank.faiss").write_bytes(b"not an index")
+    with pytest.raises(BundleError, match="FAISS cannot read the index"):
+        FaissBackend(engine)
+    (engine / "engine.json").unlink()
+    with pytest.raises(BundleError, match="no readable engine.json"):
+        FaissBackend(engine)

@@ -15,6 +15,7 @@ import numpy as np
 from edgeinspect.bundle import Bundle
 from edgeinspect.errors import BundleError, ConfigError
 from edgeinspect.runtime.backends.coreml import CoreMLBackend
+from edgeinspect.runtime.backends.faiss import FaissBackend
 from edgeinspect.runtime.backends.onnx import ORT_PROVIDERS, OnnxRuntimeBackend
 from edgeinspect.runtime.backends.tensorrt import TensorRTBackend
 from edgeinspect.runtime.backends.triton import TritonBackend
@@ -31,9 +32,10 @@ class Backend(Protocol):
 
 
 BACKENDS: dict[str, type] = {"onnx": OnnxRuntimeBackend, "tensorrt": TensorRTBackend, "coreml": CoreMLBackend,
-                             "triton": TritonBackend}
+                             "triton": TritonBackend, "faiss": FaissBackend}
 
-# `--engine auto`: the first engine present whose backend runs here and whose parity gate passed.
+# `--engine auto`: the first engine present whose backend runs here and whose parity gate passed. A faiss
+# engine (for very large memory banks) is taken only when asked for, `--engine faiss[:PRECISION]`.
 AUTO_ORDER: tuple[tuple[str, str], ...] = (
     ("tensorrt", "int8"), ("tensorrt", "fp16"), ("tensorrt", "fp32"),
     ("coreml", "fp16"), ("coreml", "int8"), ("coreml", "fp32"),
@@ -89,6 +91,5 @@ def open_engine(bundle: Bundle, selector: str = "auto", providers: tuple[str, ..
     return entry, backend
 
 
-__all__ = ["BACKENDS", "ORT_PROVIDERS", "Backend", "CoreMLBackend", "OnnxRuntimeBackend", "TensorRTBackend",
-           "TritonBackend",
-           "backend_class", "open_engine", "parse_selector", "select_engine"]
+__all__ = ["BACKENDS", "ORT_PROVIDERS", "Backend", "CoreMLBackend", "FaissBackend", "OnnxRuntimeBackend",
+           "TensorRTBackend", "TritonBackend", "backend_class", "open_engine", "parse_selector", "select_engine"]

@@ -20,7 +20,9 @@ class OnnxRuntimeBackend:
     """An ONNX Runtime session on the requested execution providers (CPU always last)."""
 
     def __init__(self, path: str | Path, *, output_names: list[str] | None = None,
-                 providers: tuple[str, ...] = ("cpu",), threads: int | None = None):
+                 providers: tuple[str, ...] = ("cpu",), threads: int | None = None, spinning: bool = True):
+        """``spinning`` False: the session's idle worker threads sleep at once instead of spinning for the next
+        run (for sessions that take turns with other thread pools on the same cores, as in a faiss engine)."""
         import onnxruntime as ort
 
         unknown = [p for p in providers if p not in ORT_PROVIDERS]
@@ -37,6 +39,8 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=wanted)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files

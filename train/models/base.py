@@ -79,6 +79,9 @@ class AnomalyModel(nn.Module):
     # 8-bit integers, the activations quantized per image at run time instead of calibrated
     # (export/onnx.py quantize_dynamic_matmuls; PatchCore's nearest-neighbour search). The INT8 gate checks them.
     dynamic_int8_modules: tuple[str, ...] = ()
+    # The submodule (if any) that finds each patch's nearest memory-bank entry (P x D patches -> P distances,
+    # with a ``bank()`` method): a ``faiss`` engine runs it as a FAISS index over that bank (export/faiss.py).
+    nearest_neighbour_module: str | None = None
     # fit() only gathers statistics over the outputs of the frozen low-precision modules, so an INT8
     # engine can have them refit on its own (quantized) features in seconds, without training.
     fit_is_statistics: bool = True

@@ -88,6 +88,10 @@ class NearestNeighbourSearch(nn.Module):
         self.minus_two_bank_t = (-2.0 * bank.T).contiguous()
         self.norms = (bank.double() ** 2).sum(1).float()
 
+    def bank(self) -> np.ndarray:
+        """The memory bank searched, M x D float32."""
+        return (-0.5 * self.minus_two_bank_t.T).float().cpu().numpy()
+
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """P x D patches -> P nearest distances."""
         blocks = zip(self.minus_two_bank_t.split(BANK_BLOCK, dim=1), self.norms.split(BANK_BLOCK), strict=True)
@@ -102,6 +106,7 @@ class PatchCore(BackboneAnomalyModel):
     family = "patchcore"
     config_section = PatchCoreSection
     dynamic_int8_modules = ("search",)
+    nearest_neighbour_module = "search"
 
     def __init__(self, backbone: str = "efficientnet_lite0", stages: Sequence[str] = ("stage3", "stage5"),
                  input_size: Sequence[int] = (224, 224), *, neighbourhood: int = 3, coreset_ratio: float = 0.1,

@@ -1,0 +1,106 @@
+"""FAISS engines: the ONNX engine of a precision cut at its nearest-neighbour search, the search itself a
+FAISS index over the memory bank.
+
+``engines/faiss_<precision>/`` holds ``features.onnx`` (image -> the P x D patches the search reads),
+``bank.faiss`` (the index), ``head.onnx`` (the P nearest distances -> anomaly map and score) and
+``engine.json`` (what connects them, the index's search parameters and the bundle metadata; both ONNX
+files carry that metadata too). The runtime backend (``runtime/backends/faiss.py``) runs the three in
+turn. For memory banks too large for the in-graph search to be fast: the exact search in the graph
+costs time in proportion to the bank, a graph index (HNSW) about its logarithm.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from edgeinspect.errors import ConfigError, ExportError
+from edgeinspect.export.onnx import add_metadata, check
+
+if TYPE_CHECKING:
+    from edgeinspect.export.exporter import ExportJob
+
+ENGINE_JSON = "engine.json"
+
+
+def export_faiss(job: ExportJob, precision: str, path: Path) -> dict[str, Any]:
+    """Write the FAISS engine at ``precision`` into the directory ``path``; returns extra manifest fields."""
+    import faiss
+
+    from edgeinspect.export.exporter import CannotBuildHere
+
+    module = getattr(job.model, "nearest_neighbour_module", None)
+    if not module:
+        raise CannotBuildHere(f"a faiss engine runs a memory bank's nearest-neighbour search; the "
+                              f"{job.bundle.family} model has none (PatchCore has)")
+    cfg = job.settings["faiss"]
+    source = job.source_engine("onnx", precision)
+    features, head, patches, distances = split_at_module(onnx.load(str(source)), f"/{module}/")
+    int8_cfg = job.settings["int8"]
+    refit = precision == "int8" and bool(int8_cfg["refit_statistics"]) and job.model.fit_is_statistics
+    # the INT8 engine's bank was refit on its INT8 features; refit again on the same engine, same images
+    model = job.refit_on_engine(source) if refit else job.model
+    bank = np.ascontiguousarray(getattr(model, module).bank(), np.float32)
+    index = build_index(bank, cfg["index"])
+    path.mkdir(parents=True)
+    metadata = job.metadata("faiss", precision)
+    for name, graph in (("features.onnx", features), ("head.onnx", head)):
+        onnx.save(graph, str(path / name))
+        check(path / name)
+        add_metadata(path / name, metadata)
+    faiss.write_index(index, str(path / "bank.faiss"))
+    factory = index_factory_string(cfg["index"], len(bank))
+    spec = {"features": "features.onnx", "patches": patches, "index": "bank.faiss", "head": "head.onnx",
+            "distances": distances, "index_factory": factory, "search_parameters": cfg["search_parameters"],
+            "bank_shape": list(bank.shape), "faiss_version": faiss.__version__, "metadata": metadata}
+    (path / ENGINE_JSON).write_text(json.dumps(spec, indent=1))
+    return {"faiss": {"index_factory": factory, "search_parameters": cfg["search_parameters"],
+                      "bank_entries": int(bank.shape[0]), "source_engine": job.bundle.find_engine("onnx", precision)[
+                          "file"], "bank_refit_on_int8_features": refit, "faiss_version": faiss.__version__}}
+
+
+def index_factory_string(factory: str, bank_entries: int) -> str:
+    """``factory`` with ``{lists}`` replaced by the power of two nearest to the square root of the bank size
+    (the number of inverted lists that balances finding the lists against scanning them)."""
+    lists = 2 ** max(0, round(np.log2(max(bank_entries, 1)) / 2))
+    return factory.replace("{lists}", str(lists))
+
+
+def build_index(bank: np.ndarray, factory: str) -> Any:
+    """A FAISS index (L2) built by ``faiss.index_factory(D, factory)`` (``{lists}``: see
+    :func:`index_factory_string`), trained on the bank where it needs to be, holding every entry of it."""
+    import faiss
+
+    try:
+        index = faiss.index_factory(bank.shape[1], index_factory_string(factory, len(bank)), faiss.METRIC_L2)
+    except RuntimeError as exc:
+        raise ConfigError(f"faiss.index: {factory!r} is not an index FAISS can build: {exc}") from exc
+    if not index.is_trained:
+        index.train(bank)
+    index.add(bank)
+    return index
+
+
+def split_at_module(model: onnx.ModelProto, prefix: str) -> tuple[onnx.ModelProto, onnx.ModelProto, str, str]:
+    """Cut ``model`` around the nodes named under ``prefix``: (graph from the inputs to the one tensor those
+    nodes read, graph from the one tensor they give to the outputs, the two tensor names)."""
+    inside = [n for n in model.graph.node if n.name.startswith(prefix)]
+    if not inside:
+        raise ExportError(f"no node of the ONNX engine is under {prefix}: nothing to replace by a FAISS index")
+    made_inside = {o for n in inside for o in n.output}
+    constants = {i.name for i in model.graph.initializer}
+    reads = list(dict.fromkeys(i for n in inside for i in n.input if i and i not in made_inside | constants))
+    read_outside = {i for n in model.graph.node if n not in inside for i in n.input} | {o.name for o in
+                                                                                         model.graph.output}
+    gives = list(dict.fromkeys(o for n in inside for o in n.output if o in read_outside))
+    if len(reads) != 1 or len(gives) != 1:
+        raise ExportError(f"the nodes under {prefix} read {reads} and give {gives}; a FAISS engine needs one "
+                          f"tensor of patches in and one of distances out")
+    # shapes of the cut tensors: the traced graph computes its Reshape targets, so propagate values too
+    extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model, data_prop=True))
+    inputs, outputs = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+    return extractor.extract_model(inputs, reads), extractor.extract_model(gives, outputs), reads[0], gives[0]
