@@ -12,6 +12,7 @@ from conftest import shared_category
 
 from edgeinspect.config import load_config
 from edgeinspect.train.models import Padim, PatchCore
+from edgeinspect.train.models.base import aggregate_stages
 from edgeinspect.train.models.patchcore import greedy_coreset
 from edgeinspect.train.models.patchcore.model import BANK_BLOCK
 from edgeinspect.train.trainer import train
@@ -88,6 +89,20 @@ def test_padim_statistics_shapes_and_inverse(padim_bundle: Path) -> None:
     # the inverse of a regularised covariance is symmetric positive definite
     assert np.allclose(inv_cov[0], inv_cov[0].T, atol=1e-3 * np.abs(inv_cov[0]).max())
     assert np.linalg.eigvalsh(inv_cov[0].astype(np.float64)).min() > 0
+
+
+@pytest.mark.parametrize("n_features,seed", [(100, 0), (5, 1)])
+def test_padim_picks_its_channels_before_upsampling(n_features: int, seed: int) -> None:
+    """The subset taken from each stage before upsampling is the subset of the upsampled concatenation, in
+    its order (5 of 232 channels with seed 1: none of the finest stage's, which still sets the size)."""
+    model = Padim(n_features=n_features, seed=seed, pretrained=False).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        stages = model.extractor(x)
+        expected = aggregate_stages(stages, 1).index_select(1, model.channel_idx)
+        model.extractor.forward = lambda _: stages  # the same stage features for both
+        assert sum(map(len, model.stage_picks)) == n_features
+        torch.testing.assert_close(model.embed(x), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
 
 
 def test_models_score_an_obvious_anomaly_higher() -> None:

@@ -186,8 +186,10 @@ class BackboneAnomalyModel(AnomalyModel):
         return self.extractor.spec.name
 
 
-def aggregate_stages(features: list[torch.Tensor], neighbourhood: int) -> torch.Tensor:
-    """Average each stage over a k x k neighbourhood, upsample to the finest stage, concatenate.
+def aggregate_stages(features: list[torch.Tensor], neighbourhood: int,
+                     size: tuple[int, int] | torch.Size | None = None) -> torch.Tensor:
+    """Average each stage over a k x k neighbourhood, upsample to ``size`` (default: the first stage's, the
+    finest), concatenate.
 
     The average counts the zero padding at the image border (``count_include_pad=True``): a border
     patch's feature shrinks towards zero, so border patches stay apart from interior ones and find
@@ -196,7 +198,7 @@ def aggregate_stages(features: list[torch.Tensor], neighbourhood: int) -> torch.
     the image score of good parts (PatchCore image AUROC, 10 % bank: KolektorSDD 0.676 -> 0.844,
     MVTec transistor 0.942 -> 1.000; ARCHITECTURE.md, "The models").
     """
-    size = features[0].shape[-2:]
+    size = size or features[0].shape[-2:]
     out = []
     for f in features:
         if neighbourhood > 1:

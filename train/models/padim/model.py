@@ -4,6 +4,7 @@ multi-stage embedding, scored by Mahalanobis distance."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -38,12 +39,20 @@ class Padim(BackboneAnomalyModel):
         gen = torch.Generator().manual_seed(seed)
         channel_idx = torch.randperm(total, generator=gen)[:n_features].sort().values
         self.register_buffer("channel_idx", channel_idx, persistent=False)
+        # the same subset as each stage's own channels: picked before upsampling, nothing unused is upsampled
+        starts = [0, *accumulate(self.extractor.channels())]
+        self.stage_picks = [[int(c) - lo for c in channel_idx if lo <= c < hi]
+                            for lo, hi in zip(starts, starts[1:], strict=False)]
         self.register_buffer("mean", torch.zeros(0, n_features), persistent=False)
         self.register_buffer("inv_cov", torch.zeros(0, n_features, n_features), persistent=False)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Stage features upsampled to the finest stage, concatenated, random channel subset."""
-        return aggregate_stages(self.extractor(x), 1).index_select(1, self.channel_idx)
+        """The random channel subset of the stage features, upsampled to the finest stage, concatenated (the
+        subset is sorted, so this is the subset of the concatenation)."""
+        stages = self.extractor(x)
+        picked = [f.index_select(1, torch.as_tensor(picks, device=f.device))
+                  for f, picks in zip(stages, self.stage_picks, strict=True) if picks]
+        return aggregate_stages(picked, 1, stages[0].shape[-2:])
 
     def patch_scores(self, embedding: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance of every patch to the Gaussian of its position."""
