@@ -92,8 +92,11 @@ def split_at_module(model: onnx.ModelProto, prefix: str) -> tuple[onnx.ModelProt
     if not inside:
         raise ExportError(f"no node of the ONNX engine is under {prefix}: nothing to replace by a FAISS index")
     made_inside = {o for n in inside for o in n.output}
-    constants = {i.name for i in model.graph.initializer}
-    reads = list(dict.fromkeys(i for n in inside for i in n.input if i and i not in made_inside | constants))
+    varying = {i.name for i in model.graph.input}  # values computed from the image (not constants, nor
+    for node in model.graph.node:                  # casts of constants as an FP16 engine has them)
+        if varying & set(node.input):
+            varying.update(node.output)
+    reads = list(dict.fromkeys(i for n in inside for i in n.input if i in varying and i not in made_inside))
     read_outside = {i for n in model.graph.node if n not in inside for i in n.input} | {o.name for o in
                                                                                          model.graph.output}
     gives = list(dict.fromkeys(o for n in inside for o in n.output if o in read_outside))
