@@ -19,6 +19,7 @@ import click
 
 from edgeinspect import __version__
 from edgeinspect.errors import EdgeInspectError
+from edgeinspect.export.formats import FORMATS
 
 ARGV = "edgeinspect.argv"
 RUN = "edgeinspect.run"
@@ -488,10 +489,10 @@ def evaluate(ctx: click.Context, bundle: str, data_root: str, category: str | No
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--format", "fmt", default="onnx", show_default=True,
-              help="Engine format: onnx, tensorrt, coreml, triton, or all (every engine this machine can build).")
+              help=f"Engine format: {', '.join(FORMATS)}, or all (every engine this machine can build).")
 @click.option("--precision", default=None, help="fp32, fp16, int8 or all  [default: fp32; all with --format all]")
 @click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="YAML file overriding configs/export.yaml (gates, INT8 calibration, TensorRT, Core ML, Triton).")
+              help="YAML file overriding configs/export.yaml (gates, INT8 calibration, each format's settings).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one export setting.")
 @click.option("--data", "data_root", default=None, type=click.Path(exists=True, file_okay=False),
               help="Check / calibration images: dataset root, a COCO folder for detectors (default: the one "
