@@ -150,10 +150,10 @@ class ExportJob:
 
     def check(self, fmt: str, precision: str, path: Path) -> tuple[Parity | DetectionParity, dict[str, Any] | None,
                                                                     float]:
-        """Run the engine on the task's check images and apply the gate of ``precision``.
+        """Run the engine on the task's check images and apply its gate (see ``checks.AnomalyMapCheck.check``).
 
-        Returns (parity, the engine's own decision or None (INT8 anomaly engines are recalibrated),
-        engine ms per image).
+        Returns (parity, the engine's own decision or None (anomaly engines whose gate has no score
+        tolerance, INT8 and faiss, are recalibrated), engine ms per image).
         """
         key = (fmt, precision, sha256_path(path))
         if key not in self._checked:  # an exporter that retries (INT8) already checked this very file

@@ -6,7 +6,8 @@ FAISS index over the memory bank.
 ``engine.json`` (what connects them, the index's search parameters and the bundle metadata; both ONNX
 files carry that metadata too). The runtime backend (``runtime/backends/faiss.py``) runs the three in
 turn. For memory banks too large for the in-graph search to be fast: the exact search in the graph
-costs time in proportion to the bank, a graph index (HNSW) about its logarithm.
+costs time in proportion to the bank, an inverted-file index (the default) about its square root
+(each patch scans the lists nearest it).
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ def export_faiss(job: ExportJob, precision: str, path: Path) -> dict[str, Any]:
     cfg = job.settings["faiss"]
     source = job.source_engine("onnx", precision)
     features, head, patches, distances = split_at_module(onnx.load(str(source)), f"/{module}/")
-    int8_cfg = job.settings["int8"]
-    refit = precision == "int8" and bool(int8_cfg["refit_statistics"]) and job.model.fit_is_statistics
-    # the INT8 engine's bank was refit on its INT8 features; refit again on the same engine, same images
+    # the bank of the source engine: an INT8 engine's was refit on its INT8 features (as its manifest entry
+    # records); refit again on the same engine and the same images
+    refit = bool(job.bundle.find_engine("onnx", precision).get("int8", {}).get("statistics_refit_on_int8_features"))
     model = job.refit_on_engine(source) if refit else job.model
     bank = np.ascontiguousarray(getattr(model, module).bank(), np.float32)
-    index = build_index(bank, cfg["index"])
+    index = build_index(bank, cfg["index"], cfg["search_parameters"])
     path.mkdir(parents=True)
     metadata = job.metadata("faiss", precision)
     for name, graph in (("features.onnx", features), ("head.onnx", head)):
@@ -70,18 +71,30 @@ def index_factory_string(factory: str, bank_entries: int) -> str:
     return factory.replace("{lists}", str(lists))
 
 
-def build_index(bank: np.ndarray, factory: str) -> Any:
+def build_index(bank: np.ndarray, factory: str, search_parameters: str | None = None) -> Any:
     """A FAISS index (L2) built by ``faiss.index_factory(D, factory)`` (``{lists}``: see
-    :func:`index_factory_string`), trained on the bank where it needs to be, holding every entry of it."""
+    :func:`index_factory_string`), trained on the bank where it needs to be, holding every entry of it, with
+    ``search_parameters`` applied (ConfigError naming the bank when FAISS refuses any of it)."""
     import faiss
 
+    factory = index_factory_string(factory, len(bank))
     try:
-        index = faiss.index_factory(bank.shape[1], index_factory_string(factory, len(bank)), faiss.METRIC_L2)
+        index = faiss.index_factory(bank.shape[1], factory, faiss.METRIC_L2)
     except RuntimeError as exc:
         raise ConfigError(f"faiss.index: {factory!r} is not an index FAISS can build: {exc}") from exc
-    if not index.is_trained:
-        index.train(bank)
-    index.add(bank)
+    try:
+        if not index.is_trained:
+            index.train(bank)
+        index.add(bank)
+    except RuntimeError as exc:
+        raise ConfigError(f"faiss.index: FAISS cannot build {factory!r} over a bank of {len(bank)} x "
+                          f"{bank.shape[1]}: {exc}") from exc
+    if search_parameters:
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, search_parameters)
+        except RuntimeError as exc:
+            raise ConfigError(f"faiss.search_parameters: {search_parameters!r} does not apply to a {factory!r} "
+                              f"index: {exc}") from exc
     return index
 
 
@@ -92,8 +105,10 @@ def split_at_module(model: onnx.ModelProto, prefix: str) -> tuple[onnx.ModelProt
     if not inside:
         raise ExportError(f"no node of the ONNX engine is under {prefix}: nothing to replace by a FAISS index")
     made_inside = {o for n in inside for o in n.output}
-    varying = {i.name for i in model.graph.input}  # values computed from the image (not constants, nor
-    for node in model.graph.node:                  # casts of constants as an FP16 engine has them)
+    # values computed from the image: not constants (some exporters list them as inputs too), nor casts of
+    # constants as an FP16 engine has them
+    varying = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
         if varying & set(node.input):
             varying.update(node.output)
     reads = list(dict.fromkeys(i for n in inside for i in n.input if i in varying and i not in made_inside))

@@ -499,9 +499,12 @@ def test_faiss_engine_needs_a_memory_bank_and_passes_its_gate(padim_bundle: Path
     with pytest.raises(ExportError, match="faiss:fp32 refused: gate failed.*image AUROC drop"):
         export_bundle(copy, "faiss", "fp32", settings=impossible, progress=False)
     assert not list((copy / "engines").glob("*faiss*")) and Bundle.open(copy).find_engine("faiss", "fp32") is None
-    with pytest.raises(ExportError, match="not an index FAISS can build"):
-        export_bundle(copy, "faiss", "fp32", settings=load_config("export", overrides=["faiss.index=NoSuchIndex"]),
-                      progress=False)
+    for overrides, message in ((["faiss.index=NoSuchIndex"], "not an index FAISS can build"),
+                               (["faiss.index=IVF65536,Flat"], "cannot build 'IVF65536,Flat' over a bank of"),
+                               (["faiss.search_parameters=efSearch=32"], "'efSearch=32' does not apply")):
+        with pytest.raises(ExportError, match=message):
+            export_bundle(copy, "faiss", "fp32", settings=load_config("export", overrides=overrides), progress=False)
+    assert Bundle.open(copy).find_engine("faiss", "fp32") is None
 
 
 def test_faiss_backend_refuses_a_broken_engine(all_engines: tuple[Path, list], tmp_path: Path) -> None:
@@ -509,7 +512,15 @@ def test_faiss_backend_refuses_a_broken_engine(all_engines: tuple[Path, list], t
 
     engine = tmp_path / "faiss_fp32"
     shutil.copytree(Bundle.open(all_engines[0]).engine("faiss", "fp32")[0], engine)
+    spec = json.loads((engine / "engine.json").read_text())
+    (engine / "engine.json").write_text(json.dumps({**spec, "bank_shape": [1, 1]}))
+    with pytest.raises(BundleError, match="holds .* its engine.json says 1 x 1"):
+        FaissBackend(engine)
+    (engine / "engine.json").write_text(json.dumps({k: v for k, v in spec.items() if k != "patches"}))
+    with pytest.raises(BundleError, match="no readable engine.json: KeyError"):
+        FaissBackend(engine)
     (engine / "bank.faiss").write_bytes(b"not an index")
+    (engine / "engine.json").write_text(json.dumps(spec))
     with pytest.raises(BundleError, match="FAISS cannot read the index"):
         FaissBackend(engine)
     (engine / "engine.json").unlink()
@@ -543,3 +554,26 @@ def test_split_at_module_cuts_at_the_one_varying_tensor_in_and_out() -> None:
     np.testing.assert_allclose(y, -np.sqrt(2 * np.maximum(x, 0)), rtol=1e-6)
     with pytest.raises(ExportError, match="no node of the ONNX engine is under /nothing/"):
         split_at_module(model, "/nothing/")
+
+
+def test_faiss_backend_sets_its_thread_count_in_the_thread_that_searches(all_engines: tuple[Path, list]) -> None:
+    """OpenMP's thread count belongs to the calling thread; the daemon's camera workers search, not the thread
+    that loaded the engine."""
+    import threading
+
+    import faiss
+
+    from edgeinspect.runtime.backends import FaissBackend
+
+    backend = FaissBackend(Bundle.open(all_engines[0]).engine("faiss", "fp32")[0], threads=1)
+    x = np.zeros(backend.features.input_shape, np.float32)
+    seen: list[int] = []
+
+    def search() -> None:
+        backend.run(x)
+        seen.append(faiss.omp_get_max_threads())
+
+    worker = threading.Thread(target=search)
+    worker.start()
+    worker.join()
+    assert seen == [1]

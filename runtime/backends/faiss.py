@@ -25,13 +25,15 @@ class FaissBackend:
             raise ConfigError(f"cannot run FAISS engine {path}: {reason}")
         import faiss
 
+        self._faiss = faiss
         path = Path(path)
         try:
             spec = json.loads((path / "engine.json").read_text())
             parts = {key: path / spec[key] for key in ("features", "index", "head")}
+            patches, bank_shape = str(spec["patches"]), [int(n) for n in spec["bank_shape"]]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise BundleError(f"FAISS engine {path} has no readable engine.json: {exc}") from exc
-        self.features = OnnxRuntimeBackend(parts["features"], output_names=[spec["patches"]], providers=providers,
+            raise BundleError(f"FAISS engine {path} has no readable engine.json: {exc!r}") from exc
+        self.features = OnnxRuntimeBackend(parts["features"], output_names=[patches], providers=providers,
                                            threads=threads, spinning=False)
         self.head = OnnxRuntimeBackend(parts["head"], output_names=output_names, providers=providers,
                                        threads=threads, spinning=False)
@@ -39,10 +41,15 @@ class FaissBackend:
             self.index = faiss.read_index(str(parts["index"]))
         except RuntimeError as exc:
             raise BundleError(f"FAISS cannot read the index {parts['index']}: {exc}") from exc
-        if spec.get("search_parameters"):
-            faiss.ParameterSpace().set_index_parameters(self.index, spec["search_parameters"])
-        if threads:
-            faiss.omp_set_num_threads(threads)
+        if [self.index.ntotal, self.index.d] != bank_shape:
+            raise BundleError(f"FAISS index {parts['index']} holds {self.index.ntotal} x {self.index.d}, its "
+                              f"engine.json says {bank_shape[0]} x {bank_shape[1]}")
+        try:
+            if spec.get("search_parameters"):
+                faiss.ParameterSpace().set_index_parameters(self.index, spec["search_parameters"])
+        except RuntimeError as exc:
+            raise BundleError(f"FAISS engine {path}: search parameters {spec['search_parameters']!r}: {exc}") from exc
+        self.threads = threads
         self.output_names = self.head.output_names
         self.description = (f"FAISS {faiss.__version__} {spec.get('index_factory')} "
                             f"({spec.get('search_parameters') or 'default search'}) over {self.index.ntotal} "
@@ -60,6 +67,8 @@ class FaissBackend:
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         """Features, nearest bank entry of every patch, map head."""
+        if self.threads:  # OpenMP's thread count is per calling thread: set it in the thread that searches
+            self._faiss.omp_set_num_threads(self.threads)
         (patches,) = self.features.run(x)
         squared, _ = self.index.search(np.ascontiguousarray(patches, np.float32), 1)
         distances = np.sqrt(np.maximum(squared[:, 0], 0.0)).reshape(self.head.input_shape)
