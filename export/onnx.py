@@ -86,7 +86,8 @@ def write_fp16(source: Path, path: Path, low_precision_prefixes: tuple[str, ...]
 def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
     """Static QDQ quantization of the extractor, its statistics refit on the quantized features, the
     model's constant-matrix MatMuls in integers with dynamic activation ranges (``dynamic_int8_modules``);
-    retried with those MatMuls back in float, then with the most sensitive nodes kept in float."""
+    retried with the most sensitive nodes kept in float, and at the last retry those MatMuls back in float
+    (a failure from the quantized features does not cost the engine its integer search)."""
     from edgeinspect.export.quantize import quantize_qdq, rank_sensitive_nodes
 
     cfg = job.settings["int8"]
@@ -116,10 +117,13 @@ def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
         attempts.append(parity.describe())
         if parity.passed:
             break
-        if attempt < int(cfg["exclusion_rounds"]):  # the integer MatMuls go back to float first
-            candidates = [n.name for n in model.graph.node if n.name not in keep + moved]
-            moved += integer_matmuls or rank_sensitive_nodes(source, path, inputs[:8], candidates)[
-                :int(cfg["exclude_per_round"])]
+        rounds = int(cfg["exclusion_rounds"])
+        if attempt < rounds:  # the integer MatMuls (the speed of the engine) go back to float at the last retry
+            if integer_matmuls and attempt == rounds - 1:
+                moved += integer_matmuls
+            else:
+                candidates = [n.name for n in model.graph.node if n.name not in keep + moved]
+                moved += rank_sensitive_nodes(source, path, inputs[:8], candidates)[:int(cfg["exclude_per_round"])]
     else:
         raise ExportError(f"onnx:int8 engine refused after {len(attempts)} attempts (last with {len(moved)} "
                           f"sensitive nodes in float): " + " | ".join(attempts))
