@@ -86,8 +86,9 @@ def write_fp16(source: Path, path: Path, low_precision_prefixes: tuple[str, ...]
 def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
     """Static QDQ quantization of the extractor, its statistics refit on the quantized features, the
     model's constant-matrix MatMuls in integers with dynamic activation ranges (``dynamic_int8_modules``);
-    retried with the most sensitive nodes kept in float, and at the last retry those MatMuls back in float
-    (a failure from the quantized features does not cost the engine its integer search)."""
+    retried with more of the most sensitive extractor nodes kept in float each time, and at the last retry
+    with those MatMuls alone back in float instead (a failure from the quantized features does not cost the
+    engine its integer search, nor one from the search its INT8 extractor)."""
     from edgeinspect.export.quantize import quantize_qdq, rank_sensitive_nodes
 
     cfg = job.settings["int8"]
@@ -118,9 +119,9 @@ def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
         if parity.passed:
             break
         rounds = int(cfg["exclusion_rounds"])
-        if attempt < rounds:  # the integer MatMuls (the speed of the engine) go back to float at the last retry
+        if attempt < rounds:  # two causes, tried apart: the quantized features first, the integer MatMuls last
             if integer_matmuls and attempt == rounds - 1:
-                moved += integer_matmuls
+                moved = list(integer_matmuls)  # the MatMuls alone back in float; the extractor all INT8 again
             else:
                 candidates = [n.name for n in model.graph.node if n.name not in keep + moved]
                 moved += rank_sensitive_nodes(source, path, inputs[:8], candidates)[:int(cfg["exclude_per_round"])]
