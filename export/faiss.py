@@ -25,9 +25,6 @@ from edgeinspect.export.onnx import add_metadata, check
 if TYPE_CHECKING:
     from edgeinspect.export.exporter import ExportJob
 
-ENGINE_JSON = "engine.json"
-
-
 def export_faiss(job: ExportJob, precision: str, path: Path) -> dict[str, Any]:
     """Write the FAISS engine at ``precision`` into the directory ``path``; returns extra manifest fields."""
     import faiss
@@ -40,13 +37,15 @@ def export_faiss(job: ExportJob, precision: str, path: Path) -> dict[str, Any]:
                               f"{job.bundle.family} model has none (PatchCore has)")
     cfg = job.settings["faiss"]
     source = job.source_engine("onnx", precision)
+    source_entry = job.bundle.find_engine("onnx", precision)
     features, head, patches, distances = split_at_module(onnx.load(str(source)), f"/{module}/")
     # the bank of the source engine: an INT8 engine's was refit on its INT8 features (as its manifest entry
     # records); refit again on the same engine and the same images
-    refit = bool(job.bundle.find_engine("onnx", precision).get("int8", {}).get("statistics_refit_on_int8_features"))
+    refit = bool(source_entry.get("int8", {}).get("statistics_refit_on_int8_features"))
     model = job.refit_on_engine(source) if refit else job.model
     bank = np.ascontiguousarray(getattr(model, module).bank(), np.float32)
-    index = build_index(bank, cfg["index"], cfg["search_parameters"])
+    factory = index_factory_string(cfg["index"], len(bank))
+    index = build_index(bank, factory, cfg["search_parameters"])
     path.mkdir(parents=True)
     metadata = job.metadata("faiss", precision)
     for name, graph in (("features.onnx", features), ("head.onnx", head)):
@@ -54,14 +53,13 @@ def export_faiss(job: ExportJob, precision: str, path: Path) -> dict[str, Any]:
         check(path / name)
         add_metadata(path / name, metadata)
     faiss.write_index(index, str(path / "bank.faiss"))
-    factory = index_factory_string(cfg["index"], len(bank))
     spec = {"features": "features.onnx", "patches": patches, "index": "bank.faiss", "head": "head.onnx",
             "distances": distances, "index_factory": factory, "search_parameters": cfg["search_parameters"],
             "bank_shape": list(bank.shape), "faiss_version": faiss.__version__, "metadata": metadata}
-    (path / ENGINE_JSON).write_text(json.dumps(spec, indent=1))
+    (path / "engine.json").write_text(json.dumps(spec, indent=1))
     return {"faiss": {"index_factory": factory, "search_parameters": cfg["search_parameters"],
-                      "bank_entries": int(bank.shape[0]), "source_engine": job.bundle.find_engine("onnx", precision)[
-                          "file"], "bank_refit_on_int8_features": refit, "faiss_version": faiss.__version__}}
+                      "bank_entries": int(bank.shape[0]), "source_engine": source_entry["file"],
+                      "bank_refit_on_int8_features": refit, "faiss_version": faiss.__version__}}
 
 
 def index_factory_string(factory: str, bank_entries: int) -> str:
