@@ -25,6 +25,7 @@ import onnxruntime as ort
 import torch
 
 from benchmarks.reduced_search import embed_test_images
+from edgeinspect.config import default_config
 from edgeinspect.export.onnx import quantize_dynamic_matmuls, write_fp32
 from edgeinspect.train.metrics import image_auroc, pixel_auroc, pro
 
@@ -37,7 +38,8 @@ def search_graph(search: torch.nn.Module, shape: tuple[int, int], int8: bool) ->
         write_fp32(search, path, shape, ["nearest"])
         model = onnx.load(str(path))
     if int8:  # the module is traced on its own: every node of this graph is the search's
-        assert quantize_dynamic_matmuls(model.graph, ("/",)), "no MatMul against the bank was traced"
+        reduce_range = bool(default_config("export")["int8"]["reduce_range"])  # as the INT8 engine's
+        assert quantize_dynamic_matmuls(model.graph, ("/",), (), reduce_range), "no MatMul against the bank was traced"
     return model
 
 

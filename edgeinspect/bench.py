@@ -256,6 +256,7 @@ def backbone_engines(bundle: Any, workdir: Path, calibration: list[np.ndarray]) 
     """The bundle's frozen feature extractor as FP32 and INT8 ONNX graphs (what every engine builds on)."""
     import torch
 
+    from edgeinspect.config import default_config
     from edgeinspect.export.onnx import write_fp32
     from edgeinspect.export.quantize import quantize_qdq
     from edgeinspect.train.trainer import load_model
@@ -272,7 +273,8 @@ def backbone_engines(bundle: Any, workdir: Path, calibration: list[np.ndarray]) 
     fp32, int8 = workdir / "backbone_fp32.onnx", workdir / "backbone_int8.onnx"
     write_fp32(Backbone(model.extractor), fp32, tuple(bundle.manifest["input"]["shape"]),
                list(model.extractor.stages))
-    quantize_qdq(fp32, int8, calibration, [], "minmax", True)
+    int8_settings = default_config("export")["int8"]  # the engines' own INT8 weights: per channel, 7 bits or 8
+    quantize_qdq(fp32, int8, calibration, [], "minmax", True, bool(int8_settings["reduce_range"]))
     return {"fp32": fp32, "int8": int8}
 
 

@@ -7,6 +7,7 @@ as ``metadata_props`` (values that are not strings as JSON, as Ultralytics does)
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import warnings
 from collections.abc import Collection
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from edgeinspect.export.exporter import ExportJob
 
 OPSET = 17
+
+log = logging.getLogger(__name__)
 
 
 def export_onnx(job: ExportJob, precision: str, path: Path) -> dict[str, Any]:
@@ -99,25 +102,29 @@ def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
     dynamic = job.dynamic_int8_prefixes() if cfg["dynamic_matmuls"] else ()
     inputs = job.calibration_inputs(int(cfg["calibration_images"]))
     refit = bool(cfg["refit_statistics"]) and job.model.fit_is_statistics
+    reduce_range = bool(cfg["reduce_range"])
     moved: list[str] = []
     attempts = []
     for attempt in range(int(cfg["exclusion_rounds"]) + 1):
-        quantize_qdq(source, path, inputs, keep + moved, cfg["calibration_method"], bool(cfg["per_channel"]))
+        quantize_qdq(source, path, inputs, keep + moved, cfg["calibration_method"], bool(cfg["per_channel"]),
+                     reduce_range)
         if refit:  # same calibration, same extractor quantization: only the float statistics change
             with tempfile.TemporaryDirectory() as tmp:
                 refit_source = Path(tmp) / "refit.onnx"
                 write_fp32(job.refit_on_engine(path), refit_source, job.input_shape, job.output_names)
                 quantize_qdq(refit_source, path, inputs, keep + moved, cfg["calibration_method"],
-                             bool(cfg["per_channel"]))
+                             bool(cfg["per_channel"]), reduce_range)
         integer_matmuls: list[str] = []
         if dynamic:
             proto = onnx.load(str(path))
-            integer_matmuls = quantize_dynamic_matmuls(proto.graph, dynamic, moved)
+            integer_matmuls = quantize_dynamic_matmuls(proto.graph, dynamic, moved, reduce_range)
             onnx.save(proto, str(path))
         parity, _, _ = job.check("onnx", "int8", path)
         attempts.append(parity.describe())
         if parity.passed:
             break
+        log.warning("onnx:int8 attempt %d failed its gate (%d nodes in float): %s", attempt + 1, len(moved),
+                    attempts[-1])
         rounds = int(cfg["exclusion_rounds"])
         if attempt < rounds:  # two causes, tried apart: the quantized features first, the integer MatMuls last
             if integer_matmuls and attempt == rounds - 1:
@@ -346,8 +353,8 @@ def boundary_producers(model: onnx.ModelProto, float_names: list[str]) -> list[s
     return [n.name for n in model.graph.node if n.name not in floats and consumed & set(n.output)]
 
 
-def quantize_dynamic_matmuls(graph: onnx.GraphProto, prefixes: tuple[str, ...], keep_float: Collection[str] = ()
-                             ) -> list[str]:
+def quantize_dynamic_matmuls(graph: onnx.GraphProto, prefixes: tuple[str, ...], keep_float: Collection[str],
+                             reduce_range: bool) -> list[str]:
     """Run the MatMul / Gemm nodes named under ``prefixes`` (not in ``keep_float``) whose right-hand matrix
     is a constant in 8-bit integers; the names of the nodes rewritten.
 
@@ -356,9 +363,11 @@ def quantize_dynamic_matmuls(graph: onnx.GraphProto, prefixes: tuple[str, ...], 
     symmetric scale per column; ``MatMulInteger``, then back to float: Cast, Mul by the two scales, the
     Gemm's bias added. Standard ONNX ops: ONNX Runtime fuses each chain into one MatMulIntegerToFloat on
     the CPU. A column's scale is its own, so a bank entry with small values keeps its precision, and
-    the bias (PatchCore's |b|^2) stays float.
+    the bias (PatchCore's |b|^2) stays float. With ``reduce_range`` the constant takes 7 bits (-63..63), as
+    the QDQ weights do (``int8.reduce_range``).
     """
     initializers = {i.name: i for i in graph.initializer}
+    limit = 63 if reduce_range else 127
     quantized_inputs: dict[str, tuple[str, str, str]] = {}
     rewritten, nodes = [], []
     for node in graph.node:
@@ -374,7 +383,7 @@ def quantize_dynamic_matmuls(graph: onnx.GraphProto, prefixes: tuple[str, ...], 
         matrix = onnx.numpy_helper.to_array(weight).astype(np.float64)
         if attrs.get("transB", 0):
             matrix = matrix.T
-        scale = np.maximum(np.abs(matrix).max(axis=0), 1e-30) / 127.0
+        scale = np.maximum(np.abs(matrix).max(axis=0), 1e-30) / limit
         name, source = node.name, node.input[0]
         if source not in quantized_inputs:
             quantized_inputs[source] = (f"{source}_uint8", f"{source}_scale", f"{source}_zero_point")
@@ -382,7 +391,7 @@ def quantize_dynamic_matmuls(graph: onnx.GraphProto, prefixes: tuple[str, ...], 
                                                name=f"{name}/DynamicQuantizeLinear"))
         q, q_scale, q_zero = quantized_inputs[source]
         graph.initializer.extend([
-            onnx.numpy_helper.from_array(np.clip(np.round(matrix / scale), -127, 127).astype(np.int8),
+            onnx.numpy_helper.from_array(np.clip(np.round(matrix / scale), -limit, limit).astype(np.int8),
                                          f"{name}/weight_int8"),
             onnx.numpy_helper.from_array(scale.astype(np.float32), f"{name}/weight_scale"),
             onnx.numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{name}/weight_zero_point")])

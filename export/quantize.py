@@ -28,14 +28,19 @@ class _Inputs(CalibrationDataReader):
 
 
 def quantize_qdq(source: Path, path: Path, inputs: Sequence[np.ndarray], keep_float: Sequence[str], method: str,
-                 per_channel: bool) -> None:
+                 per_channel: bool, reduce_range: bool) -> None:
     """QDQ model of ``source``: uint8 activations, int8 (per-channel) weights, ``keep_float`` nodes untouched;
-    its nodes in topological order."""
+    its nodes in topological order.
+
+    With ``reduce_range`` (``int8.reduce_range`` in configs/export.yaml) the weights take 7 bits: x86 CPUs without
+    VNNI (AVX2, AVX-512F) add pairs of uint8 x int8 products in 16-bit integers, which 8-bit weights saturate.
+    """
     if method not in CALIBRATION_METHODS:
         raise ConfigError(f"int8.calibration_method: {method!r} is not one of {sorted(CALIBRATION_METHODS)}")
     quantize_static(str(source), str(path), _Inputs(inputs), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
-                    nodes_to_exclude=list(keep_float), calibrate_method=CALIBRATION_METHODS[method])
+                    reduce_range=reduce_range, nodes_to_exclude=list(keep_float),
+                    calibrate_method=CALIBRATION_METHODS[method])
     # the quantizer appends nodes after their consumers, those read from inside a Loop body included (which
     # ONNX Runtime tolerates and the ONNX checker does not)
     model = onnx.load(str(path))

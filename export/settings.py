@@ -24,6 +24,7 @@ class Int8Section(GateSection):
     calibration_method: Literal["minmax", "entropy", "percentile"]
     refit_statistics: bool
     per_channel: bool
+    reduce_range: bool
     dynamic_matmuls: bool
     exclusion_rounds: integer(0, 100)
     exclude_per_round: integer(1, 10_000)
