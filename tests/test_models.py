@@ -81,6 +81,17 @@ def test_patchcore_memory_bank_is_the_coreset(patchcore_bundle: Path) -> None:
     assert np.isfinite(bank).all()
 
 
+def test_patchcore_bank_is_capped_at_max_bank() -> None:
+    """``model.max_bank`` bounds the bank (and the search time) whatever the training-set size; 0 = no cap."""
+    good = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    sizes = []
+    for cap in (0, 1000, 20):
+        model = PatchCore(input_size=(64, 64), pretrained=False, coreset_ratio=0.5, max_bank=cap)
+        model.fit([good], progress=False)
+        sizes.append(model.memory_bank.shape[0])
+    assert sizes == [6 * 8 * 8 // 2, 6 * 8 * 8 // 2, 20]  # 8 x 8 patches per 64 px image
+
+
 def test_padim_statistics_shapes_and_inverse(padim_bundle: Path) -> None:
     m = _manifest(padim_bundle)
     mean = np.load(padim_bundle / m["files"]["padim_mean"]["file"])

@@ -10,6 +10,7 @@ class PatchCoreSection(PatchFeatureSection):
     """``model`` keys of PatchCore."""
 
     coreset_ratio: real(0.0, 1.0, lo_open=True)
+    max_bank: integer(0, 10**9)
     projection_dim: integer(1, 4096)
     coreset_chunk: integer(0, 10**9)
 

@@ -110,12 +110,13 @@ class PatchCore(BackboneAnomalyModel):
 
     def __init__(self, backbone: str = "efficientnet_lite0", stages: Sequence[str] = ("stage3", "stage5"),
                  input_size: Sequence[int] = (224, 224), *, neighbourhood: int = 3, coreset_ratio: float = 0.1,
-                 projection_dim: int = 64, coreset_chunk: int = 20000, smoothing_sigma: float = 4.0,
-                 seed: int = 0, pretrained: bool = True, weights: str | None = None):
+                 max_bank: int = 0, projection_dim: int = 64, coreset_chunk: int = 20000,
+                 smoothing_sigma: float = 4.0, seed: int = 0, pretrained: bool = True, weights: str | None = None):
         super().__init__(backbone, stages, tuple(input_size), smoothing_sigma, pretrained=pretrained,
                          weights=weights)
         self.neighbourhood = neighbourhood
         self.coreset_ratio = coreset_ratio
+        self.max_bank = max_bank  # 0 here (bundles from before the cap had none); configs/patchcore.yaml sets it
         self.projection_dim = projection_dim
         self.coreset_chunk = coreset_chunk
         self.smoothing_sigma = smoothing_sigma
@@ -136,13 +137,16 @@ class PatchCore(BackboneAnomalyModel):
     @torch.no_grad()
     def fit(self, batches: Iterable[torch.Tensor], progress: bool = True, *,
             holdout: Iterable[torch.Tensor] | None = None) -> None:
-        """Collect patch features of all good images and keep a greedy coreset of them."""
+        """Collect patch features of all good images and keep a greedy coreset of ``coreset_ratio`` of them, at
+        most ``max_bank`` (when set)."""
         chunks = []
         for x in tqdm(batches, desc="features", disable=not progress, unit="batch"):
             e = self.embed(x.to(self.memory_bank.device))
             chunks.append(e.permute(0, 2, 3, 1).reshape(-1, e.shape[1]).cpu())
         features = torch.cat(chunks)
         n_keep = int(round(self.coreset_ratio * features.shape[0]))
+        if self.max_bank:
+            n_keep = min(n_keep, self.max_bank)
         idx = greedy_coreset(features, n_keep, self.projection_dim, self.seed, progress, self.coreset_chunk)
         self._set_bank(features[idx])
 
@@ -163,6 +167,6 @@ class PatchCore(BackboneAnomalyModel):
         """Constructor arguments (without weights)."""
         return {"backbone": self.extractor.spec.name, "stages": self.extractor.stages,
                 "input_size": list(self.input_size), "neighbourhood": self.neighbourhood,
-                "coreset_ratio": self.coreset_ratio, "projection_dim": self.projection_dim,
-                "coreset_chunk": self.coreset_chunk,
+                "coreset_ratio": self.coreset_ratio, "max_bank": self.max_bank,
+                "projection_dim": self.projection_dim, "coreset_chunk": self.coreset_chunk,
                 "smoothing_sigma": self.smoothing_sigma, "seed": self.seed}
