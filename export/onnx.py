@@ -137,7 +137,8 @@ def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
                           f"sensitive nodes in float): " + " | ".join(attempts))
     check(path)
     return {"int8": {"calibration_images": len(inputs), "calibration_method": cfg["calibration_method"],
-                     "per_channel": bool(cfg["per_channel"]), "statistics_refit_on_int8_features": refit,
+                     "per_channel": bool(cfg["per_channel"]), "weight_bits": 7 if reduce_range else 8,
+                     "statistics_refit_on_int8_features": refit,
                      "attempts": len(attempts), "moved_to_float": moved,
                      "statistics_nodes_in_float": len(keep), "integer_matmuls": integer_matmuls}}
 

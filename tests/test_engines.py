@@ -156,6 +156,9 @@ def test_int8_engine_is_qdq_with_its_own_calibrated_decision(all_engines: tuple[
     ops = [n.op_type for n in model.graph.node]
     assert {"QuantizeLinear", "DequantizeLinear"} <= set(ops)
     assert entry["int8"]["calibration_images"] == 16 and entry["int8"]["per_channel"] is True
+    assert entry["int8"]["weight_bits"] == 7 and all(  # int8.reduce_range: no u8 x s8 pair sum can saturate
+        np.abs(onnx.numpy_helper.to_array(i)).max() <= 64 for i in model.graph.initializer
+        if i.data_type == onnx.TensorProto.INT8)
     assert entry["int8"]["statistics_nodes_in_float"] > 0
     # the nearest-neighbour search runs in integers: one MatMulInteger per bank block, the patches
     # quantized once
