@@ -26,3 +26,6 @@ def configure(level: int, fmt: str = "text") -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler])
+    # FAISS's loader reports at INFO which SIMD build it loaded, with an ImportError text on CPUs its wheel has
+    # no separate build for (an AVX2 CPU: "Could not load library with AVX2 support ... ModuleNotFoundError")
+    logging.getLogger("faiss.loader").setLevel(level if level <= logging.DEBUG else logging.WARNING)
