@@ -207,7 +207,7 @@ class Bundle:
                           f"run: edgeinspect export {self.path} --format {fmt} --precision {precision}")
 
     def engine_decision(self, entry: dict[str, Any]) -> dict[str, Any]:
-        """The decision an engine applies: its own when export recalibrated it (INT8, faiss), else the bundle's."""
+        """The decision an engine applies: its own when export gave it one (INT8, faiss), else the bundle's."""
         return entry.get("decision") or self.decision
 
     # ---------------------------------------------------------------- writing

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 
 class AnomalyMapCheck:
-    """Anomaly models: the bundle's test split, PyTorch maps and scores; INT8 engines get a threshold
-    calibrated like training's on training's calibration images."""
+    """Anomaly models: the bundle's test split, PyTorch maps and scores; engines whose scores may shift (INT8,
+    approximate search) get a threshold of their own from training's threshold images (:meth:`engine_decision`)."""
 
     def __init__(self, job: ExportJob):
         self.job = job
@@ -71,6 +71,32 @@ class AnomalyMapCheck:
         return infer(self.job.model, self.job.dataset, self.split.test, self.job.bundle.preprocess, batch_size=1,
                      progress=self.job.progress)
 
+    @cached_property
+    def reference_calibration_scores(self) -> np.ndarray:
+        """PyTorch scores of training's threshold images."""
+        return infer(self.job.model, self.job.dataset, self.split.calibration, self.job.bundle.preprocess,
+                     batch_size=1, progress=self.job.progress)[1]
+
+    def engine_decision(self, calib_scores: np.ndarray) -> dict[str, Any]:
+        """The decision of an engine whose scores may shift (INT8, approximate search), from its scores on
+        training's threshold images: ``engine_threshold: scaled`` (default) carries the bundle's decision over,
+        threshold and normalisation times the median ratio of the engine's to PyTorch's score on the good ones
+        (a threshold set by hand moves with it); ``recalibrated`` applies training's threshold rule to the
+        engine's scores (that rule's mean and spread of a few dozen images move with single images)."""
+        if self.job.settings["engine_threshold"] == "recalibrated":
+            return calibrate(self.split.calibration, calib_scores, self.split.labelled,
+                             self.job.bundle.manifest["config"]["decision"])
+        good = (np.array([s.label for s in self.split.calibration]) == 0) & (self.reference_calibration_scores > 0)
+        ratio = float(np.median(calib_scores[good] / self.reference_calibration_scores[good])) if good.any() else 1.0
+        decision = self.job.bundle.decision
+        normalization = decision["normalization"]
+        return {**decision, "threshold": decision["threshold"] * ratio,
+                "normalization": {**normalization, "center": normalization["center"] * ratio,
+                                  "scale": normalization["scale"] * ratio},
+                "calibration": {**decision["calibration"], "carried_over": {
+                    "score_ratio": ratio, "n_images": int(good.sum()),
+                    "rule": "bundle threshold x median engine / PyTorch score on the held-out good images"}}}
+
     @property
     def reference_ms(self) -> float:
         """PyTorch ms per image on the check images."""
@@ -90,8 +116,7 @@ class AnomalyMapCheck:
         decision = None
         if gate.tolerance is None:
             _, calib_scores, _ = self.run_engine(fmt, path, self.split.calibration)
-            decision = calibrate(self.split.calibration, calib_scores, self.split.labelled,
-                                 self.job.bundle.manifest["config"]["decision"])
+            decision = self.engine_decision(calib_scores)
         maps, scores, ms = self.run_engine(fmt, path, self.split.test)
         labels = np.array([s.label for s in self.split.test])
         ref_maps, ref_scores, _ = self.reference

@@ -153,7 +153,7 @@ class ExportJob:
         """Run the engine on the task's check images and apply its gate (see ``checks.AnomalyMapCheck.check``).
 
         Returns (parity, the engine's own decision or None (anomaly engines whose gate has no score
-        tolerance, INT8 and faiss, are recalibrated), engine ms per image).
+        tolerance, INT8 and faiss, get one), engine ms per image).
         """
         key = (fmt, precision, sha256_path(path))
         if key not in self._checked:  # an exporter that retries (INT8) already checked this very file

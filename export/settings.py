@@ -87,6 +87,7 @@ class ExportConfig(Section):
     fp32: GateSection
     fp16: GateSection
     int8: Int8Section
+    engine_threshold: Literal["scaled", "recalibrated"]
     detections: DetectionGatesSection
     tensorrt: TensorRTSection
     coreml: CoreMLSection

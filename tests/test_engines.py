@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -19,6 +20,7 @@ from test_daemon import _serve_to_end
 from edgeinspect.bundle import Bundle
 from edgeinspect.config import load_config
 from edgeinspect.errors import BundleError, ConfigError, ExportError
+from edgeinspect.export.checks import AnomalyMapCheck
 from edgeinspect.export.exporter import CannotBuildHere, ExportJob, export_bundle
 from edgeinspect.export.onnx import (
     OnnxSubgraph,
@@ -35,7 +37,9 @@ from edgeinspect.runtime.backends import TensorRTBackend, select_engine
 from edgeinspect.runtime.backends.tensorrt import check_plan_version, pack_plan, unpack_plan
 from edgeinspect.runtime.predictor import Predictor
 from edgeinspect.train.data import MVTecCategory
+from edgeinspect.train.data.mvtec import Sample
 from edgeinspect.train.models.patchcore.model import BANK_BLOCK
+from edgeinspect.train.trainer import decide
 
 # A gate any INT8 engine meets (and the faiss engines, INT8 features included), for the tests that need an
 # INT8 engine to exist: how far INT8 features move depends on the CPU's integer kernels, and on the synthetic
@@ -181,9 +185,39 @@ def test_int8_engine_is_qdq_with_its_own_calibrated_decision(all_engines: tuple[
     decision = entry["decision"]
     assert decision["calibration"]["source"] == bundle.decision["calibration"]["source"]
     assert decision["calibration"]["n_images"] == bundle.decision["calibration"]["n_images"]
+    # engine_threshold: scaled (the default): the bundle's threshold times the engine's median score ratio
+    ratio = decision["calibration"]["carried_over"]["score_ratio"]
+    assert 0.5 < ratio < 2.0 and ratio != 1.0
+    assert decision["threshold"] == pytest.approx(bundle.decision["threshold"] * ratio)
+    assert decision["normalization"]["center"] == pytest.approx(decision["threshold"])
     assert bundle.engine_decision(entry) is decision
     predictor = Predictor(bundle, engine="onnx:int8")
     assert predictor.threshold == decision["threshold"] and predictor.engine == "onnx:int8"
+
+
+def test_engine_threshold_is_carried_over_by_the_median_score_ratio() -> None:
+    """``engine_threshold: scaled`` multiplies the bundle's decision by the median engine / PyTorch score ratio of
+    the good threshold images (defective ones and single outliers do not move it); ``recalibrated`` applies
+    training's threshold rule to the engine's scores."""
+    good = [Sample(Path(f"g{i}.png"), 0, "good", None) for i in range(7)]
+    samples = [*good, Sample(Path("d.png"), 1, "crack", Path("d_mask.png"))]
+    reference = np.array([10.0, 11.0, 12.0, 9.0, 10.5, 11.5, 12.5, 40.0])
+    engine = reference * 1.1
+    engine[0] *= 1.5  # one good image far off, and the defective one: neither moves the median ratio
+    engine[-1] = 10.0
+    decision_cfg = {"threshold_rule": "mean_sd", "threshold_sd": 2.0, "threshold_quantile": 1.0,
+                    "threshold_margin": 1.0, "min_region_area": 16}
+    bundle_decision = decide(reference[:7], decision_cfg)
+    bundle = SimpleNamespace(decision=bundle_decision, manifest={"config": {"decision": decision_cfg}})
+    check = AnomalyMapCheck(SimpleNamespace(settings={"engine_threshold": "scaled"}, bundle=bundle))
+    check.split = SimpleNamespace(calibration=samples, labelled=False)
+    check.reference_calibration_scores = reference
+    scaled = check.engine_decision(engine)
+    assert scaled["threshold"] == pytest.approx(1.1 * bundle_decision["threshold"])
+    assert scaled["normalization"]["scale"] == pytest.approx(1.1 * bundle_decision["normalization"]["scale"])
+    assert scaled["calibration"]["carried_over"]["n_images"] == 7
+    check.job.settings["engine_threshold"] = "recalibrated"
+    assert check.engine_decision(engine) == decide(engine[:7], decision_cfg)
 
 
 def test_integer_matmuls_match_float_and_lower_back(tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ def run_inference(bundle_path: str | Path, data_root: str | Path, category: str,
     """Run a bundle's PyTorch model or one of its engines over its test split (:func:`trainer.bundle_test_samples`).
 
     ``engine`` is ``torch`` or an engine selector (``onnx``, ``onnx:int8``, ``auto``...); an engine is
-    judged at its own threshold (INT8 and faiss engines are recalibrated at export).
+    judged at its own threshold (INT8 and faiss engines get one at export).
     """
     bundle = Bundle.open(bundle_path)
     dataset = MVTecCategory(data_root, category)

@@ -184,7 +184,7 @@ class Model:
         new = {**decision, "set_by": "inspector", "previous_threshold": previous}
         entry = bundle.find_engine(self.base.engine_entry["format"], self.base.engine_entry["precision"])
         if entry is not None and entry.get("decision"):
-            entry["decision"] = new  # the engine's own (recalibrated) decision is the one it applies
+            entry["decision"] = new  # the engine's own decision (INT8, faiss) is the one it applies
         else:
             bundle.manifest["decision"] = new
         bundle.save()
