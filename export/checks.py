@@ -93,7 +93,7 @@ class AnomalyMapCheck:
         return {**decision, "threshold": decision["threshold"] * ratio,
                 "normalization": {**normalization, "center": normalization["center"] * ratio,
                                   "scale": normalization["scale"] * ratio},
-                "calibration": {**decision["calibration"], "carried_over": {
+                "calibration": {**decision.get("calibration", {}), "carried_over": {
                     "score_ratio": ratio, "n_images": int(good.sum()),
                     "rule": "bundle threshold x median engine / PyTorch score on the held-out good images"}}}
 
