@@ -30,6 +30,12 @@ class Int8Section(GateSection):
     exclude_per_round: integer(1, 10_000)
 
 
+class EngineThresholdSection(Section):
+    """How an anomaly engine whose gate lets scores shift (INT8, faiss) gets its threshold."""
+
+    rule: Literal["scaled", "recalibrated"]
+
+
 class DetectionGateSection(Section):
     """The parity gate of a detector engine at one precision (export/parity.py DetectionGate)."""
 
@@ -87,7 +93,7 @@ class ExportConfig(Section):
     fp32: GateSection
     fp16: GateSection
     int8: Int8Section
-    engine_threshold: Literal["scaled", "recalibrated"]
+    engine_threshold: EngineThresholdSection
     detections: DetectionGatesSection
     tensorrt: TensorRTSection
     coreml: CoreMLSection

@@ -185,7 +185,7 @@ def test_int8_engine_is_qdq_with_its_own_calibrated_decision(all_engines: tuple[
     decision = entry["decision"]
     assert decision["calibration"]["source"] == bundle.decision["calibration"]["source"]
     assert decision["calibration"]["n_images"] == bundle.decision["calibration"]["n_images"]
-    # engine_threshold: scaled (the default): the bundle's threshold times the engine's median score ratio
+    # engine_threshold.rule: scaled (the default): the bundle's threshold times the engine's median score ratio
     ratio = decision["calibration"]["carried_over"]["score_ratio"]
     assert 0.5 < ratio < 2.0 and ratio != 1.0
     assert decision["threshold"] == pytest.approx(bundle.decision["threshold"] * ratio)
@@ -196,7 +196,7 @@ def test_int8_engine_is_qdq_with_its_own_calibrated_decision(all_engines: tuple[
 
 
 def test_engine_threshold_is_carried_over_by_the_median_score_ratio() -> None:
-    """``engine_threshold: scaled`` multiplies the bundle's decision by the median engine / PyTorch score ratio of
+    """``engine_threshold.rule: scaled`` multiplies the bundle's decision by the median engine / PyTorch score ratio of
     the good threshold images (defective ones and single outliers do not move it); ``recalibrated`` applies
     training's threshold rule to the engine's scores."""
     good = [Sample(Path(f"g{i}.png"), 0, "good", None) for i in range(7)]
@@ -209,14 +209,14 @@ def test_engine_threshold_is_carried_over_by_the_median_score_ratio() -> None:
                     "threshold_margin": 1.0, "min_region_area": 16}
     bundle_decision = decide(reference[:7], decision_cfg)
     bundle = SimpleNamespace(decision=bundle_decision, manifest={"config": {"decision": decision_cfg}})
-    check = AnomalyMapCheck(SimpleNamespace(settings={"engine_threshold": "scaled"}, bundle=bundle))
+    check = AnomalyMapCheck(SimpleNamespace(settings={"engine_threshold": {"rule": "scaled"}}, bundle=bundle))
     check.split = SimpleNamespace(calibration=samples, labelled=False)
     check.reference_calibration_scores = reference
     scaled = check.engine_decision(engine)
     assert scaled["threshold"] == pytest.approx(1.1 * bundle_decision["threshold"])
     assert scaled["normalization"]["scale"] == pytest.approx(1.1 * bundle_decision["normalization"]["scale"])
     assert scaled["calibration"]["carried_over"]["n_images"] == 7
-    check.job.settings["engine_threshold"] = "recalibrated"
+    check.job.settings["engine_threshold"]["rule"] = "recalibrated"
     assert check.engine_decision(engine) == decide(engine[:7], decision_cfg)
 
 
