@@ -81,9 +81,11 @@ class AnomalyMapCheck:
         """The decision of an engine whose scores may shift (INT8, approximate search), from its scores on
         training's threshold images: ``engine_threshold.rule: scaled`` (default) carries the bundle's decision over,
         threshold and normalisation times the median ratio of the engine's to PyTorch's score on the good ones
-        (a threshold set by hand moves with it); ``recalibrated`` applies training's threshold rule to the
-        engine's scores (that rule's mean and spread of a few dozen images move with single images)."""
-        if self.job.settings["engine_threshold"]["rule"] == "recalibrated":
+        (a threshold set by hand moves with it), for models whose scores are distances
+        (``AnomalyModel.score_is_distance``); ``recalibrated``, and every other model, applies training's
+        threshold rule to the engine's scores (that rule's mean and spread of a few dozen images move with single
+        images)."""
+        if self.job.settings["engine_threshold"]["rule"] == "recalibrated" or not self.job.model.score_is_distance:
             return calibrate(self.split.calibration, calib_scores, self.split.labelled,
                              self.job.bundle.manifest["config"]["decision"])
         good = (np.array([s.label for s in self.split.calibration]) == 0) & (self.reference_calibration_scores > 0)

@@ -197,8 +197,8 @@ def test_int8_engine_is_qdq_with_its_own_calibrated_decision(all_engines: tuple[
 
 def test_engine_threshold_is_carried_over_by_the_median_score_ratio() -> None:
     """``engine_threshold.rule: scaled`` multiplies the bundle's decision by the median engine / PyTorch score ratio of
-    the good threshold images (defective ones and single outliers do not move it); ``recalibrated`` applies
-    training's threshold rule to the engine's scores."""
+    the good threshold images (defective ones and single outliers do not move it) where scores are distances;
+    ``recalibrated``, and any model whose scores are not, applies training's threshold rule to the engine's scores."""
     good = [Sample(Path(f"g{i}.png"), 0, "good", None) for i in range(7)]
     samples = [*good, Sample(Path("d.png"), 1, "crack", Path("d_mask.png"))]
     reference = np.array([10.0, 11.0, 12.0, 9.0, 10.5, 11.5, 12.5, 40.0])
@@ -209,7 +209,8 @@ def test_engine_threshold_is_carried_over_by_the_median_score_ratio() -> None:
                     "threshold_margin": 1.0, "min_region_area": 16}
     bundle_decision = decide(reference[:7], decision_cfg)
     bundle = SimpleNamespace(decision=bundle_decision, manifest={"config": {"decision": decision_cfg}})
-    check = AnomalyMapCheck(SimpleNamespace(settings={"engine_threshold": {"rule": "scaled"}}, bundle=bundle))
+    check = AnomalyMapCheck(SimpleNamespace(settings={"engine_threshold": {"rule": "scaled"}}, bundle=bundle,
+                                            model=SimpleNamespace(score_is_distance=True)))
     check.split = SimpleNamespace(calibration=samples, labelled=False)
     check.reference_calibration_scores = reference
     scaled = check.engine_decision(engine)
@@ -217,6 +218,11 @@ def test_engine_threshold_is_carried_over_by_the_median_score_ratio() -> None:
     assert scaled["normalization"]["scale"] == pytest.approx(1.1 * bundle_decision["normalization"]["scale"])
     assert scaled["calibration"]["carried_over"]["n_images"] == 7
     check.job.settings["engine_threshold"]["rule"] = "recalibrated"
+    assert check.engine_decision(engine) == decide(engine[:7], decision_cfg)
+    # scores that are not distances (a probability near 0: its ratio there says nothing at the threshold)
+    # recalibrate whatever the rule
+    check.job.settings["engine_threshold"]["rule"] = "scaled"
+    check.job.model.score_is_distance = False
     assert check.engine_decision(engine) == decide(engine[:7], decision_cfg)
 
 

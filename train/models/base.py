@@ -85,6 +85,11 @@ class AnomalyModel(nn.Module):
     # fit() only gathers statistics over the outputs of the frozen low-precision modules, so an INT8
     # engine can have them refit on its own (quantized) features in seconds, without training.
     fit_is_statistics: bool = True
+    # Scores are distances to fitted statistics (zero at the training data, growing with the deviation), so an
+    # engine that shifts them scales them: its threshold is the bundle's times its median score ratio
+    # (configs/export.yaml engine_threshold). Not for probabilities or softplus logits near 0, whose ratio
+    # there says nothing about the ratio at the threshold: those engines recalibrate.
+    score_is_distance: bool = False
 
     def __init__(self, input_size: tuple[int, int], grid: tuple[int, int], smoothing_sigma: float):
         """``grid``: the h x w of :meth:`patch_scores`' output, upsampled and smoothed to ``input_size``."""

@@ -22,6 +22,7 @@ class Padim(BackboneAnomalyModel):
     """
 
     family = "padim"
+    score_is_distance = True
     config_section = PadimSection
 
     def __init__(self, backbone: str = "efficientnet_lite0", stages: Sequence[str] = ("stage3", "stage4", "stage5"),

@@ -104,6 +104,7 @@ class PatchCore(BackboneAnomalyModel):
     """PatchCore anomaly model; the memory bank is a buffer so the exported graph carries it."""
 
     family = "patchcore"
+    score_is_distance = True
     config_section = PatchCoreSection
     dynamic_int8_modules = ("search",)
     nearest_neighbour_module = "search"
