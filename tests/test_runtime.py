@@ -14,7 +14,7 @@ from conftest import SYNTH_CATEGORY
 from edgeinspect.bundle import Bundle
 from edgeinspect.imageio import read_image
 from edgeinspect.preprocess import Preprocess
-from edgeinspect.runtime.postprocess import find_regions, normalize
+from edgeinspect.runtime.postprocess import find_regions, map_regions, normalize
 from edgeinspect.runtime.predictor import Predictor
 
 
@@ -54,6 +54,22 @@ def test_regions_map_back_to_frame_pixels() -> None:
     assert len(regions) == 1
     assert regions[0].box == (100, 20, 140, 40) and regions[0].area == 200 and regions[0].score == 1.0
     assert normalize(1.0, {"center": 1.0, "scale": 2.0}) == 0.5
+
+
+def test_map_regions_labels_the_window_above_the_threshold_like_the_whole_map() -> None:
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        amap = cv2.GaussianBlur(rng.random((64, 96), dtype=np.float32), (0, 0), 2 + trial % 3)
+        threshold = float(np.quantile(amap, 0.9 + 0.005 * trial))
+        n, labels, stats, _ = cv2.connectedComponentsWithStats((amap > threshold).astype(np.uint8), connectivity=8)
+        whole = sorted(((int(x), int(y), int(x + w), int(y + h)), int(area), float(amap[labels == i].max()))
+                       for i, (x, y, w, h, area) in enumerate(stats) if i and area >= 3)
+        regions = map_regions(amap, threshold, 3)
+        assert sorted(regions) == whole and len(whole) >= 1
+        assert [area for _, area, _ in regions] == sorted((area for _, area, _ in regions), reverse=True)
+    assert map_regions(np.zeros((8, 8), np.float32), 0.0, 1) == []
 
 
 def test_auto_interpolation_shrinks_by_area_only_from_twice_the_input() -> None:
