@@ -96,45 +96,49 @@ def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
 
     cfg = job.settings["int8"]
     source = job.source_engine("onnx", "fp32")
+    prefixes = job.low_precision_prefixes()
     model = onnx.load(str(source))
-    keep = float_nodes(model, job.low_precision_prefixes())
-    keep += boundary_producers(model, keep)
+    keep = statistics_nodes(model, prefixes)
     dynamic = job.dynamic_int8_prefixes() if cfg["dynamic_matmuls"] else ()
     inputs = job.calibration_inputs(int(cfg["calibration_images"]))
     refit = bool(cfg["refit_statistics"]) and job.model.fit_is_statistics
     reduce_range = bool(cfg["reduce_range"])
     moved: list[str] = []
     attempts = []
-    for attempt in range(int(cfg["exclusion_rounds"]) + 1):
-        quantize_qdq(source, path, inputs, keep + moved, cfg["calibration_method"], bool(cfg["per_channel"]),
-                     reduce_range)
-        if refit:  # same calibration, same extractor quantization: only the float statistics change
-            with tempfile.TemporaryDirectory() as tmp:
-                refit_source = Path(tmp) / "refit.onnx"
-                write_fp32(job.refit_on_engine(path), refit_source, job.input_shape, job.output_names)
-                quantize_qdq(refit_source, path, inputs, keep + moved, cfg["calibration_method"],
-                             bool(cfg["per_channel"]), reduce_range)
-        integer_matmuls: list[str] = []
-        if dynamic:
-            proto = onnx.load(str(path))
-            integer_matmuls = quantize_dynamic_matmuls(proto.graph, dynamic, moved, reduce_range)
-            onnx.save(proto, str(path))
-        parity, _, _ = job.check("onnx", "int8", path)
-        attempts.append(parity.describe())
-        if parity.passed:
-            break
-        log.warning("onnx:int8 attempt %d failed its gate (%d nodes in float): %s", attempt + 1, len(moved),
-                    attempts[-1])
-        rounds = int(cfg["exclusion_rounds"])
-        if attempt < rounds:  # two causes, tried apart: the quantized features first, the integer MatMuls last
-            if integer_matmuls and attempt == rounds - 1:
-                moved = list(integer_matmuls)  # the MatMuls alone back in float; the extractor all INT8 again
-            else:
-                candidates = [n.name for n in model.graph.node if n.name not in keep + moved]
-                moved += rank_sensitive_nodes(source, path, inputs[:8], candidates)[:int(cfg["exclude_per_round"])]
-    else:
-        raise ExportError(f"onnx:int8 engine refused after {len(attempts)} attempts (last with {len(moved)} "
-                          f"sensitive nodes in float): " + " | ".join(attempts))
+    with tempfile.TemporaryDirectory() as tmp:
+        for attempt in range(int(cfg["exclusion_rounds"]) + 1):
+            quantize_qdq(source, path, inputs, keep + moved, cfg["calibration_method"], bool(cfg["per_channel"]),
+                         reduce_range)
+            reference = source  # the float graph the engine was quantized from
+            if refit:  # same calibration, same extractor quantization: only the float statistics change
+                # written by this version: its statistics nodes may be named unlike those of a bundle's FP32
+                # engine from an earlier one, so they are found in it, not in that engine
+                reference = Path(tmp) / "refit.onnx"
+                write_fp32(job.refit_on_engine(path), reference, job.input_shape, job.output_names)
+                quantize_qdq(reference, path, inputs, statistics_nodes(onnx.load(str(reference)), prefixes) + moved,
+                             cfg["calibration_method"], bool(cfg["per_channel"]), reduce_range)
+            integer_matmuls: list[str] = []
+            if dynamic:
+                proto = onnx.load(str(path))
+                integer_matmuls = quantize_dynamic_matmuls(proto.graph, dynamic, moved, reduce_range)
+                onnx.save(proto, str(path))
+            parity, _, _ = job.check("onnx", "int8", path)
+            attempts.append(parity.describe())
+            if parity.passed:
+                break
+            log.warning("onnx:int8 attempt %d failed its gate (%d nodes in float): %s", attempt + 1, len(moved),
+                        attempts[-1])
+            rounds = int(cfg["exclusion_rounds"])
+            if attempt < rounds:  # two causes, tried apart: the quantized features first, the integer MatMuls last
+                if integer_matmuls and attempt == rounds - 1:
+                    moved = list(integer_matmuls)  # the MatMuls alone back in float; the extractor all INT8 again
+                else:
+                    candidates = [n.name for n in model.graph.node if n.name not in keep + moved]
+                    ranked = rank_sensitive_nodes(reference, path, inputs[:8], candidates)
+                    moved += ranked[:int(cfg["exclude_per_round"])]
+        else:
+            raise ExportError(f"onnx:int8 engine refused after {len(attempts)} attempts (last with {len(moved)} "
+                              f"sensitive nodes in float): " + " | ".join(attempts))
     check(path)
     return {"int8": {"calibration_images": len(inputs), "calibration_method": cfg["calibration_method"],
                      "per_channel": bool(cfg["per_channel"]), "weight_bits": 7 if reduce_range else 8,
@@ -354,6 +358,13 @@ def boundary_producers(model: onnx.ModelProto, float_names: list[str]) -> list[s
     return [n.name for n in model.graph.node if n.name not in floats and consumed & set(n.output)]
 
 
+def statistics_nodes(model: onnx.ModelProto, low_precision_prefixes: tuple[str, ...]) -> list[str]:
+    """The nodes an INT8 engine keeps in float: those outside the low-precision submodules and the
+    low-precision ones that feed them (:func:`float_nodes`, :func:`boundary_producers`)."""
+    keep = float_nodes(model, low_precision_prefixes)
+    return keep + boundary_producers(model, keep)
+
+
 def quantize_dynamic_matmuls(graph: onnx.GraphProto, prefixes: tuple[str, ...], keep_float: Collection[str],
                              reduce_range: bool) -> list[str]:
     """Run the MatMul / Gemm nodes named under ``prefixes`` (not in ``keep_float``) whose right-hand matrix
@@ -361,11 +372,11 @@ def quantize_dynamic_matmuls(graph: onnx.GraphProto, prefixes: tuple[str, ...], 
 
     The left-hand activations are quantized to uint8 at run time (``DynamicQuantizeLinear``, once per
     tensor, its range that of each image, so there is nothing to calibrate), the constant to int8 with a
-    symmetric scale per column; ``MatMulInteger``, then back to float: Cast, Mul by the two scales, the
-    Gemm's bias added. Standard ONNX ops: ONNX Runtime fuses each chain into one MatMulIntegerToFloat on
-    the CPU. A column's scale is its own, so a bank entry with small values keeps its precision, and
-    the bias (PatchCore's |b|^2) stays float. With ``reduce_range`` the constant takes 7 bits (-63..63), as
-    the QDQ weights do (``int8.reduce_range``).
+    symmetric scale per column (per matrix and column of a batch of matrices: PaDiM's P x D x D inverse
+    covariances); ``MatMulInteger``, then back to float: Cast, Mul by the two scales, the Gemm's bias added.
+    Standard ONNX ops: ONNX Runtime fuses each chain into one kernel on the CPU. A column's scale is its own,
+    so a bank entry with small values keeps its precision, and the bias (PatchCore's |b|^2) stays float.
+    With ``reduce_range`` the constant takes 7 bits (-63..63), as the QDQ weights do (``int8.reduce_range``).
     """
     initializers = {i.name: i for i in graph.initializer}
     limit = 63 if reduce_range else 127
@@ -378,13 +389,14 @@ def quantize_dynamic_matmuls(graph: onnx.GraphProto, prefixes: tuple[str, ...], 
                       and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0)
         if (node.op_type not in ("MatMul", "Gemm") or (node.op_type == "Gemm" and not plain_gemm)
                 or not node.name.startswith(prefixes) or node.name in keep_float
-                or weight is None or len(weight.dims) != 2):
+                or weight is None or len(weight.dims) < 2):
             nodes.append(node)
             continue
         matrix = onnx.numpy_helper.to_array(weight).astype(np.float64)
         if attrs.get("transB", 0):
             matrix = matrix.T
-        scale = np.maximum(np.abs(matrix).max(axis=0), 1e-30) / limit
+        # 2-D: one scale per column (N); batched: one per matrix and column (..., 1, N), as MatMul broadcasts
+        scale = np.maximum(np.abs(matrix).max(axis=-2, keepdims=matrix.ndim > 2), 1e-30) / limit
         name, source = node.name, node.input[0]
         if source not in quantized_inputs:
             quantized_inputs[source] = (f"{source}_uint8", f"{source}_scale", f"{source}_zero_point")
@@ -395,7 +407,7 @@ def quantize_dynamic_matmuls(graph: onnx.GraphProto, prefixes: tuple[str, ...], 
             onnx.numpy_helper.from_array(np.clip(np.round(matrix / scale), -limit, limit).astype(np.int8),
                                          f"{name}/weight_int8"),
             onnx.numpy_helper.from_array(scale.astype(np.float32), f"{name}/weight_scale"),
-            onnx.numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{name}/weight_zero_point")])
+            onnx.numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}/weight_zero_point")])
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else ""
         scaled = f"{name}/scaled" if bias else node.output[0]
         nodes += [

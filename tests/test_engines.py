@@ -275,6 +275,33 @@ def test_integer_matmuls_match_float_and_lower_back(tmp_path: Path) -> None:
         np.testing.assert_allclose(got, integer, rtol=1e-2, atol=0.02 * np.abs(integer).max())
 
 
+def test_batched_integer_matmul_scales_each_matrix_column(tmp_path: Path) -> None:
+    """A batch of constant matrices (PaDiM's P x D x D inverse covariances): one int8 scale per matrix and
+    column, so a matrix of small values keeps its precision next to one of large values."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    matrices = rng.normal(size=(6, 20, 20)) * np.logspace(-3, 3, 6)[:, None, None]
+    graph = helper.make_graph([helper.make_node("MatMul", ["d", "m"], ["y"], name="/mahalanobis/MatMul")], "g",
+                              [helper.make_tensor_value_info("d", TensorProto.FLOAT, [6, 1, 20])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6, 1, 20])],
+                              [numpy_helper.from_array(matrices.astype(np.float32), "m")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    d = rng.normal(size=(6, 1, 20)).astype(np.float32)
+    assert quantize_dynamic_matmuls(model.graph, ("/mahalanobis/",), (), reduce_range=True) == ["/mahalanobis/MatMul"]
+    scales = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name.endswith("/weight_scale")))
+    assert scales.shape == (6, 1, 20)
+    onnx.checker.check_model(model, full_check=True)
+    (y,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"d": d})
+    exact = d @ matrices
+    for got, want in zip(y, exact, strict=True):  # each matrix within its own rounding, the smallest included
+        assert 0 < np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    assert dequantize_dynamic_matmuls(model.graph) == 1
+    (lowered,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"d": d})
+    np.testing.assert_allclose(lowered, y, rtol=1e-2, atol=1e-2 * np.abs(y).max())
+
+
 def test_int8_weights_take_seven_bits_so_no_cpu_saturates(tmp_path: Path) -> None:
     """The default ``int8.reduce_range``: a convolution whose uint8 x int8 products are all large and of one sign
     (the case where x86 CPUs without VNNI saturate their 16-bit pair sums: with 8-bit weights this output was 45 %
@@ -321,9 +348,9 @@ def test_statistics_refit_on_the_fp32_engine_reproduce_training(padim_bundle: Pa
     assert max(float((o[1:] - r).abs().max()) for o, r in zip(ours, reference, strict=True)) < 1e-3
     refit = job.refit_on_engine(path)
     assert refit.extractor is job.model.extractor  # the PyTorch extractor is back for tracing
-    np.testing.assert_allclose(refit.mean.numpy(), bundle.load_array("padim_mean"), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(refit.mahalanobis.mean.numpy(), bundle.load_array("padim_mean"), rtol=1e-3, atol=1e-4)
     inv_cov = bundle.load_array("padim_inv_cov")
-    assert np.abs(refit.inv_cov.numpy() - inv_cov).max() < 1e-2 * np.abs(inv_cov).max()
+    assert np.abs(refit.mahalanobis.inv_cov.numpy() - inv_cov).max() < 1e-2 * np.abs(inv_cov).max()
 
 
 def test_gate_leaves_out_borderline_images_and_splits_flips() -> None:
@@ -406,11 +433,11 @@ def test_nodes_are_sorted_after_the_values_their_loop_bodies_read(tmp_path: Path
 @pytest.mark.parametrize("family", ["padim", "patchcore"])
 def test_int8_gate_refuses_and_retries(family: str, request: pytest.FixtureRequest, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each retry keeps two more of the most sensitive nodes in float; PatchCore's last retry puts its integer
-    search alone back in float instead."""
+    """Each retry keeps two more of the most sensitive nodes in float; the last retry puts the integer MatMuls
+    alone back in float instead (PatchCore's search, one per bank block; PaDiM's one batched Mahalanobis)."""
     copy = tmp_path / family
     shutil.copytree(request.getfixturevalue(f"{family}_bundle"), copy)
-    moved = 2 + 2 if family == "padim" else -(-len(Bundle.open(copy).load_array("memory_bank")) // BANK_BLOCK)
+    moved = 1 if family == "padim" else -(-len(Bundle.open(copy).load_array("memory_bank")) // BANK_BLOCK)
     before = (copy / "manifest.json").read_bytes()
     impossible = load_config("export", overrides=["int8.max_auroc_drop=-1.0", "int8.exclusion_rounds=2",
                                                   "int8.exclude_per_round=2", "int8.calibration_images=8"])
@@ -426,8 +453,7 @@ def test_int8_gate_refuses_and_retries(family: str, request: pytest.FixtureReque
     results = export_bundle(copy, "onnx", "all", settings=impossible, progress=False)
     status = _status(results)
     assert status == {"onnx:fp32": "written", "onnx:fp16": "written", "onnx:int8": "refused"}
-    searched = moved if family == "patchcore" else 0  # the search keeps its speed until the last retry
-    assert integer_matmuls == [searched, searched, 0]
+    assert integer_matmuls == [moved, moved, 0]  # the integer MatMuls keep their speed until the last retry
     detail = next(r.detail for r in results if r.precision == "int8")
     assert f"after 3 attempts (last with {moved} sensitive nodes in float)" in detail
     assert "image AUROC drop" in detail and "> -1" in detail
