@@ -77,7 +77,8 @@ class AnomalyModel(nn.Module):
     low_precision_modules: tuple[str, ...] = ("extractor",)
     # Submodules of that float part whose MatMuls against constant matrices the ONNX INT8 engine runs in
     # 8-bit integers, the activations quantized per image at run time instead of calibrated
-    # (export/onnx.py quantize_dynamic_matmuls; PatchCore's nearest-neighbour search). The INT8 gate checks them.
+    # (export/onnx.py quantize_dynamic_matmuls; PatchCore's nearest-neighbour search, PaDiM's Mahalanobis products).
+    # The INT8 gate checks them.
     dynamic_int8_modules: tuple[str, ...] = ()
     # The submodule (if any) that finds each patch's nearest memory-bank entry (P x D patches -> P distances,
     # with a ``bank()`` method): a ``faiss`` engine runs it as a FAISS index over that bank (export/faiss.py).
