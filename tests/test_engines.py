@@ -465,6 +465,43 @@ def test_int8_gate_refuses_and_retries(family: str, request: pytest.FixtureReque
         export_bundle(copy, "onnx", "int8", settings=impossible, progress=False)
 
 
+def test_int8_export_of_a_bundle_whose_fp32_engine_names_nodes_otherwise(padim_engine_bundle: Path,
+                                                                         tmp_path: Path) -> None:
+    """A bundle's FP32 engine written by an earlier version, whose statistics nodes are named otherwise (PaDiM's
+    distance was not a ``/mahalanobis/`` submodule before): the INT8 export quantizes the statistics it refits,
+    in a graph of this version, with that graph's own float nodes, and ranks the sensitive nodes against it; the
+    retries run as on a bundle of this version."""
+    from edgeinspect.bundle import sha256_path
+
+    copy = tmp_path / "padim"
+    shutil.copytree(padim_engine_bundle, copy)
+    engine = copy / "engines" / "model_fp32.onnx"
+    model = onnx.load(str(engine))
+    for node in model.graph.node:  # other names for the distance's nodes and their tensors
+        node.name = node.name.replace("/mahalanobis/", "/earlier/")
+        node.input[:] = [name.replace("/mahalanobis/", "/earlier/") for name in node.input]
+        node.output[:] = [name.replace("/mahalanobis/", "/earlier/") for name in node.output]
+    for initializer in model.graph.initializer:
+        initializer.name = initializer.name.replace("/mahalanobis/", "/earlier/")
+    onnx.save(model, str(engine))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    entry = next(e for e in manifest["engines"] if e["format"] == "onnx" and e["precision"] == "fp32")
+    entry["sha256"], entry["bytes"] = sha256_path(engine), engine.stat().st_size
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    impossible = load_config("export", overrides=["int8.max_auroc_drop=-1.0", "int8.exclusion_rounds=2",
+                                                  "int8.exclude_per_round=2", "int8.calibration_images=8"])
+    with pytest.raises(ExportError, match=r"refused after 3 attempts \(last with 1 sensitive nodes"):
+        export_bundle(copy, "onnx", "int8", settings=impossible, progress=False)
+    lenient = load_config("export", overrides=["int8.min_verdict_agreement=0.0", "int8.max_auroc_drop=1.0",
+                                               "int8.calibration_images=8"])
+    written = export_bundle(copy, "onnx", "int8", settings=lenient, progress=False)[0]
+    assert written.status == "written"
+    graph = onnx.load(str(written.path)).graph
+    assert [n.name for n in graph.node if n.op_type == "MatMulInteger"] == ["/mahalanobis/MatMul/MatMulInteger"]
+    quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    assert not any(name.startswith("/mahalanobis/") for name in quantized)  # its statistics stay float
+
+
 def test_metadata_travels_inside_every_engine(all_engines: tuple[Path, list]) -> None:
     bundle = Bundle.open(all_engines[0])
     for precision in ("fp32", "fp16", "int8"):
