@@ -91,7 +91,7 @@ def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
     model's constant-matrix MatMuls in integers with dynamic activation ranges (``dynamic_int8_modules``);
     retried with more of the most sensitive extractor nodes kept in float each time, and at the last retry
     with those MatMuls alone back in float instead (a failure from the quantized features does not cost the
-    engine its integer search, nor one from the search its INT8 extractor)."""
+    engine its integer MatMuls, nor one from those MatMuls its INT8 extractor)."""
     from edgeinspect.export.quantize import quantize_qdq, rank_sensitive_nodes
 
     cfg = job.settings["int8"]
@@ -109,14 +109,16 @@ def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
         for attempt in range(int(cfg["exclusion_rounds"]) + 1):
             quantize_qdq(source, path, inputs, keep + moved, cfg["calibration_method"], bool(cfg["per_channel"]),
                          reduce_range)
-            reference = source  # the float graph the engine was quantized from
+            reference, reference_model, reference_keep = source, model, keep  # the float graph quantized last
             if refit:  # same calibration, same extractor quantization: only the float statistics change
                 # written by this version: its statistics nodes may be named unlike those of a bundle's FP32
                 # engine from an earlier one, so they are found in it, not in that engine
                 reference = Path(tmp) / "refit.onnx"
                 write_fp32(job.refit_on_engine(path), reference, job.input_shape, job.output_names)
-                quantize_qdq(reference, path, inputs, statistics_nodes(onnx.load(str(reference)), prefixes) + moved,
-                             cfg["calibration_method"], bool(cfg["per_channel"]), reduce_range)
+                reference_model = onnx.load(str(reference))
+                reference_keep = statistics_nodes(reference_model, prefixes)
+                quantize_qdq(reference, path, inputs, reference_keep + moved, cfg["calibration_method"],
+                             bool(cfg["per_channel"]), reduce_range)
             integer_matmuls: list[str] = []
             if dynamic:
                 proto = onnx.load(str(path))
@@ -133,7 +135,7 @@ def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
                 if integer_matmuls and attempt == rounds - 1:
                     moved = list(integer_matmuls)  # the MatMuls alone back in float; the extractor all INT8 again
                 else:
-                    candidates = [n.name for n in model.graph.node if n.name not in keep + moved]
+                    candidates = [n.name for n in reference_model.graph.node if n.name not in reference_keep + moved]
                     ranked = rank_sensitive_nodes(reference, path, inputs[:8], candidates)
                     moved += ranked[:int(cfg["exclude_per_round"])]
         else:
@@ -144,7 +146,7 @@ def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
                      "per_channel": bool(cfg["per_channel"]), "weight_bits": 7 if reduce_range else 8,
                      "statistics_refit_on_int8_features": refit,
                      "attempts": len(attempts), "moved_to_float": moved,
-                     "statistics_nodes_in_float": len(keep), "integer_matmuls": integer_matmuls}}
+                     "statistics_nodes_in_float": len(reference_keep), "integer_matmuls": integer_matmuls}}
 
 
 class OnnxSubgraph(torch.nn.Module):

@@ -59,6 +59,8 @@ def map_regions(anomaly_map: np.ndarray, threshold: float, min_area: int
         return []
     above = anomaly_map > threshold
     rows, cols = np.flatnonzero(above.any(axis=1)), np.flatnonzero(above.any(axis=0))
+    if rows.size == 0:  # a NaN maximum or threshold: no pixel compares above it
+        return []
     top, left = int(rows[0]), int(cols[0])
     window = np.s_[top:int(rows[-1]) + 1, left:int(cols[-1]) + 1]
     n, labels, stats, _ = cv2.connectedComponentsWithStats(above[window].view(np.uint8), connectivity=8)

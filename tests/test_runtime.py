@@ -70,6 +70,9 @@ def test_map_regions_labels_the_window_above_the_threshold_like_the_whole_map() 
         assert sorted(regions) == whole and len(whole) >= 1
         assert [area for _, area, _ in regions] == sorted((area for _, area, _ in regions), reverse=True)
     assert map_regions(np.zeros((8, 8), np.float32), 0.0, 1) == []
+    with_nan = np.zeros((8, 8), np.float32)
+    with_nan[2, 2] = np.nan  # a NaN maximum: nothing compares above the threshold, as with the whole map
+    assert map_regions(with_nan, 0.5, 1) == [] and map_regions(np.ones((8, 8), np.float32), float("nan"), 1) == []
 
 
 def test_auto_interpolation_shrinks_by_area_only_from_twice_the_input() -> None:

@@ -73,7 +73,8 @@ class AnomalyModel(nn.Module):
     # The family's ``model`` config section (declared beside it, in <family>/config.py).
     config_section: type[Section] = Section
     # Submodules whose operations may run in FP16/INT8 engines; everything else (the statistics,
-    # nearest-neighbour / Mahalanobis scoring and the map head) stays in float32.
+    # nearest-neighbour / Mahalanobis scoring and the map head) stays in float32, except the MatMuls of
+    # ``dynamic_int8_modules`` below in the ONNX INT8 engine.
     low_precision_modules: tuple[str, ...] = ("extractor",)
     # Submodules of that float part whose MatMuls against constant matrices the ONNX INT8 engine runs in
     # 8-bit integers, the activations quantized per image at run time instead of calibrated
