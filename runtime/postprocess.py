@@ -55,11 +55,9 @@ def map_regions(anomaly_map: np.ndarray, threshold: float, min_area: int
     Only the bounding window of the pixels above the threshold is labelled (the same components, a
     fraction of the work where a defect covers part of the map).
     """
-    if float(anomaly_map.max()) <= threshold:  # the usual good part: no labelling to do
-        return []
     above = anomaly_map > threshold
     rows, cols = np.flatnonzero(above.any(axis=1)), np.flatnonzero(above.any(axis=0))
-    if rows.size == 0:  # a NaN maximum or threshold: no pixel compares above it
+    if rows.size == 0:  # nothing above the threshold (a good part; also a NaN map or threshold): no labelling
         return []
     top, left = int(rows[0]), int(cols[0])
     window = np.s_[top:int(rows[-1]) + 1, left:int(cols[-1]) + 1]
