@@ -51,7 +51,7 @@ def quantize_qdq(source: Path, path: Path, inputs: Sequence[np.ndarray], keep_fl
 def rank_sensitive_nodes(source: Path, qdq: Path, inputs: Sequence[np.ndarray], candidates: Sequence[str]
                          ) -> list[str]:
     """``candidates`` ordered by how much quantizing their output loses (lowest SQNR first), each
-    followed by the Clip/Relu that consumes its output.
+    followed by the Clip/Relu that consumes its output, or, for a Clip/Relu, preceded by the node it clips.
 
     ONNX Runtime's ``qdq_loss_debug`` runs the float and QDQ models on ``inputs`` and compares each
     activation before and after its quantize/dequantize pair (``qdq_err``, in dB); the node that
@@ -66,10 +66,12 @@ def rank_sensitive_nodes(source: Path, qdq: Path, inputs: Sequence[np.ndarray], 
 
     graph = onnx.load(str(source)).graph
     producer = {out: n.name for n in graph.node for out in n.output}
-    # an activation right after a node goes with it: ONNX Runtime folds Clip/Relu into the producer's
-    # quantization range, so a float producer followed by a quantized Clip would lose its clipping
-    follower = {producer[n.input[0]]: n.name for n in graph.node
-                if n.op_type in ("Clip", "Relu") and n.input and n.input[0] in producer}
+    # a node and the activation right after it go together: ONNX Runtime folds Clip/Relu into the producer's
+    # quantization range, so a float producer followed by a quantized Clip would lose its clipping, and a float
+    # Clip after a quantized producer quantizes that producer's unclipped output, a coarser range than before
+    leader = {n.name: producer[n.input[0]] for n in graph.node
+              if n.op_type in ("Clip", "Relu") and n.input and n.input[0] in producer}
+    follower = {node: activation for activation, node in leader.items()}
     wanted = set(candidates)
     with tempfile.TemporaryDirectory() as tmp:
         float_aug, qdq_aug = Path(tmp) / "float.onnx", Path(tmp) / "qdq.onnx"
@@ -82,7 +84,7 @@ def rank_sensitive_nodes(source: Path, qdq: Path, inputs: Sequence[np.ndarray], 
                     if producer.get(name) in wanted and np.isfinite(err["qdq_err"]))
     seen: list[str] = []
     for _, node in ranked:
-        for name in (node, follower.get(node)):
+        for name in (leader.get(node), node, follower.get(node)):
             if name and name not in seen:
                 seen.append(name)
     return seen

@@ -469,6 +469,35 @@ def test_int8_gate_refuses_and_retries(family: str, request: pytest.FixtureReque
         export_bundle(copy, "onnx", "int8", settings=impossible, progress=False)
 
 
+def test_sensitive_nodes_keep_their_activation_and_an_activation_its_producer(tmp_path: Path) -> None:
+    """A retry moves a Conv to float with the Clip after it, and a Clip with the Conv before it: a float Clip
+    after a quantized Conv would quantize the Conv's unclipped output, a coarser range than the clipped one."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeinspect.export.quantize import quantize_qdq, rank_sensitive_nodes
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(0, 1, (8, c, 3, 3)).astype(np.float32), f"w{k}")
+               for k, c in enumerate((3, 8, 8))]
+    nodes, tensor = [], "image"
+    for k in range(3):
+        nodes += [helper.make_node("Conv", [tensor, f"w{k}"], [f"conv{k}"], name=f"conv{k}", pads=[1, 1, 1, 1]),
+                  helper.make_node("Clip", [f"conv{k}", "lo", "hi"], [f"clip{k}"], name=f"clip{k}")]
+        tensor = f"clip{k}"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info(tensor, TensorProto.FLOAT, [1, 8, 16, 16])],
+                              [*weights, numpy_helper.from_array(np.float32(0.0), "lo"),
+                               numpy_helper.from_array(np.float32(6.0), "hi")])
+    source, qdq = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
+    inputs = [rng.normal(0, 3, (1, 3, 16, 16)).astype(np.float32) for _ in range(4)]
+    quantize_qdq(source, qdq, inputs, [], "minmax", True, True)
+    ranked = rank_sensitive_nodes(source, qdq, inputs, [n.name for n in nodes])
+    assert sorted(ranked) == sorted(n.name for n in nodes)  # each node once
+    for k in range(3):  # every pair together, the Conv first, whichever of the two was measured worse
+        assert ranked.index(f"clip{k}") == ranked.index(f"conv{k}") + 1
+
+
 def test_int8_export_of_a_bundle_whose_fp32_engine_names_nodes_otherwise(padim_engine_bundle: Path, tmp_path: Path,
                                                                          caplog: pytest.LogCaptureFixture) -> None:
     """A bundle's FP32 engine written by an earlier version, whose statistics nodes are named otherwise (PaDiM's
