@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from edgeinspect.device import cpu_flags, cpu_model
+
 MB = 1e6  # sizes are reported in decimal megabytes
 ROW_KEYS = ("format", "precision", "status", "size_mb", "image_auroc", "verdict_agreement", "engine_p50_ms",
             "runtime_p50_ms", "runtime_p90_ms", "runtime_p99_ms", "fps", "peak_rss_mb", "x_backbone")
@@ -97,35 +99,6 @@ def timed_calls(fn: Callable[[Any], Any], inputs: Sequence[Any], start: int, sto
 
 
 # ------------------------------------------------------------------------------------ the device
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), sysctl (macOS), else platform.processor()."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    if sys.platform == "darwin":
-        proc = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
-        if proc.returncode == 0:
-            return proc.stdout.strip()
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> list[str]:
-    """The CPU features that decide INT8/FP16 speed (AVX2, AVX-512, VNNI, AMX, NEON...), where listed."""
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "fma",
-              "asimd", "asimddp", "fphp", "i8mm")
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in wanted if f in have]
-    except OSError:
-        pass
-    return ["arm64"] if platform.machine() == "arm64" else []
-
-
 def gpu_name() -> str | None:
     """The NVIDIA GPU(s) nvidia-smi reports, or None."""
     try:

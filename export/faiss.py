@@ -21,6 +21,7 @@ import onnx
 
 from edgeinspect.errors import ConfigError, ExportError
 from edgeinspect.export.onnx import add_metadata, check
+from edgeinspect.runtime.backends.onnx import WEIGHT_BITS_KEY
 
 if TYPE_CHECKING:
     from edgeinspect.export.exporter import ExportJob
@@ -48,6 +49,9 @@ def export_faiss(job: ExportJob, precision: str, path: Path) -> dict[str, Any]:
     index = build_index(bank, factory, cfg["search_parameters"])
     path.mkdir(parents=True)
     metadata = job.metadata("faiss", precision)
+    bits = source_entry.get("int8", {}).get("weight_bits")
+    if bits:  # its parts run the source's INT8 weights: the runtime reads their bits (needs_exact_products)
+        metadata[WEIGHT_BITS_KEY] = bits
     for name, graph in (("features.onnx", features), ("head.onnx", head)):
         onnx.save(graph, str(path / name))
         check(path / name)

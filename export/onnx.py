@@ -19,6 +19,7 @@ import onnx
 import torch
 
 from edgeinspect.errors import ExportError
+from edgeinspect.runtime.backends.onnx import EXACT_PRODUCTS, WEIGHT_BITS_KEY, needs_exact_products
 
 if TYPE_CHECKING:
     from edgeinspect.export.exporter import ExportJob
@@ -37,7 +38,7 @@ def export_onnx(job: ExportJob, precision: str, path: Path) -> dict[str, Any]:
     elif precision == "fp16":
         extra = write_fp16(job.source_engine("onnx", "fp32"), path, job.low_precision_prefixes())
     else:
-        extra = write_int8(job, path)
+        return write_int8(job, path, metadata)
     add_metadata(path, metadata)
     return extra
 
@@ -86,12 +87,14 @@ def write_fp16(source: Path, path: Path, low_precision_prefixes: tuple[str, ...]
     return {"kept_float": len(keep)}
 
 
-def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
+def write_int8(job: ExportJob, path: Path, metadata: dict[str, Any]) -> dict[str, Any]:
     """Static QDQ quantization of the extractor, its statistics refit on the quantized features, the
     model's constant-matrix MatMuls in integers with dynamic activation ranges (``dynamic_int8_modules``);
-    retried with more of the most sensitive extractor nodes kept in float each time, and at the last retry
-    with those MatMuls alone back in float instead (a failure from the quantized features does not cost the
-    engine its integer MatMuls, nor one from those MatMuls its INT8 extractor)."""
+    retried with more of the most sensitive extractor nodes kept in float each time, then with those MatMuls
+    alone back in float instead (a failure from the quantized features does not cost the engine its integer
+    MatMuls, nor one from those MatMuls its INT8 extractor), and, where the weights took 7 bits, last with
+    8-bit weights, everything in INT8 again (``int8.eight_bit_retry``). Every attempt carries ``metadata`` and its
+    weights' bits, which the runtime reads (``needs_exact_products``), the gate's session included."""
     from edgeinspect.export.quantize import quantize_qdq, rank_sensitive_nodes
 
     cfg = job.settings["int8"]
@@ -105,8 +108,10 @@ def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
     reduce_range = bool(cfg["reduce_range"])
     moved: list[str] = []
     attempts = []
+    rounds = int(cfg["exclusion_rounds"])
+    eight_bit_retry = reduce_range and bool(cfg["eight_bit_retry"])
     with tempfile.TemporaryDirectory() as tmp:
-        for attempt in range(int(cfg["exclusion_rounds"]) + 1):
+        for attempt in range(rounds + 1 + eight_bit_retry):
             quantize_qdq(source, path, inputs, keep + moved, cfg["calibration_method"], bool(cfg["per_channel"]),
                          reduce_range)
             reference, reference_model, reference_keep = source, model, keep  # the float graph quantized last
@@ -124,13 +129,13 @@ def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
                 proto = onnx.load(str(path))
                 integer_matmuls = quantize_dynamic_matmuls(proto.graph, dynamic, moved, reduce_range)
                 onnx.save(proto, str(path))
+            add_metadata(path, {**metadata, WEIGHT_BITS_KEY: 7 if reduce_range else 8})
             parity, _, _ = job.check("onnx", "int8", path)
             attempts.append(parity.describe())
             if parity.passed:
                 break
-            log.warning("onnx:int8 attempt %d failed its gate (%d nodes in float): %s", attempt + 1, len(moved),
-                        attempts[-1])
-            rounds = int(cfg["exclusion_rounds"])
+            log.warning("onnx:int8 attempt %d failed its gate (%d nodes in float, %d-bit weights): %s", attempt + 1,
+                        len(moved), 7 if reduce_range else 8, attempts[-1])
             if attempt < rounds:  # two causes, tried apart: the quantized features first, the integer MatMuls last
                 if integer_matmuls and attempt == rounds - 1:
                     moved = list(integer_matmuls)  # the MatMuls alone back in float; the extractor all INT8 again
@@ -138,9 +143,12 @@ def write_int8(job: ExportJob, path: Path) -> dict[str, Any]:
                     candidates = [n.name for n in reference_model.graph.node if n.name not in reference_keep + moved]
                     ranked = rank_sensitive_nodes(reference, path, inputs[:8], candidates)
                     moved += ranked[:int(cfg["exclude_per_round"])]
+            elif eight_bit_retry and attempt == rounds:  # the 7-bit attempts are spent: one more bit, all INT8 again
+                reduce_range, moved = False, []
         else:
             raise ExportError(f"onnx:int8 engine refused after {len(attempts)} attempts (last with {len(moved)} "
-                              f"sensitive nodes in float): " + " | ".join(attempts))
+                              f"sensitive nodes in float, {7 if reduce_range else 8}-bit weights): "
+                              + " | ".join(attempts))
     check(path)
     return {"int8": {"calibration_images": len(inputs), "calibration_method": cfg["calibration_method"],
                      "per_channel": bool(cfg["per_channel"]), "weight_bits": 7 if reduce_range else 8,
@@ -177,7 +185,10 @@ class OnnxSubgraph(torch.nn.Module):
         initializers = [t for t in model.graph.initializer if t.name in needed]
         del model.graph.initializer[:]
         model.graph.initializer.extend(initializers)
-        self._session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if needs_exact_products({p.key: p.value for p in model.metadata_props}):  # as the runtime will run it
+            options.add_session_config_entry(EXACT_PRODUCTS, "1")
+        self._session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self._input = model.graph.input[0].name
         with torch.no_grad():
             reference = module(torch.from_numpy(example))

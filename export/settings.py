@@ -25,6 +25,7 @@ class Int8Section(GateSection):
     refit_statistics: bool
     per_channel: bool
     reduce_range: bool
+    eight_bit_retry: bool
     dynamic_matmuls: bool
     exclusion_rounds: integer(0, 100)
     exclude_per_round: integer(1, 10_000)

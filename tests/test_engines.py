@@ -3,6 +3,7 @@ TensorRT's refusal paths, metadata inside each engine, and engine selection in t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -25,6 +26,7 @@ from edgeinspect.export.checks import AnomalyMapCheck
 from edgeinspect.export.exporter import CannotBuildHere, ExportJob, export_bundle
 from edgeinspect.export.onnx import (
     OnnxSubgraph,
+    add_metadata,
     dequantize_dynamic_matmuls,
     fold_zero_pads,
     quantize_dynamic_matmuls,
@@ -34,7 +36,8 @@ from edgeinspect.export.onnx import (
 )
 from edgeinspect.export.parity import Gate, compare
 from edgeinspect.imageio import read_image
-from edgeinspect.runtime.backends import TensorRTBackend, select_engine
+from edgeinspect.runtime.backends import OnnxRuntimeBackend, TensorRTBackend, select_engine
+from edgeinspect.runtime.backends.onnx import EXACT_PRODUCTS, WEIGHT_BITS_KEY
 from edgeinspect.runtime.backends.tensorrt import check_plan_version, pack_plan, unpack_plan
 from edgeinspect.runtime.predictor import Predictor
 from edgeinspect.train.data import MVTecCategory
@@ -332,6 +335,45 @@ def test_int8_weights_take_seven_bits_so_no_cpu_saturates(tmp_path: Path) -> Non
     assert np.abs(got - exact).max() < 0.02 * np.abs(exact).max()
 
 
+def test_eight_bit_weights_run_exact_through_the_runtime_on_any_cpu(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine with 8-bit weights (the last INT8 retry, or ``int8.reduce_range: false``) says so inside its
+    file, and the runtime gives it ONNX Runtime's exact uint8 x uint8 products where uint8 x int8 ones could
+    saturate: the convolution above (45 % off with 8-bit weights on an AVX2 EPYC) within rounding. The CPU
+    check is forced on here, so that the option runs on every CPU; on one with VNNI it changes nothing."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import edgeinspect.runtime.backends.onnx as onnx_backend
+    from edgeinspect.export.quantize import quantize_qdq
+
+    rng = np.random.default_rng(0)
+    weight = rng.uniform(0.9, 1.0, size=(64, 64, 3, 3)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["image", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "g",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 64, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 8, 8])],
+                              [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "float.onnx")
+    x = rng.uniform(5.5, 6.0, size=(1, 64, 8, 8)).astype(np.float32)
+    quantize_qdq(tmp_path / "float.onnx", tmp_path / "int8.onnx", [x], [], "minmax", True, False)
+    assert max(np.abs(numpy_helper.to_array(i)).max() for i in onnx.load(tmp_path / "int8.onnx").graph.initializer
+               if i.data_type == TensorProto.INT8) == 127  # 8 bits: pair sums up to 2 x 255 x 127 > 32767
+    add_metadata(tmp_path / "int8.onnx", {WEIGHT_BITS_KEY: 8})
+    monkeypatch.setattr(onnx_backend, "saturates_eight_bit_weights", lambda: True)
+
+    def exact_products(backend: OnnxRuntimeBackend) -> bool:
+        try:
+            return backend.session.get_session_options().get_session_config_entry(EXACT_PRODUCTS) == "1"
+        except RuntimeError:  # not set
+            return False
+
+    backend = OnnxRuntimeBackend(tmp_path / "int8.onnx")
+    assert exact_products(backend)
+    exact = OnnxRuntimeBackend(tmp_path / "float.onnx").run(x)[0]
+    assert np.abs(backend.run(x)[0] - exact).max() < 0.02 * np.abs(exact).max()
+    add_metadata(tmp_path / "int8.onnx", {WEIGHT_BITS_KEY: 7})  # 7-bit weights keep the faster products
+    assert not exact_products(OnnxRuntimeBackend(tmp_path / "int8.onnx"))
+
+
 def test_statistics_refit_on_the_fp32_engine_reproduce_training(padim_bundle: Path, tmp_path: Path) -> None:
     """The refit mechanism itself: the FP32 engine's extractor stands in for PyTorch's, and refitting
     on its features gives back the statistics training wrote (INT8 refits the same way on its own)."""
@@ -435,8 +477,9 @@ def test_nodes_are_sorted_after_the_values_their_loop_bodies_read(tmp_path: Path
 @pytest.mark.parametrize("family", ["padim", "patchcore"])
 def test_int8_gate_refuses_and_retries(family: str, request: pytest.FixtureRequest, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """The first retry keeps the two most sensitive nodes in float; the last retry puts the integer MatMuls
-    alone back in float instead (PatchCore's search, one per bank block; PaDiM's one batched Mahalanobis)."""
+    """The first retry keeps the two most sensitive nodes in float; the next puts the integer MatMuls alone back
+    in float instead (PatchCore's search, one per bank block; PaDiM's one batched Mahalanobis); the last takes
+    8-bit weights, everything in INT8 again."""
     caplog.set_level(logging.WARNING, logger="edgeinspect.export.onnx")
     copy = tmp_path / family
     shutil.copytree(request.getfixturevalue(f"{family}_bundle"), copy)
@@ -456,10 +499,11 @@ def test_int8_gate_refuses_and_retries(family: str, request: pytest.FixtureReque
     results = export_bundle(copy, "onnx", "all", settings=impossible, progress=False)
     status = _status(results)
     assert status == {"onnx:fp32": "written", "onnx:fp16": "written", "onnx:int8": "refused"}
-    assert integer_matmuls == [moved, moved, 0]  # the integer MatMuls keep their speed until the last retry
-    assert "attempt 2 failed its gate (2 nodes in float)" in caplog.text
+    assert integer_matmuls == [moved, moved, 0, moved]  # the integer MatMuls are in float at the third attempt only
+    assert "attempt 2 failed its gate (2 nodes in float, 7-bit weights)" in caplog.text
+    assert f"attempt 3 failed its gate ({moved} nodes in float, 7-bit weights)" in caplog.text
     detail = next(r.detail for r in results if r.precision == "int8")
-    assert f"after 3 attempts (last with {moved} sensitive nodes in float)" in detail
+    assert "after 4 attempts (last with 0 sensitive nodes in float, 8-bit weights)" in detail
     assert "image AUROC drop" in detail and "> -1" in detail
     assert not (copy / "engines" / "model_int8.onnx").exists()
     assert not list((copy / "engines").glob(".tmp-*"))
@@ -498,6 +542,38 @@ def test_sensitive_nodes_keep_their_activation_and_an_activation_its_producer(tm
         assert ranked.index(f"clip{k}") == ranked.index(f"conv{k}") + 1
 
 
+def test_int8_export_takes_eight_bit_weights_when_every_seven_bit_attempt_fails(
+        padim_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last INT8 retry: 8-bit weights, every node in INT8 again (transistor and commutator PaDiM on a Zen 5
+    EPYC: refused with 7-bit weights at every attempt, written with 8); the engine and the manifest say so. Here the
+    7-bit attempts are made to fail."""
+    copy = tmp_path / "padim"
+    shutil.copytree(padim_bundle, copy)
+    check = AnomalyMapCheck.check
+    bits: list[str] = []  # per gate run on an INT8 engine: its weights' bits
+
+    def seven_bits_fail(task: AnomalyMapCheck, fmt: str, precision: str, path: Path) -> tuple:
+        parity, decision, ms = check(task, fmt, precision, path)
+        if precision == "int8":
+            bits.append(read_metadata(path)[WEIGHT_BITS_KEY])
+            if bits[-1] == "7":
+                parity = dataclasses.replace(parity, failures=["made to fail"])
+        return parity, decision, ms
+
+    monkeypatch.setattr(AnomalyMapCheck, "check", seven_bits_fail)
+    settings = load_config("export", overrides=["int8.min_verdict_agreement=0.0", "int8.max_auroc_drop=1.0",
+                                                "int8.exclusion_rounds=1", "int8.calibration_images=8"])
+    written = export_bundle(copy, "onnx", "int8", settings=settings, progress=False)[0]
+    assert written.status == "written" and bits == ["7", "7", "8"]  # the engine written is the one gated last
+    entry = Bundle.open(copy).find_engine("onnx", "int8")
+    assert (entry["int8"]["weight_bits"], entry["int8"]["attempts"], entry["int8"]["moved_to_float"]) == (8, 3, [])
+    assert read_metadata(written.path)[WEIGHT_BITS_KEY] == "8"
+    model = onnx.load(str(written.path))
+    assert max(np.abs(onnx.numpy_helper.to_array(i)).max() for i in model.graph.initializer
+               if i.data_type == onnx.TensorProto.INT8) == 127
+    assert any(n.op_type == "MatMulInteger" for n in model.graph.node)  # the integer MatMuls are back
+
+
 def test_int8_export_of_a_bundle_whose_fp32_engine_names_nodes_otherwise(padim_engine_bundle: Path, tmp_path: Path,
                                                                          caplog: pytest.LogCaptureFixture) -> None:
     """A bundle's FP32 engine written by an earlier version, whose statistics nodes are named otherwise (PaDiM's
@@ -523,10 +599,11 @@ def test_int8_export_of_a_bundle_whose_fp32_engine_names_nodes_otherwise(padim_e
     entry["sha256"], entry["bytes"] = sha256_path(engine), engine.stat().st_size
     (copy / "manifest.json").write_text(json.dumps(manifest))
     impossible = load_config("export", overrides=["int8.max_auroc_drop=-1.0", "int8.exclusion_rounds=2",
-                                                  "int8.exclude_per_round=2", "int8.calibration_images=8"])
+                                                  "int8.exclude_per_round=2", "int8.calibration_images=8",
+                                                  "int8.eight_bit_retry=false"])
     with pytest.raises(ExportError, match=r"refused after 3 attempts \(last with 1 sensitive nodes"):
         export_bundle(copy, "onnx", "int8", settings=impossible, progress=False)
-    assert "attempt 2 failed its gate (2 nodes in float)" in caplog.text  # two extractor nodes ranked
+    assert "attempt 2 failed its gate (2 nodes in float, 7-bit weights)" in caplog.text  # two extractor nodes ranked
     lenient = load_config("export", overrides=["int8.min_verdict_agreement=0.0", "int8.max_auroc_drop=1.0",
                                                "int8.calibration_images=8"])
     written = export_bundle(copy, "onnx", "int8", settings=lenient, progress=False)[0]
@@ -540,9 +617,11 @@ def test_int8_export_of_a_bundle_whose_fp32_engine_names_nodes_otherwise(padim_e
 def test_metadata_travels_inside_every_engine(all_engines: tuple[Path, list]) -> None:
     bundle = Bundle.open(all_engines[0])
     for precision in ("fp32", "fp16", "int8"):
-        meta = read_metadata(bundle.engine("onnx", precision)[0])
+        path, entry = bundle.engine("onnx", precision)
+        meta = read_metadata(path)
         assert meta["bundle_id"] == bundle.bundle_id and meta["precision"] == precision
         assert json.loads(meta["decision"]) == bundle.decision
+        assert meta.get(WEIGHT_BITS_KEY) == (str(entry["int8"]["weight_bits"]) if precision == "int8" else None)
     coremltools = pytest.importorskip("coremltools")
     for precision in ("fp32", "fp16", "int8"):
         path, _ = bundle.engine("coreml", precision)
@@ -559,6 +638,7 @@ def test_metadata_travels_inside_every_engine(all_engines: tuple[Path, list]) ->
         assert spec["metadata"]["bundle_id"] == bundle.bundle_id and spec["metadata"]["precision"] == precision
         for part in ("features.onnx", "head.onnx"):
             assert read_metadata(path / part)["bundle_id"] == bundle.bundle_id
+            assert read_metadata(path / part).get(WEIGHT_BITS_KEY) == ("7" if precision == "int8" else None)
     plan = pack_plan({"tensorrt_version": "10.0.1", "bundle_id": bundle.bundle_id}, b"PLAN")
     assert unpack_plan(plan) == ({"tensorrt_version": "10.0.1", "bundle_id": bundle.bundle_id}, b"PLAN")
 
