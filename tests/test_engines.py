@@ -307,14 +307,11 @@ def test_batched_integer_matmul_scales_each_matrix_column(tmp_path: Path) -> Non
         np.testing.assert_allclose(got, integer, rtol=1e-2, atol=0.02 * np.abs(integer).max())
 
 
-def test_int8_weights_take_seven_bits_so_no_cpu_saturates(tmp_path: Path) -> None:
-    """The default ``int8.reduce_range``: a convolution whose uint8 x int8 products are all large and of one sign
-    (the case where x86 CPUs without VNNI saturate their 16-bit pair sums: with 8-bit weights this output was 45 %
-    off on an AVX2 EPYC) stays within quantization rounding on any CPU."""
-    import onnxruntime as ort
+def _saturating_convolution(path: Path) -> np.ndarray:
+    """A float convolution at ``path`` and an input whose uint8 x int8 products are all large and of one sign, the
+    case where x86 CPUs without VNNI saturate their 16-bit pair sums (with 8-bit weights this output was 45 % off
+    on an AVX2 EPYC)."""
     from onnx import TensorProto, helper, numpy_helper
-
-    from edgeinspect.export.quantize import quantize_qdq
 
     rng = np.random.default_rng(0)
     weight = rng.uniform(0.9, 1.0, size=(64, 64, 3, 3)).astype(np.float32)
@@ -322,13 +319,26 @@ def test_int8_weights_take_seven_bits_so_no_cpu_saturates(tmp_path: Path) -> Non
                               [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 64, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 8, 8])],
                               [numpy_helper.from_array(weight, "w")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "float.onnx")
-    x = rng.uniform(5.5, 6.0, size=(1, 64, 8, 8)).astype(np.float32)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return rng.uniform(5.5, 6.0, size=(1, 64, 8, 8)).astype(np.float32)
+
+
+def _int8_weights(path: Path) -> list[np.ndarray]:
+    return [onnx.numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer
+            if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+
+
+def test_int8_weights_take_seven_bits_so_no_cpu_saturates(tmp_path: Path) -> None:
+    """The default ``int8.reduce_range``: the saturating convolution stays within quantization rounding on any CPU."""
+    import onnxruntime as ort
+
+    from edgeinspect.export.quantize import quantize_qdq
+
+    x = _saturating_convolution(tmp_path / "float.onnx")
     reduce_range = bool(load_config("export")["int8"]["reduce_range"])
     assert reduce_range
     quantize_qdq(tmp_path / "float.onnx", tmp_path / "int8.onnx", [x], [], "minmax", True, reduce_range)
-    weights = [numpy_helper.to_array(i) for i in onnx.load(tmp_path / "int8.onnx").graph.initializer
-               if i.data_type == TensorProto.INT8 and len(i.dims) == 4]
+    weights = _int8_weights(tmp_path / "int8.onnx")
     assert len(weights) == 1 and np.abs(weights[0]).max() <= 64  # 2 x 255 x 64 < 32767: no pair sum saturates
     exact, got = (ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"]).run(
         None, {"image": x})[0] for name in ("float.onnx", "int8.onnx"))
@@ -339,24 +349,14 @@ def test_eight_bit_weights_run_exact_through_the_runtime_on_any_cpu(tmp_path: Pa
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """An engine with 8-bit weights (the last INT8 retry, or ``int8.reduce_range: false``) says so inside its
     file, and the runtime gives it ONNX Runtime's exact uint8 x uint8 products where uint8 x int8 ones could
-    saturate: the convolution above (45 % off with 8-bit weights on an AVX2 EPYC) within rounding. The CPU
-    check is forced on here, so that the option runs on every CPU; on one with VNNI it changes nothing."""
-    from onnx import TensorProto, helper, numpy_helper
-
+    saturate: the saturating convolution within rounding. The CPU check is forced on here, so that the option
+    runs on every CPU; on one with VNNI it changes nothing."""
     import edgeinspect.runtime.backends.onnx as onnx_backend
     from edgeinspect.export.quantize import quantize_qdq
 
-    rng = np.random.default_rng(0)
-    weight = rng.uniform(0.9, 1.0, size=(64, 64, 3, 3)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("Conv", ["image", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "g",
-                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 64, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 8, 8])],
-                              [numpy_helper.from_array(weight, "w")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "float.onnx")
-    x = rng.uniform(5.5, 6.0, size=(1, 64, 8, 8)).astype(np.float32)
+    x = _saturating_convolution(tmp_path / "float.onnx")
     quantize_qdq(tmp_path / "float.onnx", tmp_path / "int8.onnx", [x], [], "minmax", True, False)
-    assert max(np.abs(numpy_helper.to_array(i)).max() for i in onnx.load(tmp_path / "int8.onnx").graph.initializer
-               if i.data_type == TensorProto.INT8) == 127  # 8 bits: pair sums up to 2 x 255 x 127 > 32767
+    assert np.abs(_int8_weights(tmp_path / "int8.onnx")[0]).max() == 127  # pair sums up to 2 x 255 x 127 > 32767
     add_metadata(tmp_path / "int8.onnx", {WEIGHT_BITS_KEY: 8})
     monkeypatch.setattr(onnx_backend, "saturates_eight_bit_weights", lambda: True)
 
