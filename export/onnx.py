@@ -94,7 +94,7 @@ def write_int8(job: ExportJob, path: Path, metadata: dict[str, Any]) -> dict[str
     alone back in float instead (a failure from the quantized features does not cost the engine its integer
     MatMuls, nor one from those MatMuls its INT8 extractor), and, where the weights took 7 bits, last with
     8-bit weights, everything in INT8 again (``int8.eight_bit_retry``). Every attempt carries ``metadata`` and its
-    weights' bits, which the runtime reads (``needs_exact_products``), the gate's session included."""
+    weights' bits."""
     from edgeinspect.export.quantize import quantize_qdq, rank_sensitive_nodes
 
     cfg = job.settings["int8"]
@@ -110,10 +110,17 @@ def write_int8(job: ExportJob, path: Path, metadata: dict[str, Any]) -> dict[str
     attempts = []
     rounds = int(cfg["exclusion_rounds"])
     eight_bit_retry = reduce_range and bool(cfg["eight_bit_retry"])
+
+    def quantize(float_graph: Path, keep_float: list[str]) -> None:
+        """``float_graph`` quantized to ``path``, which says its weights' bits to every session that runs it: the
+        refit's, the gate's, the runtime's (``needs_exact_products``)."""
+        quantize_qdq(float_graph, path, inputs, keep_float, cfg["calibration_method"], bool(cfg["per_channel"]),
+                     reduce_range)
+        add_metadata(path, {**metadata, WEIGHT_BITS_KEY: 7 if reduce_range else 8})
+
     with tempfile.TemporaryDirectory() as tmp:
         for attempt in range(rounds + 1 + eight_bit_retry):
-            quantize_qdq(source, path, inputs, keep + moved, cfg["calibration_method"], bool(cfg["per_channel"]),
-                         reduce_range)
+            quantize(source, keep + moved)
             reference, reference_model, reference_keep = source, model, keep  # the float graph quantized last
             if refit:  # same calibration, same extractor quantization: only the float statistics change
                 # written by this version: its statistics nodes may be named unlike those of a bundle's FP32
@@ -122,14 +129,12 @@ def write_int8(job: ExportJob, path: Path, metadata: dict[str, Any]) -> dict[str
                 write_fp32(job.refit_on_engine(path), reference, job.input_shape, job.output_names)
                 reference_model = onnx.load(str(reference))
                 reference_keep = statistics_nodes(reference_model, prefixes)
-                quantize_qdq(reference, path, inputs, reference_keep + moved, cfg["calibration_method"],
-                             bool(cfg["per_channel"]), reduce_range)
+                quantize(reference, reference_keep + moved)
             integer_matmuls: list[str] = []
             if dynamic:
                 proto = onnx.load(str(path))
                 integer_matmuls = quantize_dynamic_matmuls(proto.graph, dynamic, moved, reduce_range)
                 onnx.save(proto, str(path))
-            add_metadata(path, {**metadata, WEIGHT_BITS_KEY: 7 if reduce_range else 8})
             parity, _, _ = job.check("onnx", "int8", path)
             attempts.append(parity.describe())
             if parity.passed:

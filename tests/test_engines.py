@@ -37,7 +37,7 @@ from edgeinspect.export.onnx import (
 from edgeinspect.export.parity import Gate, compare
 from edgeinspect.imageio import read_image
 from edgeinspect.runtime.backends import OnnxRuntimeBackend, TensorRTBackend, select_engine
-from edgeinspect.runtime.backends.onnx import EXACT_PRODUCTS, WEIGHT_BITS_KEY
+from edgeinspect.runtime.backends.onnx import EXACT_PRODUCTS, WEIGHT_BITS_KEY, needs_exact_products
 from edgeinspect.runtime.backends.tensorrt import check_plan_version, pack_plan, unpack_plan
 from edgeinspect.runtime.predictor import Predictor
 from edgeinspect.train.data import MVTecCategory
@@ -561,10 +561,19 @@ def test_int8_export_takes_eight_bit_weights_when_every_seven_bit_attempt_fails(
         return parity, decision, ms
 
     monkeypatch.setattr(AnomalyMapCheck, "check", seven_bits_fail)
+    refit_bits: list[str | None] = []  # what the statistics refit's sessions read from the engine they run
+    import edgeinspect.export.onnx as onnx_export
+
+    def recorded(metadata: dict[str, str]) -> bool:
+        refit_bits.append(metadata.get(WEIGHT_BITS_KEY))
+        return needs_exact_products(metadata)
+
+    monkeypatch.setattr(onnx_export, "needs_exact_products", recorded)
     settings = load_config("export", overrides=["int8.min_verdict_agreement=0.0", "int8.max_auroc_drop=1.0",
                                                 "int8.exclusion_rounds=1", "int8.calibration_images=8"])
     written = export_bundle(copy, "onnx", "int8", settings=settings, progress=False)[0]
     assert written.status == "written" and bits == ["7", "7", "8"]  # the engine written is the one gated last
+    assert refit_bits == ["7", "7", "8"]  # the refit runs the attempt's own products (exact where 8 bits saturate)
     entry = Bundle.open(copy).find_engine("onnx", "int8")
     assert (entry["int8"]["weight_bits"], entry["int8"]["attempts"], entry["int8"]["moved_to_float"]) == (8, 3, [])
     assert read_metadata(written.path)[WEIGHT_BITS_KEY] == "8"
