@@ -105,18 +105,18 @@ def write_int8(job: ExportJob, path: Path, metadata: dict[str, Any]) -> dict[str
     dynamic = job.dynamic_int8_prefixes() if cfg["dynamic_matmuls"] else ()
     inputs = job.calibration_inputs(int(cfg["calibration_images"]))
     refit = bool(cfg["refit_statistics"]) and job.model.fit_is_statistics
-    reduce_range = bool(cfg["reduce_range"])
+    bits = 7 if cfg["reduce_range"] else 8  # of every weight (int8.reduce_range); the last retry may take 8
     moved: list[str] = []
     attempts = []
     rounds = int(cfg["exclusion_rounds"])
-    eight_bit_retry = reduce_range and bool(cfg["eight_bit_retry"])
+    eight_bit_retry = bits == 7 and bool(cfg["eight_bit_retry"])
 
     def quantize(float_graph: Path, keep_float: list[str]) -> None:
         """``float_graph`` quantized to ``path``, which says its weights' bits to every session that runs it: the
         refit's, the gate's, the runtime's (``needs_exact_products``)."""
         quantize_qdq(float_graph, path, inputs, keep_float, cfg["calibration_method"], bool(cfg["per_channel"]),
-                     reduce_range)
-        add_metadata(path, {**metadata, WEIGHT_BITS_KEY: 7 if reduce_range else 8})
+                     bits == 7)
+        add_metadata(path, {**metadata, WEIGHT_BITS_KEY: bits})
 
     with tempfile.TemporaryDirectory() as tmp:
         for attempt in range(rounds + 1 + eight_bit_retry):
@@ -133,14 +133,14 @@ def write_int8(job: ExportJob, path: Path, metadata: dict[str, Any]) -> dict[str
             integer_matmuls: list[str] = []
             if dynamic:
                 proto = onnx.load(str(path))
-                integer_matmuls = quantize_dynamic_matmuls(proto.graph, dynamic, moved, reduce_range)
+                integer_matmuls = quantize_dynamic_matmuls(proto.graph, dynamic, moved, bits == 7)
                 onnx.save(proto, str(path))
             parity, _, _ = job.check("onnx", "int8", path)
             attempts.append(parity.describe())
             if parity.passed:
                 break
             log.warning("onnx:int8 attempt %d failed its gate (%d nodes in float, %d-bit weights): %s", attempt + 1,
-                        len(moved), 7 if reduce_range else 8, attempts[-1])
+                        len(moved), bits, attempts[-1])
             if attempt < rounds:  # two causes, tried apart: the quantized features first, the integer MatMuls last
                 if integer_matmuls and attempt == rounds - 1:
                     moved = list(integer_matmuls)  # the MatMuls alone back in float; the extractor all INT8 again
@@ -149,14 +149,14 @@ def write_int8(job: ExportJob, path: Path, metadata: dict[str, Any]) -> dict[str
                     ranked = rank_sensitive_nodes(reference, path, inputs[:8], candidates)
                     moved += ranked[:int(cfg["exclude_per_round"])]
             elif eight_bit_retry and attempt == rounds:  # the 7-bit attempts are spent: one more bit, all INT8 again
-                reduce_range, moved = False, []
+                bits, moved = 8, []
         else:
             raise ExportError(f"onnx:int8 engine refused after {len(attempts)} attempts (last with {len(moved)} "
-                              f"sensitive nodes in float, {7 if reduce_range else 8}-bit weights): "
+                              f"sensitive nodes in float, {bits}-bit weights): "
                               + " | ".join(attempts))
     check(path)
     return {"int8": {"calibration_images": len(inputs), "calibration_method": cfg["calibration_method"],
-                     "per_channel": bool(cfg["per_channel"]), "weight_bits": 7 if reduce_range else 8,
+                     "per_channel": bool(cfg["per_channel"]), "weight_bits": bits,
                      "statistics_refit_on_int8_features": refit,
                      "attempts": len(attempts), "moved_to_float": moved,
                      "statistics_nodes_in_float": len(reference_keep), "integer_matmuls": integer_matmuls}}
