@@ -1,7 +1,8 @@
 """PatchCore's nearest-neighbour search in 8-bit integers against float, the search alone:
 `python -m benchmarks.int8_search BUNDLE --data ROOT --category CAT [--threads 2] [--rounds 3]`.
 
-The bundle's search module (``NearestNeighbourSearch``: the bank in blocks of ``BANK_BLOCK`` entries) is
+The bundle's search module (``NearestNeighbourSearch``: the bank in blocks of ``BANK_BLOCK`` entries, in the
+bank's principal subspace where the bundle has one, the patches projected into it first) is
 written to ONNX as the FP32 engine is (``write_fp32``); the INT8 engine's rewrite (``quantize_dynamic_matmuls``: the
 patches quantized to uint8 once per image, each block's -2b in int8 with a scale per entry,
 ``MatMulInteger`` with |b|^2 added in float, fused by ONNX Runtime into ``MatMulIntegerToFloat``) gives
@@ -63,8 +64,8 @@ def main() -> None:
     args = parser.parse_args()
     model, embedding, labels, masks = embed_test_images(args.bundle, args.data, args.category)
     n, d, h, w = embedding.shape
-    per_image = embedding.permute(0, 2, 3, 1).reshape(n, h * w, d).numpy()
-    sessions = {kind: session(search_graph(model.search, (h * w, d), kind == "int8"), args.threads)
+    per_image = model.subspace(embedding.permute(0, 2, 3, 1).reshape(-1, d)).reshape(n, h * w, -1).numpy()
+    sessions = {kind: session(search_graph(model.search, per_image.shape[1:], kind == "int8"), args.threads)
                 for kind in ("float", "int8")}
     nearest, times = {}, {kind: [] for kind in sessions}
     for round_ in range(args.rounds):

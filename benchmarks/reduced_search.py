@@ -1,12 +1,14 @@
-"""Accuracy of PatchCore's nearest-neighbour search in fewer dimensions (a measurement, not a product option):
-`python -m benchmarks.reduced_search BUNDLE --data ROOT --category CAT [--dims 16,32,48,64] [--plain]`.
+"""Accuracy of PatchCore's nearest-neighbour search in fewer dimensions, the measurement behind
+``model.search_variance``: `python -m benchmarks.reduced_search BUNDLE --data ROOT --category CAT
+[--dims 16,32,48,64] [--plain]`.
 
 Patches and memory bank are expressed in the bank's leading k principal axes (centred on the bank's
-mean). By default the norm of each vector's residual outside those axes is one more coordinate, so the
-(k + 1)-dim distance is a lower bound of the exact one (exact when the two residuals are parallel);
-``--plain`` adds both residual norms instead (the search in k dims with full norms). Prints, per k, the
-image AUROC, pixel AUROC and PRO of the bundle's test images scored with that search in PyTorch, and the
-relative error of the nearest distances, next to the exact search.
+mean). By default the norm of each vector's residual outside those axes is one more coordinate
+(``PrincipalSubspace``, as the product searches), so the (k + 1)-dim distance is a lower bound of the exact
+one (exact when the two residuals are parallel); ``--plain`` adds both residual norms instead (the search in
+k dims with full norms). Prints, per k, the share of the bank's variance its axes hold, the image AUROC, pixel
+AUROC and PRO of the bundle's test images scored with that search in PyTorch, and the relative error of the
+nearest distances, next to the exact search over the bundle's whole bank.
 """
 
 from __future__ import annotations
@@ -20,19 +22,10 @@ from edgeinspect.bundle import Bundle
 from edgeinspect.train.data import MVTecCategory
 from edgeinspect.train.data.batches import Batches
 from edgeinspect.train.metrics import image_auroc, pixel_auroc, pro
+from edgeinspect.train.models.patchcore.model import PrincipalSubspace
 from edgeinspect.train.trainer import bundle_split, load_model, test_masks
 
 CHUNK = 4096  # patches per distance matrix (4096 x a 15k-entry bank: 250 MB)
-
-
-def reduced(vectors: torch.Tensor, mean: torch.Tensor, axes: torch.Tensor, plain: bool) -> torch.Tensor:
-    """``vectors`` in the k ``axes`` (D x k) about ``mean``; with the residual norm appended unless ``plain``."""
-    centred = vectors - mean
-    inside = centred @ axes
-    if plain:
-        return inside
-    residual = ((centred * centred).sum(1) - (inside * inside).sum(1)).clamp_min(0.0).sqrt()
-    return torch.cat([inside, residual[:, None]], dim=1)
 
 
 def nearest_distance(patches: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
@@ -78,15 +71,17 @@ def main() -> None:
             nearest = exact
         else:
             axes = axes_t[:k].T
-            a, b = reduced(patches, mean, axes, args.plain), reduced(bank, mean, axes, args.plain)
             if args.plain:  # |p - b|^2 in the axes plus both residual norms (no cross term)
+                a, b = (patches - mean) @ axes, (bank - mean) @ axes
                 resid_p = ((patches - mean) ** 2).sum(1) - (a * a).sum(1)
                 resid_b = ((bank - mean) ** 2).sum(1) - (b * b).sum(1)
                 nearest = torch.cat([(torch.cdist(part, b) ** 2 + rp[:, None] + resid_b[None]).amin(1)
                                      for part, rp in zip(a.split(CHUNK), resid_p.split(CHUNK), strict=True)])
                 nearest = nearest.clamp_min(0.0).sqrt()
             else:
-                nearest = nearest_distance(a, b)
+                subspace = PrincipalSubspace(d)
+                subspace.set_axes(mean, axes)
+                nearest = nearest_distance(subspace(patches), subspace(bank))
         amap = model.head(nearest.reshape(n, 1, h, w))
         maps, scores = amap[:, 0].numpy(), amap.flatten(1).amax(1).numpy()
         error = (nearest - exact).abs() / exact.clamp_min(1e-6)

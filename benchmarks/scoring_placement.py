@@ -102,8 +102,9 @@ def ort_session(path: Path, threads: int, spinning: bool = True) -> Any:
 
 
 # ----------------------------------------------------------------------------------- runtime scoring
-def patchcore_scorer(memory_bank: np.ndarray) -> Scorer:
-    """FAISS exact L2 search (k=1): D x h x w features -> h x w distances to the nearest bank entry."""
+def patchcore_scorer(memory_bank: np.ndarray, project: Callable[[np.ndarray], np.ndarray]) -> Scorer:
+    """FAISS exact L2 search (k=1): D x h x w features -> h x w distances to the nearest bank entry, the
+    patches first passed through ``project`` (the bundle's search subspace: ``memory_bank`` is in it)."""
     import faiss
 
     index = faiss.IndexFlatL2(memory_bank.shape[1])
@@ -111,11 +112,19 @@ def patchcore_scorer(memory_bank: np.ndarray) -> Scorer:
 
     def score(features: np.ndarray) -> np.ndarray:
         d, h, w = features.shape
-        patches = np.ascontiguousarray(features.reshape(d, h * w).T)
+        patches = np.ascontiguousarray(project(features.reshape(d, h * w).T), np.float32)
         sq, _ = index.search(patches, 1)
         return np.sqrt(np.maximum(sq[:, 0], 0.0)).reshape(h, w)
 
     return score
+
+
+def torch_projection(model: Any, patches: np.ndarray) -> np.ndarray:
+    """P x D patches through a PatchCore model's search subspace (the identity for an exact-search bundle)."""
+    import torch
+
+    with torch.no_grad():
+        return model.subspace(torch.from_numpy(patches)).numpy()
 
 
 def padim_scorer(mean: np.ndarray, inv_cov: np.ndarray, method: str) -> Scorer:
@@ -182,7 +191,8 @@ def bench_bundle(bundle_path: str | Path, images_dir: str | Path | None, warmup:
     bundle = Bundle.open(bundle_path)
     if bundle.family == "patchcore":
         stats_keys = ["memory_bank"]
-        scorers = {"faiss IndexFlatL2": patchcore_scorer(bundle.load_array("memory_bank"))}
+        search = load_model(bundle, "cpu")  # its bank as searched, and the projection into that subspace
+        scorers = {"faiss IndexFlatL2": patchcore_scorer(search.search.bank(), lambda p: torch_projection(search, p))}
     elif bundle.family == "padim":
         stats_keys = ["padim_mean", "padim_inv_cov", "padim_channel_idx"]
         mean, inv_cov = bundle.load_array("padim_mean"), bundle.load_array("padim_inv_cov")

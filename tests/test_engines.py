@@ -42,8 +42,8 @@ from edgeinspect.runtime.backends.tensorrt import check_plan_version, pack_plan,
 from edgeinspect.runtime.predictor import Predictor
 from edgeinspect.train.data import MVTecCategory
 from edgeinspect.train.data.mvtec import Sample
-from edgeinspect.train.models.patchcore.model import BANK_BLOCK
-from edgeinspect.train.trainer import decide
+from edgeinspect.train.models.patchcore.model import BANK_BLOCK, PrincipalSubspace
+from edgeinspect.train.trainer import decide, load_model
 
 # A gate any INT8 engine meets (and the faiss engines, INT8 features included), for the tests that need an
 # INT8 engine to exist: how far INT8 features move depends on the CPU's integer kernels, and on the synthetic
@@ -124,14 +124,31 @@ def test_zero_pads_fold_into_their_convolutions() -> None:
     np.testing.assert_allclose(run(model), before, rtol=1e-5, atol=1e-5)
 
 
-def engine_memory_bank(model: onnx.ModelProto, dim: int) -> np.ndarray:
-    """The PatchCore memory bank inside a float engine (rows x ``dim``; rows sorted, see :func:`by_rows`):
-    the search holds it in blocks of columns, each -2 b_j (an integer engine: dequantize it first)."""
+def engine_memory_bank(model: onnx.ModelProto) -> np.ndarray:
+    """The PatchCore memory bank inside a float engine, as its search holds it (rows sorted, see :func:`by_rows`):
+    in blocks of columns, each -2 b_j (an integer engine: dequantize it first)."""
     arrays = {i.name: i for i in model.graph.initializer}
     blocks = [arrays[n.input[1]] for n in model.graph.node if n.name.startswith("/search/")
-              and n.op_type in ("MatMul", "Gemm") and n.input[1] in arrays and arrays[n.input[1]].dims[0] == dim]
+              and n.op_type in ("MatMul", "Gemm") and n.input[1] in arrays]
     assert blocks and all(b.data_type == onnx.TensorProto.FLOAT for b in blocks)
     return by_rows(np.concatenate([onnx.numpy_helper.to_array(b) for b in blocks], axis=1).T / -2.0)
+
+
+def engine_subspace(model: onnx.ModelProto) -> PrincipalSubspace:
+    """The search subspace inside a PatchCore engine: the mean its patches are centred on, the axes they are
+    projected onto."""
+    arrays = {i.name: i for i in model.graph.initializer}
+    (mean,), (axes,) = ([torch.from_numpy(onnx.numpy_helper.to_array(arrays[i])) for n in model.graph.node
+                         if n.name == f"/subspace/{op}" for i in n.input if i in arrays] for op in ("Sub", "MatMul"))
+    subspace = PrincipalSubspace(len(mean))
+    subspace.set_axes(mean, axes)
+    return subspace
+
+
+def searched_bank(bundle: Bundle) -> np.ndarray:
+    """The PatchCore bundle's memory bank as its search holds it: in the bank's principal subspace with the
+    residual norm appended (``model.search_variance`` < 1, the default), else as stored."""
+    return load_model(bundle).search.bank()
 
 
 def by_rows(bank: np.ndarray) -> np.ndarray:
@@ -153,8 +170,9 @@ def test_fp16_engine_meets_its_documented_gate(all_engines: tuple[Path, list]) -
     # inputs and outputs stay FP32; the statistics (memory bank) stay FP32 too
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in model.graph.output)
-    bank = np.load(bundle.file("memory_bank"))
-    assert engine_memory_bank(model, bank.shape[1]).shape == bank.shape
+    bank = searched_bank(bundle)
+    assert bank.shape[1] < len(bundle.load_array("search_mean"))  # the search runs in the principal subspace
+    assert engine_memory_bank(model).shape == bank.shape
 
 
 def test_int8_engine_is_qdq_with_its_own_calibrated_decision(all_engines: tuple[Path, list]) -> None:
@@ -170,22 +188,25 @@ def test_int8_engine_is_qdq_with_its_own_calibrated_decision(all_engines: tuple[
     assert entry["int8"]["statistics_nodes_in_float"] > 0
     # the nearest-neighbour search runs in integers: one MatMulInteger per bank block, the patches
     # quantized once
-    bank = np.load(bundle.file("memory_bank"))
+    bank = searched_bank(bundle)
     blocks = -(-len(bank) // BANK_BLOCK)
     assert len(entry["int8"]["integer_matmuls"]) == ops.count("MatMulInteger") == blocks
     assert ops.count("DynamicQuantizeLinear") == 1
-    # the memory bank inside the engine was refit on the engine's own INT8 features: its entries are not
-    # the FP32 bank's within the int8 rounding (|error| <= scale / 4 per coordinate of b = -w / 2)
+    # the memory bank inside the engine was refit on the engine's own INT8 features (and its subspace fit to that
+    # bank): its entries are not the FP32 bank's, taken into the same subspace, within the int8 rounding
+    # (|error| <= scale / 4 per coordinate of b = -w / 2)
     assert entry["int8"]["statistics_refit_on_int8_features"] is True
     fp32_path, _ = bundle.engine("onnx", "fp32")
-    np.testing.assert_allclose(engine_memory_bank(onnx.load(str(fp32_path)), bank.shape[1]), by_rows(bank), atol=1e-6)
+    np.testing.assert_allclose(engine_memory_bank(onnx.load(str(fp32_path))), by_rows(bank), atol=1e-6)
     scales = np.concatenate([onnx.numpy_helper.to_array(i) for i in model.graph.initializer
                              if i.name.endswith("/weight_scale")])
     assert dequantize_dynamic_matmuls(model.graph) == blocks
-    refit = engine_memory_bank(model, bank.shape[1])
-    assert refit.shape == bank.shape
-    nearest_fp32_entry = torch.cdist(torch.from_numpy(refit), torch.from_numpy(bank)).amin(1).numpy()
-    assert np.median(nearest_fp32_entry) > np.sqrt(bank.shape[1]) * scales.max() / 4
+    refit = torch.from_numpy(engine_memory_bank(model))
+    with torch.no_grad():
+        fp32_bank = engine_subspace(model)(torch.from_numpy(bundle.load_array("memory_bank")))
+    assert refit.shape == fp32_bank.shape
+    nearest_fp32_entry = torch.cdist(refit, fp32_bank).amin(1).numpy()
+    assert np.median(nearest_fp32_entry) > np.sqrt(refit.shape[1]) * scales.max() / 4
     decision = entry["decision"]
     assert decision["calibration"]["source"] == bundle.decision["calibration"]["source"]
     assert decision["calibration"]["n_images"] == bundle.decision["calibration"]["n_images"]

@@ -60,6 +60,36 @@ def test_patchcore_blocked_search_is_the_exact_nearest_neighbour() -> None:
     torch.testing.assert_close(model.patch_scores(embedding).double(), expected, rtol=1e-4, atol=1e-3)
 
 
+def test_patchcore_principal_subspace_search_is_a_lower_bound_that_keeps_off_subspace_patches() -> None:
+    """With ``search_variance`` < 1 the search runs in the bank's leading principal axes plus each vector's residual
+    norm: never above the exact distance, and a patch far off the bank's subspace keeps its distance through its
+    residual norm. The subspace goes into the statistics and comes back."""
+    gen = torch.Generator().manual_seed(0)
+    dim, rank = 152, 12
+    basis = torch.linalg.qr(torch.randn(dim, dim, generator=gen))[0]
+    bank = (torch.randn(3000, rank, generator=gen) * torch.linspace(10.0, 3.0, rank)) @ basis[:, :rank].T
+    bank += 0.05 * torch.randn(3000, dim, generator=gen)
+    model = PatchCore(pretrained=False, search_variance=0.99)
+    model.set_bank(bank)
+    k = model.subspace.axes.shape[1]
+    assert 0 < k <= rank and model.search.bank().shape == (3000, k + 1)
+    like_bank = bank[:200] + 0.05 * torch.randn(200, dim, generator=gen)  # as far from it as its own noise
+    off = bank[200:210] + 5.0 * basis[:, rank + 5]  # 5 away from the bank's subspace
+    patches = torch.cat([like_bank, off])
+    exact = torch.cdist(patches.double(), bank.double()).amin(1).float()
+    reduced = model.patch_scores(patches.T.reshape(1, dim, 1, -1)).flatten()
+    assert (reduced <= exact + 1e-3).all()
+    assert (reduced[200:] > 4.0).all() and (reduced[200:] > 2 * reduced[:200].max()).all()
+    restored = PatchCore(pretrained=False, search_variance=0.99)
+    restored.load_statistics(model.statistics())
+    torch.testing.assert_close(restored.patch_scores(patches.T.reshape(1, dim, 1, -1)).flatten(), reduced)
+    exact_model = PatchCore(pretrained=False, search_variance=1.0)
+    exact_model.set_bank(bank)
+    assert exact_model.subspace.axes.shape[1] == 0 and "search_axes" not in exact_model.statistics()
+    torch.testing.assert_close(exact_model.patch_scores(patches.T.reshape(1, dim, 1, -1)).flatten(), exact,
+                               rtol=1e-4, atol=1e-3)
+
+
 def _manifest(bundle: Path) -> dict:
     return json.loads((bundle / "manifest.json").read_text())
 

@@ -11,6 +11,7 @@ class PatchCoreSection(PatchFeatureSection):
 
     coreset_ratio: real(0.0, 1.0, lo_open=True)
     max_bank: integer(0, 10**9)
+    search_variance: real(0.0, 1.0, lo_open=True)
     projection_dim: integer(1, 4096)
     coreset_chunk: integer(0, 10**9)
 

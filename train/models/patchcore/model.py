@@ -67,6 +67,50 @@ def _greedy(points: torch.Tensor, n_select: int, gen: torch.Generator, bar: tqdm
     return selected
 
 
+class PrincipalSubspace(nn.Module):
+    """Patches (P x D) in the memory bank's leading principal axes, plus the norm of their residual outside
+    them as one more coordinate (P x (k + 1)); the identity until :meth:`fit_to` picks axes.
+
+    With both the bank and the patches expressed so, |p - b|^2 = |p_in - b_in|^2 + |p_out - b_out|^2 >=
+    |p_in - b_in|^2 + (|p_out| - |b_out|)^2: the search's distance is a lower bound of the exact one (equal
+    when the two residuals are parallel), and a patch far off the bank's subspace keeps a large distance
+    through its residual norm. The search costs (k + 1) / D of the exact one. A module of its own so that it
+    stays in float in every engine (only ``/search/`` runs in integers) and a faiss engine's index holds the
+    projected bank.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim), persistent=False)
+        self.register_buffer("axes", torch.zeros(dim, 0), persistent=False)  # D x k; none: the identity
+
+    def fit_to(self, bank: torch.Tensor, variance: float) -> None:
+        """Keep the fewest leading principal axes of ``bank`` (M x D) that hold ``variance`` of its variance;
+        none (the identity) when that takes all D of them or ``variance`` is 1."""
+        mean = bank.double().mean(0)
+        centred = bank.double() - mean
+        eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred)  # ascending
+        eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0.0), eigenvectors.flip(1)
+        held = eigenvalues.cumsum(0) / eigenvalues.sum().clamp_min(1e-30)
+        k = int((held < variance - 1e-9).sum()) + 1 if variance < 1.0 else bank.shape[1]
+        self.set_axes(mean.float(), eigenvectors[:, :k].float() if k < bank.shape[1] - 1 else None)
+
+    def set_axes(self, mean: torch.Tensor, axes: torch.Tensor | None) -> None:
+        """Project onto ``axes`` (D x k) about ``mean`` from now on; None: the identity."""
+        dim = mean.shape[0]
+        self.mean = mean.contiguous()
+        self.axes = torch.zeros(dim, 0) if axes is None else axes.contiguous()
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """P x D patches -> P x (k + 1) coordinates (P x D unchanged without axes)."""
+        if self.axes.shape[1] == 0:
+            return patches
+        centred = patches - self.mean
+        inside = centred @ self.axes
+        residual = ((centred * centred).sum(1) - (inside * inside).sum(1)).clamp_min(0.0).sqrt()
+        return torch.cat([inside, residual[:, None]], dim=1)
+
+
 class NearestNeighbourSearch(nn.Module):
     """Euclidean distance of each patch (P x D) to its nearest memory-bank entry, exact.
 
@@ -95,8 +139,10 @@ class NearestNeighbourSearch(nn.Module):
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """P x D patches -> P nearest distances."""
         blocks = zip(self.minus_two_bank_t.split(BANK_BLOCK, dim=1), self.norms.split(BANK_BLOCK), strict=True)
-        partial = [(patches @ block + norms).amin(dim=1) for block, norms in blocks]
-        nearest = (partial[0] if len(partial) == 1 else torch.stack(partial).amin(dim=0)) + (patches * patches).sum(1)
+        # each block's P x 1 minima side by side, then one min: no op per block to join them (a stack of
+        # P-vectors traced to an Unsqueeze per block, 0.1 ms of the 10 % bottle engine)
+        partial = torch.cat([(patches @ block + norms).amin(dim=1, keepdim=True) for block, norms in blocks], dim=1)
+        nearest = partial.amin(dim=1) + (patches * patches).sum(1)
         return nearest.clamp_min(0.0).sqrt()
 
 
@@ -111,19 +157,22 @@ class PatchCore(BackboneAnomalyModel):
 
     def __init__(self, backbone: str = "efficientnet_lite0", stages: Sequence[str] = ("stage3", "stage5"),
                  input_size: Sequence[int] = (224, 224), *, neighbourhood: int = 3, coreset_ratio: float = 0.1,
-                 max_bank: int = 0, projection_dim: int = 64, coreset_chunk: int = 20000,
-                 smoothing_sigma: float = 4.0, seed: int = 0, pretrained: bool = True, weights: str | None = None):
+                 max_bank: int = 0, search_variance: float = 1.0, projection_dim: int = 64,
+                 coreset_chunk: int = 20000, smoothing_sigma: float = 4.0, seed: int = 0, pretrained: bool = True,
+                 weights: str | None = None):
         super().__init__(backbone, stages, tuple(input_size), smoothing_sigma, pretrained=pretrained,
                          weights=weights)
         self.neighbourhood = neighbourhood
         self.coreset_ratio = coreset_ratio
         self.max_bank = max_bank  # 0 here (bundles from before the cap had none); configs/patchcore.yaml sets it
+        self.search_variance = search_variance  # 1.0 here (the exact search of older bundles); the config sets it
         self.projection_dim = projection_dim
         self.coreset_chunk = coreset_chunk
         self.smoothing_sigma = smoothing_sigma
         self.seed = seed
         dim = sum(self.extractor.channels())
         self.register_buffer("memory_bank", torch.zeros(0, dim), persistent=False)
+        self.subspace = PrincipalSubspace(dim)
         self.search = NearestNeighbourSearch(dim)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,9 +180,10 @@ class PatchCore(BackboneAnomalyModel):
         return aggregate_stages(self.extractor(x), self.neighbourhood)
 
     def patch_scores(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Euclidean distance of every patch to its nearest memory-bank entry (see :class:`NearestNeighbourSearch`)."""
+        """Euclidean distance of every patch to its nearest memory-bank entry (see :class:`NearestNeighbourSearch`),
+        in the bank's principal subspace where ``search_variance`` < 1 (see :class:`PrincipalSubspace`)."""
         n, d, h, w = embedding.shape
-        return self.search(embedding.permute(0, 2, 3, 1).reshape(-1, d)).reshape(n, 1, h, w)
+        return self.search(self.subspace(embedding.permute(0, 2, 3, 1).reshape(-1, d))).reshape(n, 1, h, w)
 
     @torch.no_grad()
     def fit(self, batches: Iterable[torch.Tensor], progress: bool = True, *,
@@ -149,25 +199,39 @@ class PatchCore(BackboneAnomalyModel):
         if self.max_bank:
             n_keep = min(n_keep, self.max_bank)
         idx = greedy_coreset(features, n_keep, self.projection_dim, self.seed, progress, self.coreset_chunk)
-        self._set_bank(features[idx])
+        self.set_bank(features[idx])
+
+    def set_bank(self, bank: torch.Tensor) -> None:
+        """Search ``bank`` (M x D) from now on, in its principal subspace that holds ``search_variance`` of its
+        variance (see :class:`PrincipalSubspace`)."""
+        self.subspace.fit_to(bank.float(), self.search_variance)
+        self._set_bank(bank)
 
     def _set_bank(self, bank: torch.Tensor) -> None:
+        """Search ``bank`` (M x D) from now on, in the subspace already set."""
         device = self.memory_bank.device
         self.memory_bank = bank.to(device=device, dtype=torch.float32).contiguous()
-        self.search.set_bank(self.memory_bank)
+        self.search.set_bank(self.subspace(self.memory_bank))
 
     def statistics(self) -> dict[str, np.ndarray]:
-        """The memory bank, M x D float32."""
-        return {"memory_bank": self.memory_bank.cpu().numpy()}
+        """The memory bank, M x D float32; with a principal subspace its mean (D) and axes (D x k) too."""
+        stats = {"memory_bank": self.memory_bank.cpu().numpy()}
+        if self.subspace.axes.shape[1]:
+            stats |= {"search_mean": self.subspace.mean.cpu().numpy(), "search_axes": self.subspace.axes.cpu().numpy()}
+        return stats
 
     def load_statistics(self, stats: dict[str, np.ndarray]) -> None:
-        """Install a memory bank read from a bundle."""
-        self._set_bank(torch.from_numpy(stats["memory_bank"]))
+        """Install a memory bank (and its search subspace, when it has one) read from a bundle."""
+        bank = torch.from_numpy(stats["memory_bank"])
+        axes = torch.from_numpy(stats["search_axes"]) if "search_axes" in stats else None
+        mean = torch.from_numpy(stats["search_mean"]) if axes is not None else torch.zeros(bank.shape[1])
+        self.subspace.set_axes(mean, axes)
+        self._set_bank(bank)
 
     def hyperparameters(self) -> dict:
         """Constructor arguments (without weights)."""
         return {"backbone": self.extractor.spec.name, "stages": self.extractor.stages,
                 "input_size": list(self.input_size), "neighbourhood": self.neighbourhood,
-                "coreset_ratio": self.coreset_ratio, "max_bank": self.max_bank,
+                "coreset_ratio": self.coreset_ratio, "max_bank": self.max_bank, "search_variance": self.search_variance,
                 "projection_dim": self.projection_dim, "coreset_chunk": self.coreset_chunk,
                 "smoothing_sigma": self.smoothing_sigma, "seed": self.seed}
