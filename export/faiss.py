@@ -116,7 +116,9 @@ def split_at_module(model: onnx.ModelProto, prefix: str) -> tuple[onnx.ModelProt
     reads = list(dict.fromkeys(i for n in inside for i in n.input if i in varying and i not in made_inside))
     read_outside = {i for n in model.graph.node if n not in inside for i in n.input} | {o.name for o in
                                                                                          model.graph.output}
-    gives = list(dict.fromkeys(o for n in inside for o in n.output if o in read_outside))
+    # likewise only values computed from the image: a constant the exporter shares with a node outside (a
+    # clamp's 0, cast by the FP16 converter under the first user's name) is no output of the search
+    gives = list(dict.fromkeys(o for n in inside for o in n.output if o in read_outside and o in varying))
     if len(reads) != 1 or len(gives) != 1:
         raise ExportError(f"the nodes under {prefix} read {reads} and give {gives}; a FAISS engine needs one "
                           f"tensor of patches in and one of distances out")

@@ -828,29 +828,33 @@ def test_faiss_backend_refuses_a_broken_engine(all_engines: tuple[Path, list], t
 
 
 def test_split_at_module_cuts_at_the_one_varying_tensor_in_and_out() -> None:
-    """A constant the module shares with the rest of the graph (an FP16 engine casts it outside the module) is
-    not an input of the cut; the two parts compose to the whole graph."""
+    """A constant the module shares with the rest of the graph (an FP16 engine casts it under the name of its first
+    user, outside the module or inside it) is neither an input nor an output of the cut; the two parts compose to
+    the whole graph."""
     import onnxruntime as ort
 
     from edgeinspect.export.faiss import split_at_module
 
     h = onnx.helper
     two = onnx.numpy_helper.from_array(np.array(2.0, np.float16), "two_fp16")
+    one = onnx.numpy_helper.from_array(np.array(1.0, np.float16), "one_fp16")
     graph = h.make_graph([
         h.make_node("Relu", ["x"], ["patches"], name="/Relu"),
         h.make_node("Cast", ["two_fp16"], ["two"], name="/extractor/Cast", to=onnx.TensorProto.FLOAT),
         h.make_node("Mul", ["patches", "two"], ["scaled"], name="/search/Mul"),
         h.make_node("Sqrt", ["scaled"], ["distances"], name="/search/Sqrt"),
-        h.make_node("Neg", ["distances"], ["y"], name="/head/Neg"),
+        h.make_node("Cast", ["one_fp16"], ["one"], name="/search/Cast", to=onnx.TensorProto.FLOAT),
+        h.make_node("Neg", ["distances"], ["negated"], name="/head/Neg"),
+        h.make_node("Add", ["negated", "one"], ["y"], name="/head/Add"),
     ], "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 3])],
-        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 3])], [two])
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 3])], [two, one])
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
     features, head, patches, distances = split_at_module(model, "/search/")
     assert (patches, distances) == ("patches", "distances")
     x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
     (p,) = ort.InferenceSession(features.SerializeToString()).run(None, {"x": x})
     (y,) = ort.InferenceSession(head.SerializeToString()).run(None, {"distances": np.sqrt(2 * p)})
-    np.testing.assert_allclose(y, -np.sqrt(2 * np.maximum(x, 0)), rtol=1e-6)
+    np.testing.assert_allclose(y, 1 - np.sqrt(2 * np.maximum(x, 0)), rtol=1e-6)
     with pytest.raises(ExportError, match="no node of the ONNX engine is under /nothing/"):
         split_at_module(model, "/nothing/")
 
