@@ -138,7 +138,7 @@ def engine_subspace(model: onnx.ModelProto) -> PrincipalSubspace:
     """The search subspace inside a PatchCore engine: the mean its patches are centred on, the axes they are
     projected onto."""
     arrays = {i.name: i for i in model.graph.initializer}
-    (mean,), (axes,) = ([torch.from_numpy(onnx.numpy_helper.to_array(arrays[i])) for n in model.graph.node
+    (mean,), (axes,) = ([torch.tensor(onnx.numpy_helper.to_array(arrays[i])) for n in model.graph.node
                          if n.name == f"/subspace/{op}" for i in n.input if i in arrays] for op in ("Sub", "MatMul"))
     subspace = PrincipalSubspace(len(mean))
     subspace.set_axes(mean, axes)
