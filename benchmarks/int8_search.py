@@ -79,7 +79,8 @@ def main() -> None:
             if round_ == 0:
                 nearest[kind] = np.stack(out)
     exact = nearest["float"]
-    print(f"bank {tuple(model.memory_bank.shape)}, {n} test images x {h * w} patches, {args.threads} threads, "
+    print(f"bank {tuple(model.memory_bank.shape)} searched in {per_image.shape[2]} dimensions, {n} test images x "
+          f"{h * w} patches, {args.threads} threads, "
           f"{args.rounds} rounds")
     for kind, dist in nearest.items():
         amap = model.head(torch.from_numpy(dist.reshape(n, 1, h, w)).float())

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import SYNTH_CATEGORY
+from conftest import SYNTH_CATEGORY, _train
 from test_daemon import _serve_to_end
 
 from edgeinspect.bundle import Bundle
@@ -171,8 +171,35 @@ def test_fp16_engine_meets_its_documented_gate(all_engines: tuple[Path, list]) -
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in model.graph.output)
     bank = searched_bank(bundle)
-    assert bank.shape[1] < len(bundle.load_array("search_mean"))  # the search runs in the principal subspace
     assert engine_memory_bank(model).shape == bank.shape
+
+
+def test_subspace_search_exports_to_every_onnx_precision_and_faiss(synth_root: Path, tmp_path: Path) -> None:
+    """``model.search_variance`` < 1: the projection into the bank's principal subspace stays float32 in every engine
+    (the bundle's axes in FP32 and FP16, the INT8 engine's own, fit to its refit bank), and the faiss engines, cut after
+    it, index the projected bank and score like the onnx ones."""
+    copy = _train("patchcore", synth_root, tmp_path / "subspace", ["model.search_variance=0.99"])
+    settings = load_config("export", overrides=[*LENIENT_INT8, "faiss.index=Flat", "faiss.search_parameters=null"])
+    for fmt, precision in (("onnx", "fp32"), ("onnx", "fp16"), ("onnx", "int8"), ("faiss", "fp16"), ("faiss", "int8")):
+        (result,) = export_bundle(copy, fmt, precision, settings=settings, progress=False)
+        assert result.status == "written", (fmt, precision, result.detail)
+    bundle = Bundle.open(copy)
+    mean, axes = bundle.load_array("search_mean"), bundle.load_array("search_axes")
+    assert 0 < axes.shape[1] < axes.shape[0] - 1
+    for precision in ("fp32", "fp16"):
+        engine = onnx.load(str(bundle.engine("onnx", precision)[0]))
+        subspace = engine_subspace(engine)
+        np.testing.assert_array_equal(subspace.mean.numpy(), mean)
+        np.testing.assert_array_equal(subspace.axes.numpy(), axes)
+        np.testing.assert_allclose(engine_memory_bank(engine), by_rows(searched_bank(bundle)), atol=1e-6)
+    int8_axes = engine_subspace(onnx.load(str(bundle.engine("onnx", "int8")[0]))).axes.numpy()
+    assert int8_axes.shape[0] == axes.shape[0] and not (int8_axes.shape == axes.shape and np.allclose(int8_axes, axes))
+    images = [read_image(p) for p in sorted((synth_root / SYNTH_CATEGORY / "test").rglob("*.png"))[:6]]
+    for precision in ("fp16", "int8"):
+        onnx_engine, faiss_engine = (Predictor(copy, engine=f"{f}:{precision}") for f in ("onnx", "faiss"))
+        for image in images:
+            assert faiss_engine.predict(image).raw_score == pytest.approx(onnx_engine.predict(image).raw_score,
+                                                                          rel=0.05)
 
 
 def test_int8_engine_is_qdq_with_its_own_calibrated_decision(all_engines: tuple[Path, list]) -> None:

@@ -83,6 +83,9 @@ def test_patchcore_principal_subspace_search_is_a_lower_bound_that_keeps_off_sub
     restored = PatchCore(pretrained=False, search_variance=0.99)
     restored.load_statistics(model.statistics())
     torch.testing.assert_close(restored.patch_scores(patches.T.reshape(1, dim, 1, -1)).flatten(), reduced)
+    on_meta = PatchCore(pretrained=False, search_variance=0.99).to("meta")  # fit on the CPU, the model elsewhere
+    on_meta.set_bank(bank)
+    assert on_meta.subspace.axes.device.type == on_meta.search.minus_two_bank_t.device.type == "meta"
     exact_model = PatchCore(pretrained=False, search_variance=1.0)
     exact_model.set_bank(bank)
     assert exact_model.subspace.axes.shape[1] == 0 and "search_axes" not in exact_model.statistics()

@@ -86,7 +86,8 @@ class PrincipalSubspace(nn.Module):
 
     def fit_to(self, bank: torch.Tensor, variance: float) -> None:
         """Keep the fewest leading principal axes of ``bank`` (M x D) that hold ``variance`` of its variance;
-        none (the identity) when that takes all D of them or ``variance`` is 1."""
+        none (the identity) when ``variance`` is 1 or that takes D - 1 or more of them (k + 1 coordinates would
+        be no fewer than D)."""
         mean = bank.double().mean(0)
         centred = bank.double() - mean
         eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred)  # ascending
@@ -96,10 +97,12 @@ class PrincipalSubspace(nn.Module):
         self.set_axes(mean.float(), eigenvectors[:, :k].float() if k < bank.shape[1] - 1 else None)
 
     def set_axes(self, mean: torch.Tensor, axes: torch.Tensor | None) -> None:
-        """Project onto ``axes`` (D x k) about ``mean`` from now on; None: the identity."""
-        dim = mean.shape[0]
-        self.mean = mean.contiguous()
-        self.axes = torch.zeros(dim, 0) if axes is None else axes.contiguous()
+        """Project onto ``axes`` (D x k) about ``mean`` from now on; None: the identity. Both go to the module's
+        device (fit computes them on the CPU)."""
+        device = self.mean.device
+        self.mean = mean.to(device=device, dtype=torch.float32).contiguous()
+        axes = torch.zeros(mean.shape[0], 0) if axes is None else axes
+        self.axes = axes.to(device=device, dtype=torch.float32).contiguous()
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """P x D patches -> P x (k + 1) coordinates (P x D unchanged without axes)."""
@@ -133,7 +136,7 @@ class NearestNeighbourSearch(nn.Module):
         self.norms = (bank.double() ** 2).sum(1).float()
 
     def bank(self) -> np.ndarray:
-        """The memory bank searched, M x D float32."""
+        """The memory bank as searched, M x D' float32 (in the principal subspace: D' = k + 1)."""
         return (-0.5 * self.minus_two_bank_t.T).float().cpu().numpy()
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
