@@ -147,7 +147,7 @@ def engine_subspace(model: onnx.ModelProto) -> PrincipalSubspace:
 
 def searched_bank(bundle: Bundle) -> np.ndarray:
     """The PatchCore bundle's memory bank as its search holds it: in the bank's principal subspace with the
-    residual norm appended (``model.search_variance`` < 1, the default), else as stored."""
+    residual norm appended (``model.search_variance`` < 1), else as stored (the default, exact)."""
     return load_model(bundle).search.bank()
 
 
