@@ -15,7 +15,6 @@ machine is shared).
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from benchmarks.reduced_search import embed_test_images
+from benchmarks.reduced_search import bundle_data_parser, embed_test_images
 from edgeinspect.config import default_config
 from edgeinspect.export.onnx import quantize_dynamic_matmuls, write_fp32
 from edgeinspect.train.metrics import image_auroc, pixel_auroc, pro
@@ -55,10 +54,7 @@ def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
 @torch.no_grad()
 def main() -> None:
     """Embed the test images, run both searches per image, print accuracy and timings side by side."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("bundle")
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--category", required=True)
+    parser = bundle_data_parser(__doc__)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()

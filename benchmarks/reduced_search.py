@@ -33,6 +33,16 @@ def nearest_distance(patches: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cdist(part, bank).amin(1) for part in patches.split(CHUNK)])
 
 
+def bundle_data_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser for a PatchCore bundle scored on ``--data ROOT --category CAT`` (the offline
+    search benchmarks: this one, ``int8_search``, ``bank_size``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("bundle")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--category", required=True)
+    return parser
+
+
 @torch.no_grad()
 def embed_test_images(bundle_dir: str, data: str, category: str) -> tuple[torch.nn.Module, torch.Tensor,
                                                                           np.ndarray, np.ndarray]:
@@ -50,10 +60,7 @@ def embed_test_images(bundle_dir: str, data: str, category: str) -> tuple[torch.
 @torch.no_grad()
 def main() -> None:
     """Embed the test images once, score them with the exact and each reduced search, print the figures."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("bundle")
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--category", required=True)
+    parser = bundle_data_parser(__doc__)
     parser.add_argument("--dims", default="16,32,48,64")
     parser.add_argument("--plain", action="store_true", help="full residual norms added instead of a coordinate")
     args = parser.parse_args()
