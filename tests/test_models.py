@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -116,15 +117,21 @@ def test_patchcore_memory_bank_is_the_coreset(patchcore_bundle: Path) -> None:
     assert np.isfinite(bank).all()
 
 
-def test_patchcore_bank_is_capped_at_max_bank() -> None:
-    """``model.max_bank`` bounds the bank (and the search time) whatever the training-set size; 0 = no cap."""
+def test_patchcore_bank_is_capped_at_max_bank(caplog: pytest.LogCaptureFixture) -> None:
+    """``model.max_bank`` bounds the bank (and the search time) whatever the training-set size; 0 = no cap. A cap
+    that binds says so in the log."""
     good = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    sizes = []
+    sizes, capped = [], []
     for cap in (0, 1000, 20):
         model = PatchCore(input_size=(64, 64), pretrained=False, coreset_ratio=0.5, max_bank=cap)
-        model.fit([good], progress=False)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="edgeinspect.train.models.patchcore.model"):
+            model.fit([good], progress=False)
         sizes.append(model.memory_bank.shape[0])
+        capped.append("model.max_bank" in caplog.text)
     assert sizes == [6 * 8 * 8 // 2, 6 * 8 * 8 // 2, 20]  # 8 x 8 patches per 64 px image
+    assert capped == [False, False, True]
+    assert "would be 192" in caplog.text  # 50 % of the 384 patches
 
 
 def test_padim_statistics_shapes_and_inverse(padim_bundle: Path) -> None:

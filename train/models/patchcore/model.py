@@ -3,6 +3,7 @@ and nearest-neighbour scoring."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from itertools import accumulate
 
@@ -13,6 +14,8 @@ from tqdm import tqdm
 
 from edgeinspect.train.models.base import BackboneAnomalyModel, aggregate_stages
 from edgeinspect.train.models.patchcore.config import PatchCoreSection
+
+log = logging.getLogger(__name__)
 
 BANK_BLOCK = 512  # memory-bank entries per block of the nearest-neighbour MatMul (see NearestNeighbourSearch)
 
@@ -199,8 +202,10 @@ class PatchCore(BackboneAnomalyModel):
             chunks.append(e.permute(0, 2, 3, 1).reshape(-1, e.shape[1]).cpu())
         features = torch.cat(chunks)
         n_keep = int(round(self.coreset_ratio * features.shape[0]))
-        if self.max_bank:
-            n_keep = min(n_keep, self.max_bank)
+        if self.max_bank and n_keep > self.max_bank:
+            log.info("memory bank: %d entries, the cap model.max_bank (%.0f %% of the %d training patches would be %d)",
+                     self.max_bank, 100 * self.coreset_ratio, features.shape[0], n_keep)
+            n_keep = self.max_bank
         idx = greedy_coreset(features, n_keep, self.projection_dim, self.seed, progress, self.coreset_chunk)
         self.set_bank(features[idx])
 
