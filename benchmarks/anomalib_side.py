@@ -28,8 +28,9 @@ import onnxruntime as ort
 LAYERS = ["blocks.2", "blocks.4"]  # timm's efficientnet_lite0: 40 channels at stride 8, 112 at stride 16
 
 
-def fit(family: str, data: str, category: str, size: int, out: Path) -> Path:
-    """Fit anomalib's model on ``category`` and export its ONNX graph (batch 1, ``size`` px); returns its path."""
+def fit(family: str, data: str, category: str, size: int, out: Path) -> Path | None:
+    """Fit anomalib's model on ``category`` and export its ONNX graph (batch 1, ``size`` px); returns its path
+    (anomalib's ``Engine.export`` returns None where it wrote nothing)."""
     from anomalib.data import MVTecAD
     from anomalib.deploy import ExportType
     from anomalib.engine import Engine
