@@ -14,10 +14,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from benchmarks.reduced_search import bundle_data_parser, embed_test_images
+from benchmarks.reduced_search import bundle_data_parser, embed_samples, embed_test_images
 from edgeinspect.bundle import Bundle
-from edgeinspect.train.data import MVTecCategory, Sample
-from edgeinspect.train.data.batches import Batches
+from edgeinspect.train.data import MVTecCategory
 from edgeinspect.train.metrics import image_auroc, pixel_auroc, pro
 from edgeinspect.train.models.patchcore.model import PatchCore, greedy_coreset
 from edgeinspect.train.trainer import bundle_split
@@ -47,11 +46,9 @@ def main() -> None:
     dataset = MVTecCategory(args.data, args.category)
     split = bundle_split(bundle, dataset)
 
-    def embed(samples: list[Sample]) -> torch.Tensor:
-        return torch.cat([model.embed(x) for x in Batches(dataset, samples, bundle.preprocess, 8)])
-
-    features = flat_patches(embed(split.fit))
-    held_out = embed([s for s in split.calibration if not s.label])  # good ones (a val/ split has defects too)
+    features = flat_patches(embed_samples(model, bundle, dataset, split.fit))
+    good_held_out = [s for s in split.calibration if not s.label]  # a val/ split has defects too
+    held_out = embed_samples(model, bundle, dataset, good_held_out)
     share = int(round(model.coreset_ratio * features.shape[0]))
     print(f"{len(split.fit)} fit images, {features.shape[0]} patches, {share} at coreset_ratio "
           f"{model.coreset_ratio}; {len(labels)} test images")

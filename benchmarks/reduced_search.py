@@ -44,6 +44,12 @@ def bundle_data_parser(description: str) -> argparse.ArgumentParser:
 
 
 @torch.no_grad()
+def embed_samples(model: torch.nn.Module, bundle: Bundle, dataset: MVTecCategory, samples: list) -> torch.Tensor:
+    """Embeddings (N x D x h x w) of ``samples`` under the bundle's preprocessing, 8 images at a time."""
+    return torch.cat([model.embed(x) for x in Batches(dataset, samples, bundle.preprocess, 8)])
+
+
+@torch.no_grad()
 def embed_test_images(bundle_dir: str, data: str, category: str) -> tuple[torch.nn.Module, torch.Tensor,
                                                                           np.ndarray, np.ndarray]:
     """The PatchCore bundle's model, the embeddings of its test images (N x D x h x w), their labels and
@@ -52,7 +58,7 @@ def embed_test_images(bundle_dir: str, data: str, category: str) -> tuple[torch.
     model = load_model(bundle)
     dataset = MVTecCategory(data, category)
     samples = bundle_split(bundle, dataset).test
-    embedding = torch.cat([model.embed(x) for x in Batches(dataset, samples, bundle.preprocess, 8)])
+    embedding = embed_samples(model, bundle, dataset, samples)
     labels = np.array([s.label for s in samples])
     return model, embedding, labels, test_masks(dataset, samples, bundle.preprocess)
 
