@@ -10,7 +10,8 @@ Two steps, each in a fresh process:
   the backbone's weights are random (no model hub here), which changes the scores, not the time.
 * ``python -m benchmarks.anomalib_side time MODEL.onnx --data ROOT --category CAT [--runs 100]`` times that graph
   like edgeinspect's runtime path: a decoded test image (BGR uint8), area-resized to the graph's input where it
-  differs, RGB float in [0, 1] NCHW, ``session.run``; ONNX Runtime on the CPU, 2 threads; p50 / p90 ms.
+  differs, RGB float in [0, 1] NCHW, ``session.run``; ONNX Runtime on the CPU, 2 threads; p50 / p90 ms. Run it
+  in edgeinspect's venv: the same ONNX Runtime as edgeinspect's engines.
 
 Compare with ``edgeinspect bench B --engines onnx:fp32 --engines onnx:int8`` in the same sitting (benchmarks/README.md).
 """
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 
 LAYERS = ["blocks.2", "blocks.4"]  # timm's efficientnet_lite0: 40 channels at stride 8, 112 at stride 16
 
@@ -53,6 +53,8 @@ def fit(family: str, data: str, category: str, size: int, out: Path) -> Path | N
 
 def time_graph(path: str, data: str, category: str, runs: int) -> tuple[float, float]:
     """p50 and p90 ms of ``path`` on the category's test images, decoded frame to outputs, 2 threads."""
+    import onnxruntime as ort  # here, not at the top: ``fit`` runs in anomalib's venv, which has no onnxruntime
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.inter_op_num_threads = 1
