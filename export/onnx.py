@@ -87,14 +87,19 @@ def write_fp16(source: Path, path: Path, low_precision_prefixes: tuple[str, ...]
     return {"kept_float": len(keep)}
 
 
-def write_int8(job: ExportJob, path: Path, metadata: dict[str, Any]) -> dict[str, Any]:
+def write_int8(job: ExportJob, path: Path, metadata: dict[str, Any], *, explicit: bool = False) -> dict[str, Any]:
     """Static QDQ quantization of the extractor, its statistics refit on the quantized features, the
     model's constant-matrix MatMuls in integers with dynamic activation ranges (``dynamic_int8_modules``);
     retried with more of the most sensitive extractor nodes kept in float each time, then with those MatMuls
     alone back in float instead (a failure from the quantized features does not cost the engine its integer
     MatMuls, nor one from those MatMuls its INT8 extractor), and, where the weights took 7 bits, last with
     8-bit weights, everything in INT8 again (``int8.eight_bit_retry``). Every attempt carries ``metadata`` and its
-    weights' bits."""
+    weights' bits.
+
+    ``explicit``: the graph a TensorRT INT8 engine is built from, gated the same way with ONNX Runtime: the
+    quantized extractor in TensorRT's symmetric int8 (:func:`to_explicit_int8`) with 8-bit weights and ranges
+    calibrated by ``tensorrt.calibration_method``, the statistics
+    refit on its features, and no integer MatMuls (TensorRT's parser takes none; its GPU runs them in float)."""
     from edgeinspect.export.quantize import quantize_qdq, rank_sensitive_nodes
 
     cfg = job.settings["int8"]
@@ -102,10 +107,14 @@ def write_int8(job: ExportJob, path: Path, metadata: dict[str, Any]) -> dict[str
     prefixes = job.low_precision_prefixes()
     model = onnx.load(str(source))
     keep = statistics_nodes(model, prefixes)
-    dynamic = job.dynamic_int8_prefixes() if cfg["dynamic_matmuls"] else ()
+    dynamic = job.dynamic_int8_prefixes() if cfg["dynamic_matmuls"] and not explicit else ()
+    label = "the TensorRT INT8 graph (ONNX Runtime)" if explicit else "onnx:int8 engine"
     inputs = job.calibration_inputs(int(cfg["calibration_images"]))
+    method = job.settings["tensorrt"]["calibration_method"] if explicit else cfg["calibration_method"]
     refit = bool(cfg["refit_statistics"]) and job.model.fit_is_statistics
-    bits = 7 if cfg["reduce_range"] else 8  # of every weight (int8.reduce_range); the last retry may take 8
+    # of every weight (int8.reduce_range), the last retry may take 8; a GPU adds its int8 products in 32 bits, so
+    # TensorRT's graph takes 8 from the start
+    bits = 7 if cfg["reduce_range"] and not explicit else 8
     moved: list[str] = []
     attempts = []
     rounds = int(cfg["exclusion_rounds"])
@@ -114,8 +123,12 @@ def write_int8(job: ExportJob, path: Path, metadata: dict[str, Any]) -> dict[str
     def quantize(float_graph: Path, keep_float: list[str]) -> None:
         """``float_graph`` quantized to ``path``, which says its weights' bits to every session that runs it: the
         refit's, the gate's, the runtime's (``needs_exact_products``)."""
-        quantize_qdq(float_graph, path, inputs, keep_float, cfg["calibration_method"], bool(cfg["per_channel"]),
+        quantize_qdq(float_graph, path, inputs, keep_float, method, bool(cfg["per_channel"]),
                      bits == 7)
+        if explicit:
+            proto = onnx.load(str(path))
+            to_explicit_int8(proto.graph)
+            onnx.save(proto, str(path))
         add_metadata(path, {**metadata, WEIGHT_BITS_KEY: bits})
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,7 +152,7 @@ def write_int8(job: ExportJob, path: Path, metadata: dict[str, Any]) -> dict[str
             attempts.append(parity.describe())
             if parity.passed:
                 break
-            log.warning("onnx:int8 attempt %d failed its gate (%d nodes in float, %d-bit weights): %s", attempt + 1,
+            log.warning("%s attempt %d failed its gate (%d nodes in float, %d-bit weights): %s", label, attempt + 1,
                         len(moved), bits, attempts[-1])
             if attempt < rounds:  # two causes, tried apart: the quantized features first, the integer MatMuls last
                 if integer_matmuls and attempt == rounds - 1:
@@ -151,12 +164,13 @@ def write_int8(job: ExportJob, path: Path, metadata: dict[str, Any]) -> dict[str
             elif eight_bit_retry and attempt == rounds:  # the 7-bit attempts are spent: one more bit, all INT8 again
                 bits, moved = 8, []
         else:
-            raise ExportError(f"onnx:int8 engine refused after {len(attempts)} attempts (last with {len(moved)} "
+            raise ExportError(f"{label} refused after {len(attempts)} attempts (last with {len(moved)} "
                               f"sensitive nodes in float, {bits}-bit weights): "
                               + " | ".join(attempts))
     check(path)
-    return {"int8": {"calibration_images": len(inputs), "calibration_method": cfg["calibration_method"],
+    return {"int8": {"calibration_images": len(inputs), "calibration_method": method,
                      "per_channel": bool(cfg["per_channel"]), "weight_bits": bits,
+                     "activations": "int8, symmetric" if explicit else "uint8",
                      "statistics_refit_on_int8_features": refit,
                      "attempts": len(attempts), "moved_to_float": moved,
                      "statistics_nodes_in_float": len(reference_keep), "integer_matmuls": integer_matmuls}}
@@ -445,35 +459,65 @@ def quantize_dynamic_matmuls(graph: onnx.GraphProto, prefixes: tuple[str, ...], 
     return rewritten
 
 
-def dequantize_dynamic_matmuls(graph: onnx.GraphProto) -> int:
-    """Undo :func:`quantize_dynamic_matmuls` for runtimes without integer MatMuls (TensorRT's ONNX parser
-    takes no DynamicQuantizeLinear / MatMulInteger): each chain becomes a float MatMul against its
-    dequantized int8 matrix; the number of chains."""
+def to_explicit_int8(graph: onnx.GraphProto) -> dict[str, int]:
+    """Rewrite a QDQ graph of ONNX Runtime's quantizer into the explicit quantization TensorRT's ONNX parser
+    takes; what was rewritten, by kind.
+
+    TensorRT quantizes symmetrically, in int8 with zero point 0: each uint8 Quantize/Dequantize pair of the
+    activations (range ``s * (0 - z)`` to ``s * (255 - z)``) takes int8 with scale ``s * max(z, 255 - z) / 127``,
+    which holds the same range, and a Clip to that range before the Quantize: the uint8 range clipped, and ONNX
+    Runtime's quantizer drops the ReLU6 / ReLU whose clipping a range with ``z = 0`` does. The int32 biases'
+    DequantizeLinear are folded into float constants. The int8 weights and their per-channel scales stay as they
+    are.
+    """
     initializers = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
+    symmetric: dict[tuple[str, str], tuple[str, str]] = {}
+    folded: list[onnx.NodeProto] = []
+    nodes: list[onnx.NodeProto] = []
     for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    replaced: dict[int, onnx.NodeProto | None] = {}
-    for node in graph.node:
-        if node.op_type != "MatMulInteger" or node.input[1] not in initializers:
+        nodes.append(node)
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
-        quantize = producer[node.input[0]]
-        (cast,) = consumers[node.output[0]]
-        (mul,) = consumers[cast.output[0]]
-        scales = producer[mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0]]
-        scale = onnx.numpy_helper.to_array(initializers[scales.input[1]])
-        matrix = onnx.numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32) * scale
-        graph.initializer.append(onnx.numpy_helper.from_array(matrix, f"{node.name}/dequantized"))
-        replaced[id(node)] = onnx.helper.make_node("MatMul", [quantize.input[0], f"{node.name}/dequantized"],
-                                                   list(mul.output), name=node.name)
-        replaced.update({id(cast): None, id(mul): None, id(scales): None, id(quantize): None})
-    nodes = [replaced.get(id(n), n) for n in graph.node]
+        data = initializers.get(node.input[0])
+        if node.op_type == "DequantizeLinear" and data is not None and data.data_type == onnx.TensorProto.INT32:
+            folded.append(node)
+            continue
+        zero = initializers.get(node.input[2]) if len(node.input) > 2 else None
+        if zero is None or zero.data_type != onnx.TensorProto.UINT8:
+            continue
+        scale = onnx.numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
+        z = onnx.numpy_helper.to_array(zero).astype(np.float64)
+        if scale.size != 1 or z.size != 1:
+            raise ExportError(f"{node.name}: an activation quantized per channel has no int8 form for TensorRT")
+        key = (node.input[1], node.input[2])
+        if key not in symmetric:
+            symmetric[key] = (f"{node.input[1]}_symmetric", f"{node.input[2]}_int8")
+            graph.initializer.extend([
+                onnx.numpy_helper.from_array((scale * max(z, 255 - z) / 127).astype(np.float32), symmetric[key][0]),
+                onnx.numpy_helper.from_array(np.zeros(z.shape, np.int8), symmetric[key][1])])
+        if node.op_type == "QuantizeLinear":
+            bounds = [f"{node.name}/clip_min", f"{node.name}/clip_max"]
+            graph.initializer.extend(onnx.numpy_helper.from_array(np.array(v, np.float32).reshape(()), name)
+                                     for v, name in zip((scale * -z, scale * (255 - z)), bounds, strict=True))
+            nodes.insert(-1, onnx.helper.make_node("Clip", [node.input[0], *bounds], [f"{node.input[0]}/clipped"],
+                                                   name=f"{node.name}/Clip"))
+            node.input[0] = f"{node.input[0]}/clipped"
+        node.input[1], node.input[2] = symmetric[key]
+    for node in folded:
+        scale = onnx.numpy_helper.to_array(initializers[node.input[1]])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        values = onnx.numpy_helper.to_array(initializers[node.input[0]]).astype(np.float64)
+        if scale.ndim == 1 and values.ndim > 1:  # per-axis scale along ``axis``
+            scale = scale.reshape([-1 if d == axis % values.ndim else 1 for d in range(values.ndim)])
+        graph.initializer.append(onnx.numpy_helper.from_array((values * scale).astype(np.float32), node.output[0]))
+        nodes.remove(node)
     del graph.node[:]
-    graph.node.extend(n for n in nodes if n is not None)
+    graph.node.extend(nodes)
+    # a tensor's recorded type would still say uint8
+    for info in [v for v in graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.UINT8]:
+        graph.value_info.remove(info)
     _drop_unused_initializers(graph)
-    return sum(n is not None for n in replaced.values())
+    return {"activation_ranges": len(symmetric), "folded_biases": len(folded)}
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:

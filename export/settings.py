@@ -63,6 +63,7 @@ class TensorRTSection(Section):
     workspace_mb: integer(1, 1 << 20)
     dla_core: Literal[0, 1] | None
     timing_cache: str | None
+    calibration_method: Literal["minmax", "entropy", "percentile"]
 
 
 class CoreMLSection(Section):

@@ -27,7 +27,6 @@ from edgeinspect.export.exporter import CannotBuildHere, ExportJob, export_bundl
 from edgeinspect.export.onnx import (
     OnnxSubgraph,
     add_metadata,
-    dequantize_dynamic_matmuls,
     fold_zero_pads,
     quantize_dynamic_matmuls,
     read_metadata,
@@ -35,6 +34,7 @@ from edgeinspect.export.onnx import (
     write_fp32,
 )
 from edgeinspect.export.parity import Gate, compare
+from edgeinspect.export.tensorrt import network_source
 from edgeinspect.imageio import read_image
 from edgeinspect.runtime.backends import OnnxRuntimeBackend, TensorRTBackend, select_engine
 from edgeinspect.runtime.backends.onnx import EXACT_PRODUCTS, WEIGHT_BITS_KEY, needs_exact_products
@@ -122,6 +122,35 @@ def test_zero_pads_fold_into_their_convolutions() -> None:
     assert pads == {"conv_same": [0, 0, 1, 1], "conv_other": [2, 3, 2, 1]}
     onnx.checker.check_model(model, full_check=True)
     np.testing.assert_allclose(run(model), before, rtol=1e-5, atol=1e-5)
+
+
+def dequantize_dynamic_matmuls(graph: onnx.GraphProto) -> int:
+    """Undo :func:`quantize_dynamic_matmuls` (to read the matrices an INT8 engine multiplies by): each chain
+    becomes a float MatMul against its dequantized int8 matrix; the number of chains."""
+    initializers = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    replaced: dict[int, onnx.NodeProto | None] = {}
+    for node in graph.node:
+        if node.op_type != "MatMulInteger" or node.input[1] not in initializers:
+            continue
+        quantize = producer[node.input[0]]
+        (cast,) = consumers[node.output[0]]
+        (mul,) = consumers[cast.output[0]]
+        scales = producer[mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0]]
+        scale = onnx.numpy_helper.to_array(initializers[scales.input[1]])
+        matrix = onnx.numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32) * scale
+        graph.initializer.append(onnx.numpy_helper.from_array(matrix, f"{node.name}/dequantized"))
+        replaced[id(node)] = onnx.helper.make_node("MatMul", [quantize.input[0], f"{node.name}/dequantized"],
+                                                   list(mul.output), name=node.name)
+        replaced.update({id(cast): None, id(mul): None, id(scales): None, id(quantize): None})
+    nodes = [replaced.get(id(n), n) for n in graph.node]
+    del graph.node[:]
+    graph.node.extend(n for n in nodes if n is not None)
+    return sum(n is not None for n in replaced.values())
 
 
 def engine_memory_bank(model: onnx.ModelProto) -> np.ndarray:
@@ -749,6 +778,46 @@ def test_tensorrt_refuses_without_gpu_and_refuses_foreign_plans(patchcore_bundle
         export_bundle(copy, "tensorrt", "fp16", progress=False)
     with pytest.raises(ConfigError, match="cannot run TensorRT engine"):
         TensorRTBackend(copy / "engines" / "model_fp16.engine")
+    settings = load_config("export", overrides=["tensorrt.dla_core=0"])
+    with pytest.raises(ExportError, match="DLA runs FP16 and INT8 only"):  # refused before any GPU is looked for
+        export_bundle(copy, "tensorrt", "fp32", settings=settings, progress=False)
+
+
+def test_tensorrt_is_given_strongly_typed_graphs(patchcore_bundle: Path, tmp_path: Path) -> None:
+    """What TensorRT's parser is given (building needs a GPU): FP16 from the gated FP16 ONNX engine, INT8 from an
+    explicitly quantized graph in the form TensorRT takes, gated with ONNX Runtime first."""
+    shutil.copytree(patchcore_bundle, tmp_path / "b")
+    bundle = Bundle.open(tmp_path / "b")
+    # the gate is the one of every INT8 engine; here only the graph's form is checked (its accuracy: README)
+    relaxed = ["int8.min_verdict_agreement=0", "int8.max_auroc_drop=1", "int8.exclusion_rounds=0",
+               "int8.eight_bit_retry=false"]
+    job = ExportJob(bundle, MVTecCategory(bundle.manifest["data"]["root"], SYNTH_CATEGORY),
+                    load_config("export", overrides=relaxed), progress=False)
+    source, recorded = network_source(job, "fp16", tmp_path)
+    assert source == bundle.path / "engines" / "model_fp16.onnx" and recorded == {"source_engine": source.name}
+    assert bundle.find_engine("onnx", "fp16")["parity"]["status"] == "passed"  # exported with its gate on the way
+
+    source, recorded = network_source(job, "int8", tmp_path)
+    graph = onnx.load(str(source)).graph
+    initializers = {i.name: i for i in graph.initializer}
+    ops = [n.op_type for n in graph.node]
+    qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert ops.count("QuantizeLinear") > 10 and ops.count("Conv") > 10
+    # TensorRT: int8 with zero point 0 only (no uint8), no int32 bias to dequantize, no integer MatMuls
+    for node in qdq:
+        zero = onnx.numpy_helper.to_array(initializers[node.input[2]])
+        assert zero.dtype == np.int8 and not zero.any(), node.name
+        data = initializers.get(node.input[0])
+        assert data is None or data.data_type == onnx.TensorProto.INT8, node.name
+    assert not {"MatMulInteger", "DynamicQuantizeLinear", "QLinearConv"} & set(ops)
+    # every activation is clipped to the uint8 range it was calibrated to (the quantizer dropped the ReLU6s)
+    assert ops.count("Clip") >= ops.count("QuantizeLinear")
+    assert recorded["int8"]["activations"] == "int8, symmetric" and recorded["int8"]["integer_matmuls"] == []
+    assert recorded["int8"]["attempts"] == 1
+    fp32_path, _ = bundle.engine("onnx", "fp32")
+    x = job.calibration_inputs(1)[0]
+    explicit, fp32 = OnnxRuntimeBackend(source).run(x), OnnxRuntimeBackend(fp32_path).run(x)
+    assert [a.shape for a in explicit] == [a.shape for a in fp32]
 
 
 def test_engine_selection(all_engines: tuple[Path, list], patchcore_bundle: Path) -> None:

@@ -71,8 +71,45 @@ def cuda_call(result: Any) -> Any:
     return values[0] if len(values) == 1 else values
 
 
+def output_allocator(trt: Any) -> Any:
+    """A ``trt.IOutputAllocator`` for outputs whose shape depends on the data (Mask R-CNN's detections): TensorRT
+    asks it for device memory during execution, and it keeps one buffer per output that grows when a run needs
+    more, and the shape TensorRT reports."""
+
+    class GrowingOutputs(trt.IOutputAllocator):
+        def __init__(self) -> None:
+            trt.IOutputAllocator.__init__(self)
+            self.address: dict[str, int] = {}
+            self.capacity: dict[str, int] = {}
+            self.shape: dict[str, tuple[int, ...]] = {}
+
+        def reallocate_output(self, tensor_name: str, memory: int, size: int, alignment: int) -> int | None:
+            size = max(int(size), 1)
+            if self.capacity.get(tensor_name, 0) < size:  # cudaMalloc's 256-byte alignment covers TensorRT's
+                try:
+                    if tensor_name in self.address:
+                        cuda_call(cudart().cudaFree(self.address.pop(tensor_name)))
+                    self.address[tensor_name] = cuda_call(cudart().cudaMalloc(size))
+                except RuntimeError as exc:
+                    log.error("no device memory for TensorRT output %s (%d bytes): %s", tensor_name, size, exc)
+                    return None  # TensorRT then fails the run
+                self.capacity[tensor_name] = size
+            return self.address[tensor_name]
+
+        def reallocate_output_async(self, tensor_name: str, memory: int, size: int, alignment: int,
+                                    stream: Any) -> int | None:
+            return self.reallocate_output(tensor_name, memory, size, alignment)
+
+        def notify_shape(self, tensor_name: str, shape: Any) -> None:
+            self.shape[tensor_name] = tuple(shape)
+
+    return GrowingOutputs()
+
+
 class TensorRTBackend:
-    """Deserializes a plan once; :meth:`run` copies the input in, executes, copies outputs back."""
+    """Deserializes a plan once; :meth:`run` copies the input in, executes, copies outputs back. Outputs of a
+    fixed shape have their buffers from the start; those whose shape depends on the data get theirs from
+    :func:`output_allocator` during the run."""
 
     def __init__(self, path: str | Path, *, output_names: list[str] | None = None,
                  providers: tuple[str, ...] = (), threads: int | None = None):
@@ -95,15 +132,25 @@ class TensorRTBackend:
         self.stream = cuda_call(rt.cudaStreamCreate())
         self.host: dict[str, np.ndarray] = {}
         self.device: dict[str, int] = {}
+        self.data_dependent: dict[str, np.dtype] = {}  # output name -> dtype
         self.inputs: list[str] = []
+        outputs = []
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
-            host = np.empty(tuple(self.engine.get_tensor_shape(name)), trt.nptype(self.engine.get_tensor_dtype(name)))
+            shape = tuple(self.engine.get_tensor_shape(name))
+            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            (self.inputs if is_input else outputs).append(name)
+            if not is_input and min(shape, default=0) < 0:
+                self.data_dependent[name] = dtype
+                continue
+            host = np.empty(shape, dtype)
             self.host[name], self.device[name] = host, cuda_call(rt.cudaMalloc(host.nbytes))
             self.context.set_tensor_address(name, self.device[name])
-            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                self.inputs.append(name)
-        self.output_names = output_names or [n for n in self.host if n not in self.inputs]
+        self.allocator = output_allocator(trt) if self.data_dependent else None
+        for name in self.data_dependent:
+            self.context.set_output_allocator(name, self.allocator)
+        self.output_names = output_names or outputs
         self.description = f"TensorRT {trt.__version__} on {header.get('gpu', 'GPU')}"
         log.info("TensorRT engine %s (%s)", path, self.description)
 
@@ -133,16 +180,24 @@ class TensorRTBackend:
         cuda_call(rt.cudaMemcpyAsync(self.device[name], host.ctypes.data, host.nbytes, h2d, self.stream))
         if not self.context.execute_async_v3(self.stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
+        results = []
         for out in self.output_names:
-            cuda_call(rt.cudaMemcpyAsync(self.host[out].ctypes.data, self.device[out], self.host[out].nbytes, d2h,
-                                         self.stream))
+            if out in self.data_dependent:  # its shape and memory are known only now (none for an empty output)
+                host = np.empty(self.allocator.shape[out], self.data_dependent[out])
+                device = self.allocator.address.get(out, 0)
+            else:
+                host, device = self.host[out], self.device[out]
+            if host.nbytes:
+                cuda_call(rt.cudaMemcpyAsync(host.ctypes.data, device, host.nbytes, d2h, self.stream))
+            results.append(host)
         cuda_call(rt.cudaStreamSynchronize(self.stream))
-        return tuple(self.host[out].astype(np.float32, copy=True) for out in self.output_names)
+        return tuple(host.astype(np.float32, copy=True) for host in results)
 
     def __del__(self) -> None:
         device = getattr(self, "device", {})
+        allocator = getattr(self, "allocator", None)
         if device:
             rt = cudart()
-            for ptr in device.values():
+            for ptr in [*device.values(), *(allocator.address.values() if allocator else ())]:
                 rt.cudaFree(ptr)
             rt.cudaStreamDestroy(self.stream)
