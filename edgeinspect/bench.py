@@ -126,15 +126,6 @@ def device_info() -> dict[str, Any]:
     return info
 
 
-def device_slug(info: dict[str, Any]) -> str:
-    """A file name for this device's results, e.g. ``x86_64-amd-epyc-2cpu``."""
-    cpu = "".join(c if c.isalnum() else "-" for c in info["cpu"].lower()).strip("-")
-    while "--" in cpu:
-        cpu = cpu.replace("--", "-")
-    gpu = "-" + "".join(c if c.isalnum() else "-" for c in info["gpu"].split(",")[0].lower()) if info["gpu"] else ""
-    return f"{info['machine']}-{cpu}-{info['cpu_count']}cpu{gpu}"
-
-
 # ----------------------------------------------------------------------------------- RSS child process
 def maxrss_mb() -> float:
     """Peak resident set size of this process in MB (ru_maxrss is KiB on Linux, bytes on macOS)."""

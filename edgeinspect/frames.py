@@ -104,10 +104,6 @@ class FrameCheck:
         self.min_side = min_side
         self.roi = roi
 
-    def with_roi(self, roi: tuple[int, int, int, int] | None) -> FrameCheck:
-        """The same check on the region ``roi`` of each frame."""
-        return FrameCheck(self.spec, convert=self.convert, min_side=self.min_side, roi=roi)
-
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, list[str]]:
         """(RGB uint8 image, conversions done); FrameError with the reason if the frame is refused."""
         if self.roi is not None:

@@ -74,9 +74,6 @@ def default_path() -> Path:
     return Path(data_home) / "edgeinspect" / "registry.sqlite"
 
 
-DEFAULT_PATH = default_path()  # at import; Registry.open() without a path asks default_path() again
-
-
 # ------------------------------------------------------------------------------------------- schema
 def _v1_runs(db: sqlite3.Connection) -> None:
     """Version 1: the runs table."""

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from edgeinspect.errors import DataError
+from edgeinspect.preprocess import Preprocess
+from edgeinspect.train import trainer
 from edgeinspect.train.data import DEFECT_TYPES, MVTecCategory, Sample, synthesize
+from edgeinspect.train.metrics import pixel_auroc, pro
 
 N_TRAIN, N_TEST_GOOD, N_PER_DEFECT, SIZE = 4, 3, 2, 96
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -84,6 +87,25 @@ def test_defect_without_mask_file(dataset: MVTecCategory) -> None:
     assert sample.label == 1 and sample.mask_path is None
     assert not dataset.load_mask(sample, (SIZE, SIZE)).any()
     assert dataset.summary()["masks"] == N_PER_DEFECT * len(DEFECT_TYPES) - 1
+
+
+def test_defect_without_mask_file_stays_out_of_the_pixel_metrics(dataset: MVTecCategory) -> None:
+    """A defective image without a mask has no pixel truth: its detected defect must not count as false
+    positives, so the pixel metrics are those of the images that have truth."""
+    (dataset.path / "ground_truth" / "stain" / "000_mask.png").unlink()
+    samples = dataset.test_samples()
+    preprocess = Preprocess(resize=(SIZE, SIZE), crop=None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    truth = np.stack([dataset.load_mask(s, (SIZE, SIZE)) for s in samples])
+    maps = np.random.default_rng(0).random(truth.shape) + truth
+    unmasked = next(i for i, s in enumerate(samples) if s.label and s.mask_path is None)
+    maps[unmasked, 20:40, 20:40] += 1.0  # its defect, found by the model
+    scores = maps.reshape(len(samples), -1).max(1)
+    metrics = trainer.test_metrics(dataset, samples, preprocess, maps, scores, 1.5, min_region_area=1)
+    keep = np.arange(len(samples)) != unmasked
+    assert metrics["pixel_auroc"] == pytest.approx(pixel_auroc(truth[keep], maps[keep]), abs=1e-12)
+    assert metrics["pro"] == pytest.approx(pro(truth[keep], maps[keep]), abs=1e-12)
+    assert metrics["pixel_auroc"] > pixel_auroc(truth, maps)
+    assert metrics["n_images"] == len(samples)
 
 
 def test_mask_of_good_image_is_never_looked_up(dataset: MVTecCategory) -> None:

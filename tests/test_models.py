@@ -158,6 +158,22 @@ def test_padim_picks_its_channels_before_upsampling(n_features: int, seed: int) 
         torch.testing.assert_close(model.embed(x), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
 
 
+def test_padim_scores_with_the_channels_its_statistics_name() -> None:
+    """A bundle's channel subset wins over the one the seed would pick: a model built with another seed (or
+    a torch whose random numbers changed) scores like the one that was fit once it loads the statistics."""
+    gen = torch.Generator().manual_seed(0)
+    good, probe = torch.randn(4, 3, 64, 64, generator=gen), torch.randn(2, 3, 64, 64, generator=gen)
+    fitted = Padim(input_size=(64, 64), n_features=20, seed=0, pretrained=False).eval()
+    fitted.fit([good], progress=False)
+    restored = Padim(input_size=(64, 64), n_features=20, seed=1, pretrained=False).eval()
+    restored.extractor.load_state_dict(fitted.extractor.state_dict())
+    assert not torch.equal(restored.channel_idx, fitted.channel_idx)
+    restored.load_statistics(fitted.statistics())
+    assert restored.stage_picks == fitted.stage_picks
+    with torch.no_grad():
+        torch.testing.assert_close(restored(probe)[1], fitted(probe)[1])
+
+
 def test_models_score_an_obvious_anomaly_higher() -> None:
     gen = torch.Generator().manual_seed(0)
     good = torch.randn(6, 3, 64, 64, generator=gen) * 0.1

@@ -138,6 +138,8 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> tupl
     normal_top = np.sort(normal_scores[normal_scores >= cut])
     defect_scores, defect_weights = np.concatenate(defect_scores), np.concatenate(defect_weights) / n_regions
     keep = defect_scores >= cut
+    if not keep.any():  # every defect pixel scores below the normal pixels within max_fpr: PRO 0
+        return np.array([0.0, max_fpr]), np.zeros(2)
     order = np.argsort(defect_scores[keep])[::-1]
     ranked = defect_scores[keep][order]
     overlap = np.cumsum(defect_weights[keep][order])
@@ -147,7 +149,7 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> tupl
     above = len(normal_top) - np.searchsorted(normal_top, values, side="right")
     at_or_above = len(normal_top) - np.searchsorted(normal_top, values, side="left")
     fpr = np.r_[0.0, np.column_stack([above, at_or_above]).ravel(), len(normal_top)] / n_normal
-    curve = np.r_[0.0, np.column_stack([before, at]).ravel(), overlap[-1] if len(overlap) else 0.0]
+    curve = np.r_[0.0, np.column_stack([before, at]).ravel(), overlap[-1]]
 
     inside = int(np.searchsorted(fpr, max_fpr, side="right"))  # points with fpr <= max_fpr
     x, y = fpr[:inside], curve[:inside]

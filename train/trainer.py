@@ -160,13 +160,20 @@ def test_metrics(dataset: MVTecCategory, samples: Sequence[Sample], preprocess: 
     """
     labels = np.array([s.label for s in samples])
     masks = test_masks(dataset, samples, preprocess)
+    # a defective image without a mask file has no pixel truth: counted as all normal it would turn the
+    # detected defect into false positives, so it stays out of the pixel metrics
+    with_truth = np.array([s.label == 0 or s.mask_path is not None for s in samples])
+    if not with_truth.all():
+        log.warning("%d defective test images have no mask file: left out of pixel AUROC and PRO",
+                    int((~with_truth).sum()))
     best_f1, best_threshold = f1_max(labels, scores)
     counts = confusion(labels, scores, threshold)
     return {"image_auroc": image_auroc(labels, scores), "aupr": aupr(labels, scores),
             "f1_max": best_f1, "f1_max_threshold": best_threshold,
             "f1": f1_at_threshold(labels, scores, threshold), "confusion": counts,
             "accuracy": accuracy(counts), "balanced_accuracy": balanced_accuracy(counts),
-            "pixel_auroc": pixel_auroc(masks, maps), "pro": pro(masks, maps),
+            "pixel_auroc": pixel_auroc(masks[with_truth], maps[with_truth]),
+            "pro": pro(masks[with_truth], maps[with_truth]),
             "box_iou": box_iou(masks, maps, labels, threshold, min_region_area),
             "n_images": int(len(samples)), "n_defective": int(labels.sum())}
 

@@ -38,6 +38,7 @@ from edgeinspect.inspector.models import (
     UploadError,
     zip_images,
 )
+from edgeinspect.registry import Registry
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
@@ -175,12 +176,8 @@ class Inspector:
             raise HTTPException(404, f"no model {model_id!r} (loaded: {', '.join(loaded)})")
         return loaded[model_id]
 
-    def registry(self) -> Any:
-        """The run registry, opened; 503 when this edgeinspect has none or it cannot be opened."""
-        try:
-            from edgeinspect.registry import Registry
-        except ImportError as exc:
-            raise HTTPException(503, f"the run registry is not available in this installation ({exc})") from None
+    def registry(self) -> Registry:
+        """The run registry, opened; 503 when it cannot be opened."""
         try:
             return Registry.open(self.registry_path)
         except Exception as exc:  # noqa: BLE001  (any failure to open it is reported, never a 500)

@@ -50,7 +50,6 @@ INFO_FILE = "dataset_info.json"
 ANNOTATIONS = "annotations.json"
 IMAGES = "images"
 SPLITS = ("train", "val", "test")
-SOURCES = ("mvtec", "voc")
 CLASS_MODES = ("per-type", "single")
 GOOD_IMAGES = ("all", "test", "none")
 SINGLE_CLASS = "defect"

@@ -58,13 +58,18 @@ class Padim(BackboneAnomalyModel):
         self.smoothing_sigma = smoothing_sigma
         self.seed = seed
         gen = torch.Generator().manual_seed(seed)
-        channel_idx = torch.randperm(total, generator=gen)[:n_features].sort().values
-        self.register_buffer("channel_idx", channel_idx, persistent=False)
-        # the same subset as each stage's own channels: picked before upsampling, nothing unused is upsampled
+        self.register_buffer("channel_idx", torch.randperm(total, generator=gen)[:n_features].sort().values,
+                             persistent=False)
+        self._pick_channels(self.channel_idx)
+        self.mahalanobis = GaussianDistance(n_features)
+
+    def _pick_channels(self, channel_idx: torch.Tensor) -> None:
+        """Use ``channel_idx`` (sorted indices into the concatenated stages) as the channel subset, split into
+        each stage's own channels: picked before upsampling, so nothing unused is upsampled."""
+        self.channel_idx = channel_idx
         starts = [0, *accumulate(self.extractor.channels())]
         self.stage_picks = [[int(c) - lo for c in channel_idx if lo <= c < hi]
                             for lo, hi in zip(starts, starts[1:], strict=False)]
-        self.mahalanobis = GaussianDistance(n_features)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The random channel subset of the stage features, upsampled to the finest stage, concatenated (the
@@ -114,7 +119,7 @@ class Padim(BackboneAnomalyModel):
 
     def load_statistics(self, stats: dict[str, np.ndarray]) -> None:
         """Install statistics read from a bundle."""
-        self.channel_idx = torch.from_numpy(stats["padim_channel_idx"]).to(self.channel_idx.device)
+        self._pick_channels(torch.from_numpy(stats["padim_channel_idx"]).to(self.channel_idx.device))
         self._set_stats(torch.from_numpy(stats["padim_mean"]), torch.from_numpy(stats["padim_inv_cov"]))
 
     def hyperparameters(self) -> dict:
