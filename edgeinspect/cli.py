@@ -186,6 +186,9 @@ def data_synth(out: str, category: str, seed: int, n_train: int, n_test_good: in
 @click.option("--from", "source", type=click.Choice(["mvtec", "voc"]), default="mvtec", show_default=True,
               help="mvtec: masks -> instances; voc: Pascal VOC XML boxes (NEU-DET layout).")
 @click.option("--train-ratio", default=0.8, show_default=True, help="Share of each defect type in train (rest: val).")
+@click.option("--test-ratio", default=0.1, show_default=True,
+              help="Share of each defect type drawn to test first when the source has no test split of its own "
+                   "(MVTec layout, VOC without test/): figures from images that did not choose the checkpoint.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the split (same seed, same split).")
 @click.option("--classes", "classes_mode", type=click.Choice(["per-type", "single"]), default="per-type",
               show_default=True, help="One category per defect type, or one 'defect' category.")
@@ -195,12 +198,13 @@ def data_synth(out: str, category: str, seed: int, n_train: int, n_test_good: in
 @click.option("--min-area", type=click.IntRange(min=0), default=None,
               help="mvtec: drop mask components below this many pixels (default 10).")
 @click.pass_context
-def data_coco(ctx: click.Context, root: str, category: str, out: str, source: str, train_ratio: float, seed: int,
-              classes_mode: str, good_class: bool, good_images: str | None, min_area: int | None) -> None:
+def data_coco(ctx: click.Context, root: str, category: str, out: str, source: str, train_ratio: float,
+              test_ratio: float, seed: int, classes_mode: str, good_class: bool, good_images: str | None,
+              min_area: int | None) -> None:
     """Convert an MVTec-layout (masks) or Pascal VOC (boxes) dataset into a COCO folder for detectors."""
     from edgeinspect.train.data.coco import convert
 
-    options: dict = {"train_ratio": train_ratio, "seed": seed, "classes_mode": classes_mode,
+    options: dict = {"train_ratio": train_ratio, "test_ratio": test_ratio, "seed": seed, "classes_mode": classes_mode,
                      "good_class": good_class, "progress": _progress(ctx)}
     if min_area is not None:
         options["min_area"] = min_area

@@ -54,7 +54,7 @@ def _check_round_trip(coco_dir: Path, category_dir: Path, min_area: int) -> list
     component's box and area; every component >= min_area is an annotation. Returns the IoUs."""
     types = [p.name for p in (category_dir / "ground_truth").iterdir()]
     ious = []
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         data = CocoSplit(coco_dir, split)
         for image_id in data.image_ids:
             meta = data.coco.imgs[image_id]
@@ -133,12 +133,11 @@ def test_dataset_info_and_reader(coco_dir: Path, synth_root: Path) -> None:
     info = read_info(coco_dir)
     assert info["source"] == "mvtec" and info["category"] == SYNTH_CATEGORY
     assert info["classes"] == ["crack", "hole", "scratch", "stain"] and info["classes_mode"] == "per-type"
-    assert (info["good_class"], info["train_ratio"], info["seed"]) == (False, 0.8, 0)
+    assert (info["good_class"], info["train_ratio"], info["test_ratio"], info["seed"]) == (False, 0.8, 0.1, 0)
     assert info["min_component_area"] == coco_module.DEFAULT_MIN_AREA and info["good_images"] == "all"
-    assert not (coco_dir / "test").exists()
     n_good = 60 + 12  # synth_root: train/good + test/good
-    assert sum(info["splits"][s]["negative_images"] for s in ("train", "val")) == n_good
-    for split in ("train", "val"):
+    assert sum(info["splits"][s]["negative_images"] for s in ("train", "val", "test")) == n_good
+    for split in ("train", "val", "test"):
         data = CocoSplit(coco_dir, split)
         assert data.classes == info["classes"] and len(data) == info["splits"][split]["images"]
         assert data.image_ids == sorted(data.image_ids)
@@ -157,12 +156,14 @@ def test_dataset_info_and_reader(coco_dir: Path, synth_root: Path) -> None:
 
 def test_split_is_stratified_and_seeded(coco_dir: Path, synth_root: Path, tmp_path: Path) -> None:
     def names(d: Path) -> dict[str, list[str]]:
-        return {s: sorted(p.name for p in (d / s / "images").iterdir()) for s in ("train", "val")}
+        return {s: sorted(p.name for p in (d / s / "images").iterdir()) for s in ("train", "val", "test")}
 
     info = read_info(coco_dir)
     for defect_type, n in {"good": 72, "crack": 6, "hole": 6, "scratch": 6, "stain": 6}.items():
-        n_val = info["splits"]["val"]["per_type"][defect_type]
-        assert n_val == round(0.2 * n) and info["splits"]["train"]["per_type"][defect_type] == n - n_val
+        # test_ratio of each type first (at least one), then 1 - train_ratio of the rest to val
+        n_test, n_val, n_train = (info["splits"][s]["per_type"][defect_type] for s in ("test", "val", "train"))
+        assert n_test == max(round(0.1 * n), 1) and n_val == round(0.2 * (n - n_test))
+        assert n_train == n - n_test - n_val
     again = convert_mvtec(synth_root, SYNTH_CATEGORY, tmp_path / "same", progress=False)
     assert names(tmp_path / "same") == names(coco_dir) and again["splits"] == info["splits"]
     convert_mvtec(synth_root, SYNTH_CATEGORY, tmp_path / "other", seed=1, progress=False)
@@ -174,7 +175,7 @@ def test_single_class_good_class_and_good_images(synth_root: Path, tmp_path: Pat
     info = convert_mvtec(synth_root, SYNTH_CATEGORY, tmp_path / "a", classes_mode="single", good_class=True,
                          good_images="test", progress=False)
     assert info["classes"] == ["defect", "good"] and info["good_class"] is True
-    assert sum(info["splits"][s]["per_type"]["good"] for s in ("train", "val")) == 12  # test/good only
+    assert sum(info["splits"][s]["per_type"]["good"] for s in ("train", "val", "test")) == 12  # test/good only
     for split in ("train", "val"):
         data = CocoSplit(tmp_path / "a", split)
         for i in range(len(data)):
@@ -311,6 +312,22 @@ def test_voc_bad_boxes_and_xml(voc_root: Path, tmp_path: Path) -> None:
     assert (tmp_path / "out" / "dataset_info.json").read_bytes() == before
     with pytest.raises(DataError, match="VOC train folder not found"):
         convert_voc(voc_root, "nothing", tmp_path / "out2", progress=False)
+
+
+def test_voc_xml_beside_the_image_wins_and_a_shared_xml_is_read_once(voc_root: Path, tmp_path: Path) -> None:
+    """annotations/<stem>.xml is found by stem: two images of one name in two class folders would both read it,
+    so that is refused; an XML beside an image is its own and wins over annotations/."""
+    base = voc_root / "steel"
+    twin = base / "train" / "b" / "a_train1.png"
+    shutil.copy(base / "train" / "a" / "a_train1.png", twin)
+    with pytest.raises(DataError, match="would both read .*annotations/a_train1.xml"):
+        convert_voc(voc_root, "steel", tmp_path / "out", progress=False)
+    _voc_xml(twin.with_suffix(".xml"), twin.name, (48, 32), [("b", (5, 5, 25, 25))])
+    convert_voc(voc_root, "steel", tmp_path / "out", progress=False)
+    data = CocoSplit(tmp_path / "out", "train")
+    boxes = {data.coco.imgs[a["image_id"]]["file_name"]: a["bbox"] for a in data.coco.anns.values()
+             if data.coco.imgs[a["image_id"]]["file_name"].endswith("a_train1.png")}
+    assert boxes == {"a_train1.png": [2, 3, 18, 27], "b_a_train1.png": [5, 5, 20, 20]}
 
 
 def test_neu_det_counts(tmp_path: Path) -> None:

@@ -135,6 +135,19 @@ def test_val_split(dataset: MVTecCategory) -> None:
     assert len(dataset.test_samples()) == N_TEST_GOOD + N_PER_DEFECT * len(DEFECT_TYPES)
 
 
+def test_a_mask_whose_stem_is_in_both_test_and_val_is_refused(dataset: MVTecCategory) -> None:
+    """ground_truth/<type>/<stem>_mask.png is looked up by stem: a val and a test image of the same type and
+    name would silently share one mask, so both splits are refused with the mask named."""
+    val = dataset.path / "val" / "scratch"
+    val.mkdir(parents=True)
+    shutil.copy(dataset.path / "test" / "scratch" / "001.png", val / "000.png")
+    mask = dataset.path / "ground_truth" / "scratch" / "000_mask.png"
+    for read in (dataset.test_samples, dataset.val_samples):
+        with pytest.raises(DataError, match="both test/scratch/000 and val/scratch/000") as info:
+            read()
+        assert str(mask) in str(info.value)
+
+
 def test_missing_root(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(DataError, match="dataset root not found") as info:

@@ -326,12 +326,12 @@ def _confusion(nok: list[bool], labels: list[bool]) -> dict[str, int]:
 
 
 def test_detector_test_split_scores_for_the_slider(detector_bundle: Path, detector_coco: Path) -> None:
-    """A detector's test split (its COCO folder's, `val` here: the folder has no `test`): the runtime's top defect
+    """A detector's test split (its COCO folder's `test`, drawn by `data coco`): the runtime's top defect
     confidence per image, labels from the annotations (a defect class, not the ok class `good`), and precision /
     recall at any threshold by the bundle's rule (>=) as the server's own verdicts give them."""
     from edgeinspect.train.data.coco import CocoSplit
 
-    split = CocoSplit(detector_coco, "val")  # pycocotools' reading of the annotations, for the expected labels
+    split = CocoSplit(detector_coco, "test")  # pycocotools' reading of the annotations, for the expected labels
     good = split.classes.index("good") + 1
     labels = [any(a["category_id"] != good for a in split.coco.imgToAnns[i]) for i in split.image_ids]
     paths = [split.path_of(i) for i in range(len(split))]
@@ -340,8 +340,8 @@ def test_detector_test_split_scores_for_the_slider(detector_bundle: Path, detect
         (model,) = client.get("/api/status").json()["models"]
         assert model["test_split"] == {"n": len(paths), "error": None}
         test = client.get(f"/api/models/{model['id']}/test-scores").json()
-        assert test["rule"] == ">=" and test["labels"] == labels and test["description"] == "COCO val"
-        assert test["names"] == [f"val/images/{p.name}" for p in paths]
+        assert test["rule"] == ">=" and test["labels"] == labels and test["description"] == "COCO test"
+        assert test["names"] == [f"test/images/{p.name}" for p in paths]
         predictor = Predictor(detector_bundle)
         expected = [predictor.predict(read_image(p)).raw_score for p in paths]
         assert test["scores"] == pytest.approx(expected, abs=1e-6)

@@ -33,7 +33,7 @@ def coco_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth_mask")
     synthesize(root, SYNTH_CATEGORY, seed=1, n_train=1, n_test_good=6, n_test_per_defect=8)
     convert_mvtec(root, SYNTH_CATEGORY, root / "coco", classes_mode="single", good_images="test", train_ratio=0.8,
-                  progress=False)
+                  test_ratio=0.0, progress=False)
     return root / "coco"
 
 

@@ -32,7 +32,7 @@ def coco_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth_det")
     synthesize(root, "washer", seed=1, n_train=1, n_test_good=6, n_test_per_defect=15, size=SIZE)
     convert_mvtec(root, "washer", root / "coco", classes_mode="single", good_images="test", train_ratio=0.9,
-                  progress=False)
+                  test_ratio=0.0, progress=False)  # no test split: training reports on val, evaluate defaults to it
     return root / "coco"
 
 
@@ -333,7 +333,7 @@ def test_evaluate_and_cli(ssd_bundle: Path, coco_dir: Path, tmp_path: Path) -> N
 
     from edgeinspect.cli import main
 
-    # no --split: the folder has no test split (data coco of an MVTec layout), so val, as training reported
+    # no --split: the folder has no test split (data coco --test-ratio 0), so val, as training reported
     result = CliRunner().invoke(main, ["-q", "evaluate", str(ssd_bundle), "--data", str(coco_dir),
                                        "--save-viz", str(tmp_path / "viz"), "--json", str(tmp_path / "m.json"),
                                        "--predictions", str(tmp_path / "p.json")])

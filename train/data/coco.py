@@ -248,9 +248,11 @@ def write_coco(out: str | Path, splits: dict[str, list[_Record]], classes: list[
     return info
 
 
-def _check_common(train_ratio: float, classes_mode: str, min_area: int) -> None:
+def _check_common(train_ratio: float, test_ratio: float, classes_mode: str, min_area: int) -> None:
     if not 0.0 < train_ratio < 1.0:
         raise DataError(f"--train-ratio must be between 0 and 1 (exclusive), got {train_ratio}")
+    if not 0.0 <= test_ratio < 1.0:
+        raise DataError(f"--test-ratio must be at least 0 and below 1, got {test_ratio}")
     if classes_mode not in CLASS_MODES:
         raise DataError(f"--classes must be one of {', '.join(CLASS_MODES)}, got {classes_mode!r}")
     if min_area < 0:
@@ -266,6 +268,17 @@ def _add_good_boxes(records: Sequence[_Record], with_polygon: bool) -> None:
             rec.instances.append(Instance(GOOD, [0.0, 0.0, w, h], w * h, poly))
 
 
+def _splits(pool: list[_Record], own_test: list[_Record] | None, train_ratio: float, test_ratio: float,
+            seed: int) -> dict[str, list[_Record]]:
+    """train / val / test of the records. A source without a test split of its own gives ``test_ratio`` of
+    every type to ``test`` first, so that a detector's reported figures come from images that did not choose
+    its checkpoint (``val`` does); then ``train_ratio`` of the rest to ``train``, the others to ``val``."""
+    if own_test is None and test_ratio > 0:
+        pool, own_test = stratified_split(pool, test_ratio, seed)  # type: ignore[arg-type,assignment]
+    train, val = stratified_split(pool, 1.0 - train_ratio, seed)  # type: ignore[arg-type]
+    return {"train": train, "val": val, **({"test": own_test} if own_test else {})}  # type: ignore[dict-item]
+
+
 def _info(source: str, category: str, classes: list[str], classes_mode: str, good_class: bool,
           train_ratio: float, seed: int, min_area: int, **extra: Any) -> dict[str, Any]:
     return {"source": source, "category": category, "classes": classes, "classes_mode": classes_mode,
@@ -273,17 +286,19 @@ def _info(source: str, category: str, classes: list[str], classes_mode: str, goo
             **extra}
 
 
-def convert_mvtec(root: str | Path, category: str, out: str | Path, *, train_ratio: float = 0.8, seed: int = 0,
-                  classes_mode: str = "per-type", good_class: bool = False, min_area: int = DEFAULT_MIN_AREA,
+def convert_mvtec(root: str | Path, category: str, out: str | Path, *, train_ratio: float = 0.8,
+                  test_ratio: float = 0.1, seed: int = 0, classes_mode: str = "per-type", good_class: bool = False,
+                  min_area: int = DEFAULT_MIN_AREA,
                   good_images: str = "all", progress: bool = True) -> dict[str, Any]:
-    """MVTec layout ``root/category`` -> COCO folder ``out`` (train / val); returns its dataset_info.
+    """MVTec layout ``root/category`` -> COCO folder ``out`` (train / val / test, see :func:`_splits`); returns its
+    dataset_info.
 
     Defective images (``test/<type>``, ``val/<type>``) give one instance per mask component; good images
     (``good_images``: ``all`` = train/good and test/good, ``test`` = test/good (and val/good) only,
     ``none``) are negatives without annotations. Defective images without a mask file, or whose every
     component is below ``min_area``, are left out (logged, counted in dataset_info ``left_out``).
     """
-    _check_common(train_ratio, classes_mode, min_area)
+    _check_common(train_ratio, test_ratio, classes_mode, min_area)
     if good_images not in GOOD_IMAGES:
         raise DataError(f"--good-images must be one of {', '.join(GOOD_IMAGES)}, got {good_images!r}")
     dataset = MVTecCategory(root, category)
@@ -326,10 +341,9 @@ def convert_mvtec(root: str | Path, category: str, out: str | Path, *, train_rat
     if good_class:
         classes.append(GOOD)
         _add_good_boxes(records, with_polygon=True)
-    train, val = stratified_split(records, 1.0 - train_ratio, seed)  # type: ignore[arg-type]
-    splits = {"train": train, "val": val}
+    splits = _splits(records, None, train_ratio, test_ratio, seed)
     info = _info("mvtec", category, classes, classes_mode, good_class, train_ratio, seed, min_area,
-                 masks=True, good_images=good_images, root=str(Path(root).resolve()),
+                 test_ratio=test_ratio, masks=True, good_images=good_images, root=str(Path(root).resolve()),
                  dropped_components=dropped, left_out=left_out)
     return write_coco(out, splits, classes, info, progress=progress)  # type: ignore[arg-type]
 
@@ -367,34 +381,44 @@ def _voc_objects(xml: Path, height: int, width: int) -> tuple[list[tuple[str, li
     return objects, clamped
 
 
-def _voc_split(base: Path, split: str, progress: bool) -> tuple[list[tuple[Path, str]], list[Any]]:
-    """Images of ``base/split/<class folder>/`` with their parsed objects."""
+def _voc_split(base: Path, split: str, progress: bool, claimed: dict[Path, Path]
+               ) -> tuple[list[tuple[Path, str]], list[Any]]:
+    """Images of ``base/split/<class folder>/`` with their parsed objects. The XML beside an image wins over
+    ``annotations/<stem>.xml``; ``claimed`` (shared XML -> its image, across splits) refuses two images that
+    would read the same shared XML."""
     folder = base / split
     items = [(image, d.name) for d in sorted(p for p in folder.iterdir() if p.is_dir()) for image in list_images(d)]
     items += [(image, "") for image in list_images(folder)]  # images directly in the split folder
     parsed = []
     for image, _ in tqdm(items, desc=f"read {split}", disable=not progress, leave=False):
-        xml = next((p for p in (base / "annotations" / f"{image.stem}.xml", image.with_suffix(".xml")) if p.is_file()),
+        xml = next((p for p in (image.with_suffix(".xml"), base / "annotations" / f"{image.stem}.xml") if p.is_file()),
                    None)
         if xml is None:
-            raise DataError(f"no VOC annotation for {image} (looked for {base / 'annotations' / image.stem}.xml "
-                            f"and {image.with_suffix('.xml')})")
+            raise DataError(f"no VOC annotation for {image} (looked for {image.with_suffix('.xml')} "
+                            f"and {base / 'annotations' / image.stem}.xml)")
+        if xml != image.with_suffix(".xml"):
+            if xml in claimed:
+                raise DataError(f"{claimed[xml]} and {image} would both read {xml}: give them different names "
+                                "or put each one's XML beside it")
+            claimed[xml] = image
         height, width = _image_size(image)
         parsed.append((height, width, *_voc_objects(xml, height, width)))
     return items, parsed
 
 
-def convert_voc(root: str | Path, category: str, out: str | Path, *, train_ratio: float = 0.8, seed: int = 0,
+def convert_voc(root: str | Path, category: str, out: str | Path, *, train_ratio: float = 0.8,
+                test_ratio: float = 0.1, seed: int = 0,
                 classes_mode: str = "per-type", good_class: bool = False, min_area: int = DEFAULT_MIN_AREA,
                 progress: bool = True) -> dict[str, Any]:
     """Pascal VOC box dataset ``root/category`` -> COCO folder ``out``; returns its dataset_info.
 
     Layout (NEU-DET's): ``train/<class>/*.png``, optional ``test/<class>/*.png``, one XML per image in
-    ``annotations/<stem>.xml`` (or beside the image). ``train/`` is split into train / val stratified by
-    class folder; ``test/`` becomes the COCO ``test`` split. Images without objects are negatives.
+    ``annotations/<stem>.xml`` or beside the image (that one wins). ``train/`` is split into train / val
+    stratified by class folder; ``test/`` becomes the COCO ``test`` split (without one, ``test_ratio`` of
+    ``train/`` does, see :func:`_splits`). Images without objects are negatives.
     ``min_area`` is not applied to boxes (recorded only).
     """
-    _check_common(train_ratio, classes_mode, min_area)
+    _check_common(train_ratio, test_ratio, classes_mode, min_area)
     root = Path(root)
     base = root / category
     if not root.is_dir():
@@ -404,10 +428,11 @@ def convert_voc(root: str | Path, category: str, out: str | Path, *, train_ratio
     check_out(Path(out), [base])
     by_split: dict[str, list[_Record]] = {}
     clamped = 0
+    claimed: dict[Path, Path] = {}
     for split in ("train", "test"):
         if not (base / split).is_dir():
             continue
-        items, parsed = _voc_split(base, split, progress)
+        items, parsed = _voc_split(base, split, progress, claimed)
         if not items:
             raise DataError(f"no images in {base / split}/<class>/")
         records, names = [], set()
@@ -428,12 +453,10 @@ def convert_voc(root: str | Path, category: str, out: str | Path, *, train_ratio
     if good_class:
         classes.append(GOOD)
         _add_good_boxes(all_records, with_polygon=False)
-    train, val = stratified_split(by_split["train"], 1.0 - train_ratio, seed)  # type: ignore[arg-type]
-    splits = {"train": train, "val": val}
-    if "test" in by_split:
-        splits["test"] = by_split["test"]
+    splits = _splits(by_split["train"], by_split.get("test"), train_ratio, test_ratio, seed)
     info = _info("voc", category, classes, classes_mode, good_class, train_ratio, seed, min_area,
-                 masks=False, root=str(root.resolve()), clamped_boxes=clamped)
+                 test_ratio=test_ratio if "test" not in by_split else None, masks=False, root=str(root.resolve()),
+                 clamped_boxes=clamped)
     return write_coco(out, splits, classes, info, progress=progress)  # type: ignore[arg-type]
 
 

@@ -72,7 +72,7 @@ class MVTecCategory:
         """Every image of ``test/<type>``, sorted by (type, name), with masks matched from ground_truth.
 
         Raises DataError if ``test`` is missing or holds no image, or if a mask in ``ground_truth``
-        has no image of the same stem in ``test/<type>`` (or ``val/<type>``).
+        has no image of the same stem in ``test/<type>`` (or ``val/<type>``), or one in both.
         """
         split = self.path / "test"
         if not split.is_dir():
@@ -86,7 +86,10 @@ class MVTecCategory:
     def val_samples(self) -> list[Sample]:
         """The labelled images of ``val/<type>``, sorted by (type, name); [] when there is no ``val``."""
         split = self.path / "val"
-        return self._labelled(split) if split.is_dir() else []
+        if not split.is_dir():
+            return []
+        self._check_masks_have_images()
+        return self._labelled(split)
 
     def load_image(self, sample: Sample) -> np.ndarray:
         """The sample's image as HxWx3 uint8 RGB (DataError naming the file if it cannot be read)."""
@@ -147,20 +150,21 @@ class MVTecCategory:
         return masks
 
     def _check_masks_have_images(self) -> None:
-        """DataError for the first ground_truth mask whose image is in neither test/<type> nor val/<type>."""
+        """DataError for the first ground_truth mask whose image is in neither test/<type> nor val/<type>, or in
+        both (one mask cannot be the truth of two images)."""
         ground_truth = self.path / "ground_truth"
         if not ground_truth.is_dir():
             return
         for type_dir in _subfolders(ground_truth):
             if type_dir.name == GOOD:
                 continue
-            stems = {
-                p.stem
-                for split in ("test", "val")
-                if (self.path / split / type_dir.name).is_dir()
-                for p in list_images(self.path / split / type_dir.name)
-            }
+            test_stems, val_stems = ({p.stem for p in list_images(self.path / split / type_dir.name)}
+                                     if (self.path / split / type_dir.name).is_dir() else set()
+                                     for split in ("test", "val"))
             for stem, mask in self._masks(type_dir.name).items():
-                if stem not in stems:
+                if stem in test_stems and stem in val_stems:
+                    raise DataError(f"mask {mask} would be the truth of both test/{type_dir.name}/{stem} and "
+                                    f"val/{type_dir.name}/{stem}: give the two images different names")
+                if stem not in test_stems | val_stems:
                     expected = self.path / "test" / type_dir.name / f"{stem}{mask.suffix}"
                     raise DataError(f"mask without its image: {mask} (expected {expected})")
