@@ -569,7 +569,7 @@ def predict(bundle: str, images: tuple[str, ...], as_json: bool, engine: str, pr
 
 @main.command()
 @click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="Line config YAML: several cameras, publish endpoint, journal, metrics (README, serve). "
+              help="Line config YAML: several cameras, publish endpoint, journal, metrics (docs/deploy.md). "
                    "It replaces the options below.")
 @click.option("--bundle", default=None, type=click.Path(exists=True, file_okay=False))
 @click.option("--camera", default=None,

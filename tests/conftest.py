@@ -19,7 +19,7 @@ def shared_category(relpath: str) -> Path:
     """A category folder of ../shared/data, or skip the test with the reason."""
     path = SHARED_DATA / relpath
     if not path.is_dir():
-        pytest.skip(f"real data not present: {path} (see the README, section Data)")
+        pytest.skip(f"real data not present: {path} (see the README, section Data and licences)")
     return path
 
 

@@ -54,13 +54,13 @@ def test_images_install_with_the_tested_script_run_as_a_user_and_check_health(do
 def test_compose_example_and_prometheus_config_match_the_cli() -> None:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    serve = shlex.split(services["inspector"]["command"])
+    serve = shlex.split(services["daemon"]["command"])
     _options_exist(serve)
     _options_exist(shlex.split(services["subscriber"]["command"]))
     port = serve[serve.index("--metrics-port") + 1]
     prometheus = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
     targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
-    assert targets == [f"inspector:{port}"]
+    assert targets == [f"daemon:{port}"]
     publish = serve[serve.index("--publish") + 1].rsplit(":", 1)[1]
-    assert f"tcp://inspector:{publish}" in services["subscriber"]["command"]
+    assert f"tcp://daemon:{publish}" in services["subscriber"]["command"]
     assert serve[serve.index("--metrics-host") + 1] == "0.0.0.0"  # reachable from the Prometheus container

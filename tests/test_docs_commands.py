@@ -16,7 +16,8 @@ from edgeinspect.config import config_names, default_config, preset_names
 from edgeinspect.export.formats import FORMATS, PRECISIONS
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "benchmarks/README.md", "ARCHITECTURE.md", "DEVELOPERS.md")
+DOCS = ("README.md", "benchmarks/README.md", "ARCHITECTURE.md", "DEVELOPERS.md", *sorted(
+    p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")))
 CONTEXT = click.Context(main)
 
 
@@ -146,3 +147,37 @@ def test_the_checker_finds_what_is_wrong() -> None:
                 "edgeinspect train patchcore --preset square"):
         with pytest.raises(AssertionError):
             check_command_line("t", bad)
+
+
+def heading_anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation but hyphens dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def broken_links(doc: Path) -> list[str]:
+    """The relative links of ``doc`` (outside code) whose file or heading anchor does not exist."""
+    text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (doc.parent / path).resolve() if path else doc
+        if not file.exists():
+            broken.append(f"{target}: no file {file}")
+        elif anchor and file.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", file.read_text(), flags=re.S), flags=re.M)
+            if anchor not in {heading_anchor(h) for h in headings}:
+                broken.append(f"{target}: no heading #{anchor} in {file.name}")
+    return broken
+
+
+@pytest.mark.parametrize("where", DOCS)
+def test_documented_links_lead_somewhere(where: str) -> None:
+    assert broken_links(ROOT / where) == []
+
+
+def test_the_link_checker_finds_a_broken_link(tmp_path: Path) -> None:
+    (tmp_path / "a.md").write_text("# A `b` (c)\n[ok](#a-b-c) [file](b.md) [gone](c.md) [anchor](b.md#nope)\n")
+    (tmp_path / "b.md").write_text("# B\n")
+    assert [b.split(":")[0] for b in broken_links(tmp_path / "a.md")] == ["c.md", "b.md#nope"]

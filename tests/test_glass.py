@@ -25,7 +25,7 @@ EPOCHS = 4
 # Floors on the small synthetic set after EPOCHS epochs: a model that scores noise, brightness or nothing
 # misses them (tests/test_synth.py shows mean brightness alone stays below 0.75 image AUROC); an untrained
 # or collapsed discriminator scores every image alike (about 0.5), as did a jointly trained adaptor
-# (0.33-0.58, README). Measured here with these settings: image 0.892, pixel 0.874.
+# (0.33-0.58, docs/commands.md). Measured here with these settings: image 0.892, pixel 0.874.
 SYNTH_IMAGE_AUROC_FLOOR = 0.75
 SYNTH_PIXEL_AUROC_FLOOR = 0.8
 

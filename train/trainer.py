@@ -113,7 +113,7 @@ def decide(good_scores: np.ndarray, decision_cfg: dict[str, Any], *, val_labels:
     threshold = (mean + threshold_sd * standard deviation) * margin; ``quantile`` sets
     threshold = quantile(threshold_quantile) * margin (1.0 = their max). The mean and spread of a
     few dozen images are steadier than their maximum, which one unusual good image decides (figures
-    in the README, ``edgeinspect train``). With a labelled validation split: the F1-optimal threshold on it. The
+    in docs/commands.md, ``edgeinspect train``). With a labelled validation split: the F1-optimal threshold on it. The
     normalised score maps the median good score to 0, the threshold to 0.5 and threshold +
     (threshold - median) to 1 (clipped), so 0.5 is the OK/NOK boundary for every model family.
     """

@@ -82,7 +82,7 @@ class GLASS(BackboneAnomalyModel):
     std ``feature_std`` (the ring radii are absolute distances, and Lite0's raw features are ~70 in norm).
     With ``adaptor_lr`` 0 (the default) it stays there: on a budget of a few CPU epochs, training it
     jointly (the paper's choice, ``adaptor_lr`` = ``lr``) collapsed the synthetic washer set's image
-    AUROC to 0.33-0.58, frozen it reached 0.84-0.89 (README, GLASS).
+    AUROC to 0.33-0.58, frozen it reached 0.84-0.89 (docs/commands.md, GLASS).
 
     Training runs on features extracted once (the backbone is frozen), in steps of ``batch_patches``
     patch features drawn at random from all fit images (the paper steps on all patches of 8 images;
