@@ -13,6 +13,14 @@ import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SYNTH_CATEGORY = "washer"
+SYNTH_COUNTS = {"n_train": 60, "n_test_good": 12, "n_test_per_defect": 6}  # synth_root's images
+
+
+def synth_test_images() -> int:
+    """How many test images synth_root has: its good ones and those of every defect type."""
+    from edgeinspect.train.data import DEFECT_TYPES
+
+    return SYNTH_COUNTS["n_test_good"] + len(DEFECT_TYPES) * SYNTH_COUNTS["n_test_per_defect"]
 
 
 def shared_category(relpath: str) -> Path:
@@ -69,7 +77,7 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from edgeinspect.train.data import synthesize
 
     root = tmp_path_factory.mktemp("synth")
-    synthesize(root, SYNTH_CATEGORY, seed=0, n_train=60, n_test_good=12, n_test_per_defect=6)
+    synthesize(root, SYNTH_CATEGORY, seed=0, **SYNTH_COUNTS)
     return root
 
 

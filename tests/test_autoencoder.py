@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import SYNTH_CATEGORY, _train
+from conftest import SYNTH_CATEGORY, _train, synth_test_images
 
 from edgeinspect.cli import main
 from edgeinspect.errors import ConfigError, ExportError
@@ -64,7 +64,7 @@ def test_synthetic_accuracy_floor_and_curves(ae_bundle: Path, synth_root: Path) 
     zero = _zero_reconstruction_auroc(ae_bundle, synth_root)
     assert zero < 0.5  # the floor's reasoning above
     assert m["metrics"]["image_auroc"] >= zero + SYNTH_AUROC_MARGIN, (m["metrics"], zero)
-    assert m["metrics"]["n_images"] == 12 + 4 * 6
+    assert m["metrics"]["n_images"] == synth_test_images()
     history = m["training"]["history"]
     assert len(history["train_loss"]) == len(history["holdout_loss"]) == 20
     assert np.isfinite(history["train_loss"]).all() and history["train_loss"][-1] < 0.5 * history["train_loss"][0]

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SYNTH_CATEGORY, shared_category
+from conftest import SYNTH_CATEGORY, SYNTH_COUNTS, shared_category
 from pycocotools import mask as mask_utils
 
 from edgeinspect.cli import main
@@ -135,7 +135,7 @@ def test_dataset_info_and_reader(coco_dir: Path, synth_root: Path) -> None:
     assert info["classes"] == ["crack", "hole", "scratch", "stain"] and info["classes_mode"] == "per-type"
     assert (info["good_class"], info["train_ratio"], info["test_ratio"], info["seed"]) == (False, 0.8, 0.1, 0)
     assert info["min_component_area"] == coco_module.DEFAULT_MIN_AREA and info["good_images"] == "all"
-    n_good = 60 + 12  # synth_root: train/good + test/good
+    n_good = SYNTH_COUNTS["n_train"] + SYNTH_COUNTS["n_test_good"]  # synth_root: train/good + test/good
     assert sum(info["splits"][s]["negative_images"] for s in ("train", "val", "test")) == n_good
     for split in ("train", "val", "test"):
         data = CocoSplit(coco_dir, split)
@@ -159,7 +159,9 @@ def test_split_is_stratified_and_seeded(coco_dir: Path, synth_root: Path, tmp_pa
         return {s: sorted(p.name for p in (d / s / "images").iterdir()) for s in ("train", "val", "test")}
 
     info = read_info(coco_dir)
-    for defect_type, n in {"good": 72, "crack": 6, "hole": 6, "scratch": 6, "stain": 6}.items():
+    per_type = {"good": SYNTH_COUNTS["n_train"] + SYNTH_COUNTS["n_test_good"],
+                **{t: SYNTH_COUNTS["n_test_per_defect"] for t in info["classes"]}}
+    for defect_type, n in per_type.items():
         # test_ratio of each type first (at least one), then 1 - train_ratio of the rest to val
         n_test, n_val, n_train = (info["splits"][s]["per_type"][defect_type] for s in ("test", "val", "train"))
         assert n_test == max(round(0.1 * n), 1) and n_val == round(0.2 * (n - n_test))

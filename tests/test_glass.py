@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SYNTH_CATEGORY
+from conftest import SYNTH_CATEGORY, synth_test_images
 from torch import nn
 
 from edgeinspect.config import load_config
@@ -137,7 +137,7 @@ def test_synthetic_accuracy_floor(glass_run: dict[str, Any]) -> None:
     metrics = glass_run["manifest"]["metrics"]
     assert metrics["image_auroc"] >= SYNTH_IMAGE_AUROC_FLOOR, metrics
     assert metrics["pixel_auroc"] >= SYNTH_PIXEL_AUROC_FLOOR, metrics
-    assert metrics["n_images"] == 12 + 4 * 6
+    assert metrics["n_images"] == synth_test_images()
 
 
 def test_checkpoint_selection_never_sees_the_test_split(glass_run: dict[str, Any], synth_root: Path) -> None:

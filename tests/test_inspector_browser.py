@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SYNTH_CATEGORY
-from inspector_support import copy_bundle, copy_registry, seed_registry, serving
+from inspector_support import RUN_IMAGE_AUROC, copy_bundle, copy_registry, seed_registry, serving
 
 pytest.importorskip("fastapi")
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -110,7 +110,7 @@ def test_dashboard_upload_heatmap_and_threshold_flip(browser: webdriver.Chrome, 
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#test-grid span"))
         assert "patchcore" in browser.find_element(By.ID, "model-info").text
         wait.until(lambda d: "train" in d.find_element(By.ID, "runs").text)  # the run list, with its metrics
-        assert "0.9375" in browser.find_element(By.ID, "runs").text
+        assert f"{RUN_IMAGE_AUROC:.4f}" in browser.find_element(By.ID, "runs").text
 
         # the evaluate run's report: its plots as thumbnails that open full size, and the HTML report
         report = evaluated_run["report"]

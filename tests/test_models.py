@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_category
+from conftest import shared_category, synth_test_images
 
 from edgeinspect.config import load_config
 from edgeinspect.train.models import Padim, PatchCore
@@ -103,7 +103,7 @@ def test_synthetic_accuracy_floor(fixture: str, request: pytest.FixtureRequest) 
     metrics = _manifest(request.getfixturevalue(fixture))["metrics"]
     assert metrics["image_auroc"] >= SYNTH_IMAGE_AUROC_FLOOR, metrics
     assert metrics["pixel_auroc"] >= SYNTH_PIXEL_AUROC_FLOOR, metrics
-    assert metrics["n_images"] == 12 + 4 * 6
+    assert metrics["n_images"] == synth_test_images()
 
 
 def test_patchcore_memory_bank_is_the_coreset(patchcore_bundle: Path) -> None:
