@@ -278,7 +278,7 @@ def has_split(root: str | Path, split: str) -> bool:
 
 def default_split(root: str | Path) -> str:
     """The split a detector is tested on (training reports on it, ``evaluate`` and this benchmark use it):
-    ``test``, or ``val`` when the folder has none (``data coco`` of an MVTec-layout dataset writes train/val)."""
+    ``test``, or ``val`` when the folder has none (``data coco --test-ratio 0`` writes train/val only)."""
     return "test" if has_split(root, "test") else "val"
 
 
@@ -324,6 +324,7 @@ def bench(bundle_path: str | Path, engines: Sequence[str] = (), *, data_root: st
           backbone: bool = True, rss: bool = True) -> dict[str, Any]:
     """``{"device": {...}, "rows": [...]}`` for the bundle's engines (or the ``engines`` selectors)."""
     from edgeinspect.bundle import Bundle, size_path
+    from edgeinspect.errors import EdgeInspectError
     from edgeinspect.runtime.backends import backend_class, parse_selector
     from edgeinspect.runtime.predictor import Predictor
     from edgeinspect.train.metrics import image_auroc
@@ -337,7 +338,7 @@ def bench(bundle_path: str | Path, engines: Sequence[str] = (), *, data_root: st
     selected = [parse_selector(s) for s in engines] or [(e["format"], e["precision"]) for e in bundle.engines]
 
     rows: list[dict[str, Any]] = []
-    keys: list[str] = []  # the engines that run here
+    predictors: dict[str, Predictor] = {}  # the engines that run here, opened
     for fmt, precision in selected:
         row: dict[str, Any] = {"format": fmt, "precision": precision, "status": "ok"}
         entry = bundle.find_engine(fmt, precision)
@@ -353,10 +354,13 @@ def bench(bundle_path: str | Path, engines: Sequence[str] = (), *, data_root: st
         if reason:
             row["status"] = reason
             continue
-        keys.append(f"{fmt}:{precision}")
+        try:  # one engine that cannot be opened (a damaged file, a plan of another TensorRT) is that row's status
+            predictors[f"{fmt}:{precision}"] = Predictor(bundle, engine=f"{fmt}:{precision}", threads=threads)
+        except EdgeInspectError as exc:
+            row["status"] = f"cannot be opened: {' '.join(str(exc).split())}"
 
     with tempfile.TemporaryDirectory() as tmp:
-        timed_engines = list(keys)
+        timed_engines = list(predictors)
         if backbone and test.frozen_backbone and "backbone" in bundle.manifest["model"]:  # none when trained
             for precision, path in backbone_engines(bundle, Path(tmp), tensors[:16]).items():
                 rows.append({"format": "backbone alone", "precision": precision, "status": "ok",
@@ -364,7 +368,6 @@ def bench(bundle_path: str | Path, engines: Sequence[str] = (), *, data_root: st
                 timed_engines.append(str(path))
         timed = time_isolated(bundle.path, timed_engines, paths, threads, warmup, runs, rounds)
 
-    predictors = {key: Predictor(bundle, engine=key, threads=threads) for key in keys}
     reference = None
     if "onnx:fp32" in predictors:
         reference = [predictors["onnx:fp32"].predict(rgb) for rgb in images]

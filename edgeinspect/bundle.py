@@ -26,6 +26,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from edgeinspect.preprocess import Preprocess
 
 MANIFEST = "manifest.json"
 OPEN_ATTEMPTS = 3  # Bundle.open retries when the bundle was swapped while it was being read
+SWAP_GAP_WAIT_S = 0.05  # and waits this long for a missing bundle (the gap of a swap without an atomic exchange)
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,8 @@ class Bundle:
         """Open a bundle; with ``verify`` check every listed file exists and matches its sha256.
 
         A bundle replaced (``train --overwrite``, ``export``) while it is being read is read again,
-        so what is returned is the old or the new bundle, never a mix of both.
+        so what is returned is the old or the new bundle, never a mix of both; a missing one is looked for
+        again after a moment, as where no atomic exchange exists the path is absent between the two renames.
         """
         path = Path(path)
         for attempt in range(OPEN_ATTEMPTS):
@@ -114,8 +117,10 @@ class Bundle:
             try:
                 bundle = cls._read(path, verify)
             except (BundleError, OSError):
-                if _dir_id(path) == before or attempt == OPEN_ATTEMPTS - 1:
+                if attempt == OPEN_ATTEMPTS - 1 or (before is not None and _dir_id(path) == before):
                     raise
+                if before is None:
+                    time.sleep(SWAP_GAP_WAIT_S)
                 continue
             if bundle._dir_id == before and not bundle.replaced():
                 return bundle
@@ -241,8 +246,12 @@ class Bundle:
         self.manifest["engines"] = [*engines, entry]
 
     def save(self) -> None:
-        """Write manifest.json atomically."""
-        text = json.dumps(self.manifest, indent=2, sort_keys=False, allow_nan=False)
+        """Write manifest.json atomically; BundleError, the old one kept, when a figure is NaN or infinity."""
+        try:
+            text = json.dumps(self.manifest, indent=2, sort_keys=False, allow_nan=False)
+        except ValueError as exc:  # an undefined figure is recorded as null, never NaN
+            raise BundleError(f"{self.path / MANIFEST} not written: a figure is NaN or infinity, which JSON cannot "
+                              f"hold ({exc})") from None
         atomic_write_bytes(self.path / MANIFEST, (text + "\n").encode())
 
     def staged_copy(self, staged: Path) -> Bundle:

@@ -73,3 +73,13 @@ def export_coreml(job: ExportJob, precision: str, path: Path) -> dict[str, Any]:
     mlmodel.save(str(path))
     return {"minimum_deployment_target": target_name, "compute_units": cfg["compute_units"],
             "coremltools_version": ct.__version__}
+
+
+def write_decision(path: Path, decision: dict[str, Any]) -> None:
+    """Replace the decision in an ``.mlpackage``'s user-defined metadata by the one its gate gave it."""
+    from coremltools.proto import Model_pb2
+
+    spec_file = next(path.rglob("*.mlmodel"))  # the package's model description (weights are apart)
+    spec = Model_pb2.Model.FromString(spec_file.read_bytes())
+    spec.description.metadata.userDefined["decision"] = json.dumps(decision)
+    spec_file.write_bytes(spec.SerializeToString())

@@ -62,7 +62,8 @@ class ExportJob:
     """Everything an exporter may need, built lazily and shared by the engines of one export run.
 
     ``dataset`` holds the check images of the bundle's task (see :meth:`open_data`): an MVTec category
-    for anomaly models, a COCO folder for detectors.
+    for anomaly models, a COCO folder for detectors. An engine refused or skipped once is not built again
+    in the same job: the formats built on it get that outcome (``not_written``).
     """
 
     bundle: Bundle
@@ -70,6 +71,7 @@ class ExportJob:
     settings: dict[str, Any]
     progress: bool = True
     _checked: dict[tuple[str, str, str], tuple[Any, dict[str, Any] | None, float]] = field(default_factory=dict)
+    not_written: dict[tuple[str, str], ExportResult] = field(default_factory=dict)
 
     @staticmethod
     def open_data(bundle: Bundle, data_root: str | Path | None = None, category: str | None = None) -> Any:
@@ -98,7 +100,8 @@ class ExportJob:
         return list(self.bundle.manifest["outputs"])
 
     def metadata(self, fmt: str, precision: str) -> dict[str, Any]:
-        """What every engine carries inside its file, so a bare engine still says what it is."""
+        """What every engine carries inside its file, so a bare engine still says what it is (the bundle's
+        decision, replaced by the engine's own where its gate gives it one: ``EngineFormat.write_decision``)."""
         m = self.bundle.manifest
         return {"bundle_id": self.bundle.bundle_id, "family": self.bundle.family, "format": fmt,
                 "precision": precision, "task": bundle_task(self.bundle), "input": m["input"], "outputs": m["outputs"],
@@ -120,8 +123,9 @@ class ExportJob:
         entry = self.bundle.find_engine(fmt, precision)
         if entry is None:
             result = export_engine(self, get_format(fmt), precision)
-            if result.status != "written":
-                raise ExportError(f"needs the {fmt}:{precision} engine, which was {result.status}: {result.detail}")
+            if result.status != "written":  # one that cannot be built here: this one cannot either
+                raise (CannotBuildHere if result.status == "skipped" else ExportError)(
+                    f"needs the {fmt}:{precision} engine, which was {result.status}: {result.detail}")
             entry = self.bundle.find_engine(fmt, precision)
         return self.bundle.path / entry["file"]
 
@@ -163,7 +167,21 @@ class ExportJob:
 
 # ------------------------------------------------------------------------------------------ the flow
 def export_engine(job: ExportJob, engine_format: EngineFormat, precision: str) -> ExportResult:
-    """Write, check and record one engine; a refused engine is deleted, an existing one kept until then."""
+    """Write, check and record one engine; a refused engine is deleted, an existing one kept until then.
+
+    An engine refused or skipped earlier in the job is not built again: its result is returned.
+    """
+    key = (engine_format.name, precision)
+    if key not in job.not_written:
+        result = _write_engine(job, engine_format, precision)
+        if result.status == "written":
+            return result
+        job.not_written[key] = result
+    return job.not_written[key]
+
+
+def _write_engine(job: ExportJob, engine_format: EngineFormat, precision: str) -> ExportResult:
+    """:func:`export_engine` of an engine not tried yet in the job."""
     fmt = engine_format.name
     if precision not in engine_format.precisions:
         raise ConfigError(f"{fmt} export supports precision {list(engine_format.precisions)}, not {precision!r}")
@@ -202,8 +220,9 @@ def export_engine(job: ExportJob, engine_format: EngineFormat, precision: str) -
                 return ExportResult(fmt, precision, "refused", f"gate failed: {parity.describe()}", parity=parity)
             entry["parity"] = {"status": "passed", **parity.to_dict()}
             entry["ms_per_image"] = {"torch_cpu": round(job.task.reference_ms, 2), "engine": round(ms, 2)}
-            if decision:
+            if decision:  # the engine file states the threshold it is run with, not the bundle's
                 entry["decision"] = decision
+                engine_format.write_decision(tmp, decision)
     _remove(final)
     tmp.rename(final)
     job.bundle.set_engine(entry)

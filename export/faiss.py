@@ -21,6 +21,7 @@ import onnx
 
 from edgeinspect.errors import ConfigError, ExportError
 from edgeinspect.export.onnx import add_metadata, check
+from edgeinspect.export.onnx import write_decision as write_onnx_decision
 from edgeinspect.runtime.backends.onnx import WEIGHT_BITS_KEY
 
 if TYPE_CHECKING:
@@ -64,6 +65,16 @@ def export_faiss(job: ExportJob, precision: str, path: Path) -> dict[str, Any]:
     return {"faiss": {"index_factory": factory, "search_parameters": cfg["search_parameters"],
                       "bank_entries": int(bank.shape[0]), "source_engine": source_entry["file"],
                       "bank_refit_on_int8_features": refit, "faiss_version": faiss.__version__}}
+
+
+def write_decision(path: Path, decision: dict[str, Any]) -> None:
+    """Replace the decision in the engine's metadata (``engine.json`` and both ONNX parts) by the one its gate
+    gave it."""
+    spec = json.loads((path / "engine.json").read_text())
+    spec["metadata"]["decision"] = decision
+    for part in (spec["features"], spec["head"]):
+        write_onnx_decision(path / part, decision)
+    (path / "engine.json").write_text(json.dumps(spec, indent=1))
 
 
 def index_factory_string(factory: str, bank_entries: int) -> str:

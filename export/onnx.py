@@ -545,6 +545,11 @@ def add_metadata(path: Path, metadata: dict[str, Any]) -> None:
     onnx.save(proto, str(path))
 
 
+def write_decision(path: Path, decision: dict[str, Any]) -> None:
+    """Replace the decision in an ONNX engine's metadata by the one its gate gave it; the rest is kept."""
+    add_metadata(path, {**read_metadata(path), "decision": decision})
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The ``metadata_props`` of an ONNX file, as stored."""
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}

@@ -56,9 +56,10 @@ class Parity(GateResult):
     verdict_agreement_all: float  # same OK/NOK over all images
     flips_to_correct: int        # images whose verdict differs and the engine's matches the label
     flips_to_wrong: int          # images whose verdict differs and PyTorch's matches the label
-    reference_auroc: float       # image AUROC of the PyTorch model on these images
-    image_auroc: float           # image AUROC of the engine
+    reference_auroc: float | None  # image AUROC of the PyTorch model on these images (None: not checked)
+    image_auroc: float | None      # image AUROC of the engine (None: not checked)
     gate: dict[str, Any]
+    auroc_not_checked: str | None = None  # why the AUROCs are None (no AUROC of one class)
     failures: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -67,8 +68,9 @@ class Parity(GateResult):
                 f"{self.max_abs_score_delta:.3g} ({self.max_rel_score_delta:.3g} of the threshold), "
                 f"verdict agreement {100 * self.verdict_agreement:.1f}% ({100 * self.verdict_agreement_all:.1f}% "
                 f"with the {self.n_borderline} borderline; flips {self.flips_to_correct} to correct, "
-                f"{self.flips_to_wrong} to wrong), image AUROC {self.image_auroc:.4f} "
-                f"(PyTorch {self.reference_auroc:.4f})")
+                f"{self.flips_to_wrong} to wrong), " + (
+                    f"image AUROC not checked ({self.auroc_not_checked})" if self.auroc_not_checked else
+                    f"image AUROC {self.image_auroc:.4f} (PyTorch {self.reference_auroc:.4f})"))
         return line + (f"; failed: {', '.join(self.failures)}" if self.failures else "")
 
 
@@ -87,18 +89,21 @@ def compare(reference: tuple[np.ndarray, np.ndarray], engine: tuple[np.ndarray, 
     clear = np.abs(ref_scores - reference_threshold) > gate.borderline_band * scale
     agreement = float(np.mean(ref_nok[clear] == nok[clear])) if clear.any() else 1.0
     flips = ref_nok != nok
-    ref_auroc, auroc = image_auroc(labels, ref_scores), image_auroc(labels, scores)
+    # no AUROC without both classes: that part is not checked (never NaN in the manifest); verdicts still gate
+    unchecked = "one class in the check set" if len(np.unique(labels)) < 2 else None
+    ref_auroc, auroc = (None, None) if unchecked else (image_auroc(labels, ref_scores), image_auroc(labels, scores))
     failures = [] if finite else ["the engine outputs NaN or infinity"]
     if gate.tolerance is not None and max(map_delta, score_delta) > gate.tolerance * scale:
         failures.append(f"max |delta| {max(map_delta, score_delta) / scale:.3g} of the threshold "
                         f"> tolerance {gate.tolerance:g}")
     if agreement < gate.min_verdict_agreement:
         failures.append(f"verdict agreement {100 * agreement:.1f}% < {100 * gate.min_verdict_agreement:g}%")
-    if gate.max_auroc_drop is not None and ref_auroc - auroc > gate.max_auroc_drop:
+    if gate.max_auroc_drop is not None and not unchecked and ref_auroc - auroc > gate.max_auroc_drop:
         failures.append(f"image AUROC drop {ref_auroc - auroc:.4f} > {gate.max_auroc_drop:g}")
     return Parity(len(scores), map_delta, score_delta, score_delta / scale, agreement, int((~clear).sum()),
                   float(np.mean(~flips)), int((flips & (nok == labels.astype(bool))).sum()),
-                  int((flips & (ref_nok == labels.astype(bool))).sum()), ref_auroc, auroc, asdict(gate), failures)
+                  int((flips & (ref_nok == labels.astype(bool))).sum()), ref_auroc, auroc, asdict(gate), unchecked,
+                  failures)
 
 
 # ------------------------------------------------------------------------------------------- detectors

@@ -21,7 +21,7 @@ from edgeinspect.bundle import atomic_write_bytes
 from edgeinspect.errors import ConfigError, ExportError
 from edgeinspect.export.exporter import CannotBuildHere
 from edgeinspect.export.onnx import write_int8
-from edgeinspect.runtime.backends.tensorrt import TensorRTBackend, cuda_call, cudart, pack_plan
+from edgeinspect.runtime.backends.tensorrt import TensorRTBackend, cuda_call, cudart, pack_plan, unpack_plan
 
 if TYPE_CHECKING:
     from edgeinspect.export.exporter import ExportJob
@@ -90,3 +90,9 @@ def export_tensorrt(job: ExportJob, precision: str, path: Path) -> dict[str, Any
     built = {"tensorrt_version": trt.__version__, "gpu": gpu_name(), "dla_core": dla_core, **recorded}
     atomic_write_bytes(path, pack_plan({**job.metadata("tensorrt", precision), **built}, bytes(plan)))
     return built
+
+
+def write_decision(path: Path, decision: dict[str, Any]) -> None:
+    """Replace the decision in a plan file's header by the one its gate gave the engine; the plan is kept."""
+    header, plan = unpack_plan(path.read_bytes(), path)
+    atomic_write_bytes(path, pack_plan({**header, "decision": decision}, plan))

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import SYNTH_CATEGORY
 
 from edgeinspect.bundle import MANIFEST, Bundle, bundle_target, staging_dir, swap_in
@@ -87,6 +88,23 @@ def test_without_an_atomic_exchange_the_old_bundle_is_renamed_aside(tmp_path: Pa
         swap_in(staged, target)
     assert Bundle.open(target).bundle_id == "v1"
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def test_a_reader_in_the_gap_of_a_non_atomic_swap_waits_for_the_new_bundle(tmp_path: Path, monkeypatch) -> None:
+    """Without an atomic exchange the path is absent between the two renames: Bundle.open looks again after a
+    moment instead of reporting a missing bundle. The rename in happens during that moment (the wait itself)."""
+    import edgeinspect.bundle as bundle_module
+
+    target, staged = tmp_path / "bundle", tmp_path / "staged"
+    _fake_bundle(staged, "v1")
+    waits = []
+    monkeypatch.setattr(bundle_module.time, "sleep", lambda s: (waits.append(s), staged.rename(target)))
+    assert Bundle.open(target).bundle_id == "v1"
+    assert waits == [bundle_module.SWAP_GAP_WAIT_S]
+    monkeypatch.setattr(bundle_module.time, "sleep", lambda s: waits.append(s))  # nobody swaps it in this time
+    with pytest.raises(BundleError, match="bundle not found"):
+        Bundle.open(tmp_path / "never")
+    assert len(waits) == 1 + (bundle_module.OPEN_ATTEMPTS - 1)  # the first test's wait, then one per retry
 
 
 def test_leftovers_of_a_killed_writer_are_removed_and_live_ones_kept(tmp_path: Path) -> None:

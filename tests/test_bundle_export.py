@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import SYNTH_CATEGORY
 
 from edgeinspect.bundle import Bundle
 from edgeinspect.config import load_config
@@ -105,6 +106,24 @@ def test_padim_exports_with_parity(padim_bundle: Path, tmp_path: Path) -> None:
     assert result.status == "written" and result.path.is_file()
     assert result.parity.passed and result.parity.verdict_agreement == 1.0
     assert result.parity.max_rel_score_delta < 1e-3
+
+
+def test_a_check_set_of_one_class_leaves_the_auroc_unchecked(padim_bundle: Path, synth_root: Path,
+                                                             tmp_path: Path) -> None:
+    """Good images only: no image AUROC to compare (recorded as null with the reason); the verdicts gate."""
+    good_only = tmp_path / "data" / SYNTH_CATEGORY
+    (good_only / "test").mkdir(parents=True)
+    (good_only / "train").symlink_to(synth_root / SYNTH_CATEGORY / "train")
+    (good_only / "test" / "good").symlink_to(synth_root / SYNTH_CATEGORY / "test" / "good")
+    copy = tmp_path / "padim"
+    shutil.copytree(padim_bundle, copy)
+    results = export_bundle(copy, "onnx", "fp16", data_root=tmp_path / "data", category=SYNTH_CATEGORY,
+                            progress=False)  # FP16's gate bounds the AUROC drop
+    assert [r.status for r in results] == ["written"] and "image AUROC not checked" in results[0].detail
+    for entry in Bundle.open(copy).engines:  # the FP32 engine it is built from too
+        assert entry["parity"]["passed"] and entry["parity"]["image_auroc"] is None
+        assert entry["parity"]["auroc_not_checked"] == "one class in the check set"
+        assert entry["parity"]["n_images"] == len(list((good_only / "test" / "good").glob("*.png")))
 
 
 def test_failed_parity_refuses_the_engine(padim_bundle: Path, tmp_path: Path) -> None:

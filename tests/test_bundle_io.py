@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeinspect.bundle import atomic_write_bytes, sha256_file
+from edgeinspect.bundle import MANIFEST, Bundle, atomic_write_bytes, sha256_file
+from edgeinspect.errors import BundleError
 
 
 def test_full_disk_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path, monkeypatch) -> None:
@@ -30,3 +31,13 @@ def test_sha256_of_written_file(tmp_path: Path) -> None:
 
     atomic_write_bytes(tmp_path / "sub" / "x.bin", b"abc")
     assert sha256_file(tmp_path / "sub" / "x.bin") == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_a_nan_figure_is_refused_and_the_manifest_kept(tmp_path: Path) -> None:
+    bundle = Bundle(tmp_path, {"bundle_id": "b", "metrics": {"image_auroc": 0.9}})
+    bundle.save()
+    before = (tmp_path / MANIFEST).read_bytes()
+    bundle.manifest["metrics"]["image_auroc"] = float("nan")
+    with pytest.raises(BundleError, match="manifest.json not written: a figure is NaN or infinity"):
+        bundle.save()
+    assert (tmp_path / MANIFEST).read_bytes() == before

@@ -23,7 +23,8 @@ from edgeinspect.bundle import Bundle
 from edgeinspect.config import load_config
 from edgeinspect.errors import BundleError, ConfigError, ExportError
 from edgeinspect.export.checks import AnomalyMapCheck
-from edgeinspect.export.exporter import CannotBuildHere, ExportJob, export_bundle
+from edgeinspect.export.exporter import CannotBuildHere, ExportJob, _export_all, export_bundle
+from edgeinspect.export.formats import AUTO_ORDER, FORMATS
 from edgeinspect.export.onnx import (
     OnnxSubgraph,
     add_metadata,
@@ -486,6 +487,21 @@ def test_gate_leaves_out_borderline_images_and_splits_flips() -> None:
     assert strict.n_borderline == 0 and strict.verdict_agreement == 0.5 and strict.passed
 
 
+def test_gate_without_both_classes_leaves_the_auroc_unchecked_and_still_gates_verdicts() -> None:
+    labels = np.zeros(4, int)  # good images only: no AUROC
+    reference = np.array([0.2, 0.5, 0.7, 1.5])
+    maps = np.zeros((4, 2, 2))
+    gate = Gate(None, 1.0, 0.005)
+    same = compare((maps, reference), (maps, 0.9 * reference), labels, 1.0, 1.0, gate)
+    assert same.passed and same.image_auroc is None and same.reference_auroc is None
+    assert same.auroc_not_checked == "one class in the check set"
+    assert "image AUROC not checked (one class in the check set)" in same.describe()
+    recorded = json.loads(json.dumps(same.to_dict(), allow_nan=False))  # what the manifest gets: null, no NaN
+    assert recorded["image_auroc"] is None and recorded["auroc_not_checked"] == "one class in the check set"
+    flipped = compare((maps, reference), (maps, 0.5 * reference), labels, 1.0, 1.0, gate)
+    assert flipped.failures == ["verdict agreement 75.0% < 100%"]
+
+
 class PasteMasks(torch.nn.Module):
     """torchvision's Mask R-CNN mask pasting (a Loop in ONNX whose carried tensor gains a row per box) on
     the boxes of ``x`` (1 x N x 4) whose x0 is not negative: a count only known at run time."""
@@ -585,6 +601,32 @@ def test_int8_gate_refuses_and_retries(family: str, request: pytest.FixtureReque
     assert (copy / "manifest.json").read_bytes() != before  # fp32 and fp16 were recorded
     with pytest.raises(ExportError, match="onnx:int8 refused"):
         export_bundle(copy, "onnx", "int8", settings=impossible, progress=False)
+
+
+def test_a_refused_engine_is_not_built_again_for_the_formats_built_on_it(patchcore_bundle: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeinspect.export.onnx as onnx_export
+
+    shutil.copytree(patchcore_bundle, tmp_path / "b")
+    bundle = Bundle.open(tmp_path / "b")
+    impossible = load_config("export", overrides=["int8.max_auroc_drop=-1.0", "int8.exclusion_rounds=0",
+                                                  "int8.eight_bit_retry=false", "int8.calibration_images=8"])
+    job = ExportJob(bundle, MVTecCategory(bundle.manifest["data"]["root"], SYNTH_CATEGORY), impossible,
+                    progress=False)
+    built: list[Path] = []
+    write_int8 = onnx_export.write_int8
+
+    def counting(job: ExportJob, path: Path, metadata: dict, **kwargs: bool) -> dict:
+        built.append(path)
+        return write_int8(job, path, metadata, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "write_int8", counting)
+    results = _export_all(job, [FORMATS[f] for f in ("onnx", "triton", "faiss")], "int8", True)
+    assert _status(results) == {"onnx:int8": "refused", "triton:int8": "refused", "faiss:int8": "refused"}
+    assert len(built) == 1  # triton and faiss got the refusal of the onnx:int8 engine, not a second build
+    refusal = results[0].detail
+    for result in results[1:]:
+        assert result.detail == f"needs the onnx:int8 engine, which was refused: {refusal}"
 
 
 def test_sensitive_nodes_keep_their_activation_and_an_activation_its_producer(tmp_path: Path) -> None:
@@ -697,13 +739,15 @@ def test_int8_export_of_a_bundle_whose_fp32_engine_names_nodes_otherwise(padim_e
     assert not any(name.startswith("/mahalanobis/") for name in quantized)  # its statistics stay float
 
 
-def test_metadata_travels_inside_every_engine(all_engines: tuple[Path, list]) -> None:
+def test_metadata_travels_inside_every_engine(all_engines: tuple[Path, list], tmp_path: Path) -> None:
     bundle = Bundle.open(all_engines[0])
     for precision in ("fp32", "fp16", "int8"):
         path, entry = bundle.engine("onnx", precision)
         meta = read_metadata(path)
         assert meta["bundle_id"] == bundle.bundle_id and meta["precision"] == precision
-        assert json.loads(meta["decision"]) == bundle.decision
+        # the decision the engine is run with: an INT8 engine's own, from its gate
+        assert json.loads(meta["decision"]) == bundle.engine_decision(entry)
+        assert (json.loads(meta["decision"]) == bundle.decision) == (precision != "int8")
         assert meta.get(WEIGHT_BITS_KEY) == (str(entry["int8"]["weight_bits"]) if precision == "int8" else None)
     coremltools = pytest.importorskip("coremltools")
     for precision in ("fp32", "fp16", "int8"):
@@ -716,14 +760,26 @@ def test_metadata_travels_inside_every_engine(all_engines: tuple[Path, list]) ->
         assert list(spec.description.input[0].type.multiArrayType.shape) == [1, 3, 224, 224]
         assert [o.name for o in spec.description.output] == ["anomaly_map", "score"]
     for precision in ("fp32", "fp16", "int8"):
-        path, _ = bundle.engine("faiss", precision)
+        path, entry = bundle.engine("faiss", precision)
         spec = json.loads((path / "engine.json").read_text())
         assert spec["metadata"]["bundle_id"] == bundle.bundle_id and spec["metadata"]["precision"] == precision
+        assert spec["metadata"]["decision"] == entry["decision"] != bundle.decision  # every faiss engine has its own
         for part in ("features.onnx", "head.onnx"):
             assert read_metadata(path / part)["bundle_id"] == bundle.bundle_id
             assert read_metadata(path / part).get(WEIGHT_BITS_KEY) == ("7" if precision == "int8" else None)
+            assert json.loads(read_metadata(path / part)["decision"]) == entry["decision"]
     plan = pack_plan({"tensorrt_version": "10.0.1", "bundle_id": bundle.bundle_id}, b"PLAN")
     assert unpack_plan(plan) == ({"tensorrt_version": "10.0.1", "bundle_id": bundle.bundle_id}, b"PLAN")
+    # the engines gated here on the GPU or the Mac take their own decision the same way, the rest of the file kept
+    own = bundle.find_engine("onnx", "int8")["decision"]
+    (tmp_path / "model_int8.engine").write_bytes(plan)
+    FORMATS["tensorrt"].write_decision(tmp_path / "model_int8.engine", own)
+    assert unpack_plan((tmp_path / "model_int8.engine").read_bytes()) == (
+        {"tensorrt_version": "10.0.1", "bundle_id": bundle.bundle_id, "decision": own}, b"PLAN")
+    package = shutil.copytree(bundle.engine("coreml", "int8")[0], tmp_path / "model_int8.mlpackage")
+    FORMATS["coreml"].write_decision(package, own)
+    meta = dict(coremltools.utils.load_spec(str(package)).description.metadata.userDefined)
+    assert json.loads(meta["decision"]) == own and meta["bundle_id"] == bundle.bundle_id
 
 
 def test_coreml_prediction_needs_macos(all_engines: tuple[Path, list]) -> None:
@@ -738,6 +794,7 @@ def test_coreml_prediction_needs_macos(all_engines: tuple[Path, list]) -> None:
 
 
 def test_triton_config_parses_with_tritons_protobuf(all_engines: tuple[Path, list]) -> None:
+    """The repository serves the gated engine with its decision: an INT8 engine's own threshold, not the bundle's."""
     model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
     from google.protobuf import text_format
 
@@ -759,6 +816,32 @@ def test_triton_config_parses_with_tritons_protobuf(all_engines: tuple[Path, lis
                 assert d.data_type == model_config_pb2.TYPE_FP32
         assert config.parameters["bundle_id"].string_value == bundle.bundle_id
         assert entry["parity"]["passed"] == source_entry["parity"]["passed"]
+        assert entry.get("decision") == source_entry.get("decision") and ("decision" in entry) == (precision == "int8")
+        decision = bundle.engine_decision(source_entry)
+        assert bundle.engine_decision(entry) == decision
+        assert json.loads(config.parameters["decision"].string_value) == decision
+
+
+def test_triton_config_declares_the_data_types_of_the_engine_graph(tmp_path: Path) -> None:
+    """A Mask R-CNN engine gives int64 labels beside float boxes: each tensor is declared with its graph's type."""
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from google.protobuf import text_format
+
+    from edgeinspect.export.triton import config_pbtxt, tensor_types
+
+    h = onnx.helper
+    graph = h.make_graph([h.make_node("Identity", ["image"], ["boxes"]), h.make_node("Shape", ["image"], ["labels"])],
+                         "g", [h.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1, 4])],
+                         [h.make_tensor_value_info("boxes", onnx.TensorProto.FLOAT, [1, 4]),
+                          h.make_tensor_value_info("labels", onnx.TensorProto.INT64, [2])])
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(tmp_path / "model.onnx"))
+    types = tensor_types(tmp_path / "model.onnx")
+    assert types == {"image": "TYPE_FP32", "boxes": "TYPE_FP32", "labels": "TYPE_INT64"}
+    text = config_pbtxt("m", "onnxruntime_onnx", {"image": ([1, 4], types["image"])},
+                        {"boxes": ([-1, 4], types["boxes"]), "labels": ([-1], types["labels"])}, "KIND_AUTO", 1, {})
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
+        ("boxes", model_config_pb2.TYPE_FP32, [-1, 4]), ("labels", model_config_pb2.TYPE_INT64, [-1])]
 
 
 def test_tensorrt_refuses_without_gpu_and_refuses_foreign_plans(patchcore_bundle: Path, tmp_path: Path) -> None:
@@ -778,6 +861,10 @@ def test_tensorrt_refuses_without_gpu_and_refuses_foreign_plans(patchcore_bundle
         export_bundle(copy, "tensorrt", "fp16", progress=False)
     with pytest.raises(ConfigError, match="cannot run TensorRT engine"):
         TensorRTBackend(copy / "engines" / "model_fp16.engine")
+    # a Triton repository around a TensorRT plan cannot be built here either: skipped, not refused
+    from_plan = load_config("export", overrides=["triton.source=tensorrt"])
+    with pytest.raises(CannotBuildHere, match="triton:fp32 skipped: needs the tensorrt:fp32 engine, which was skipped"):
+        export_bundle(copy, "triton", "fp32", settings=from_plan, progress=False)
     settings = load_config("export", overrides=["tensorrt.dla_core=0"])
     with pytest.raises(ExportError, match="DLA runs FP16 and INT8 only"):  # refused before any GPU is looked for
         export_bundle(copy, "tensorrt", "fp32", settings=settings, progress=False)
@@ -821,6 +908,9 @@ def test_tensorrt_is_given_strongly_typed_graphs(patchcore_bundle: Path, tmp_pat
 
 
 def test_engine_selection(all_engines: tuple[Path, list], patchcore_bundle: Path) -> None:
+    # the format table's order (each row's `auto` precisions, formats by `auto_rank`); faiss and triton only by name
+    assert AUTO_ORDER == (("tensorrt", "int8"), ("tensorrt", "fp16"), ("tensorrt", "fp32"), ("coreml", "fp16"),
+                          ("coreml", "int8"), ("coreml", "fp32"), ("onnx", "int8"), ("onnx", "fp32"))
     bundle = Bundle.open(all_engines[0])
     auto = select_engine(bundle, "auto")  # no GPU, not macOS: ONNX INT8 (its gate passed)
     if TensorRTBackend.unavailable_reason() and sys.platform != "darwin":
