@@ -8,13 +8,13 @@ source fails: a live camera that stays disconnected after its reconnect attempts
 from __future__ import annotations
 
 import logging
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
 
 import cv2
 import numpy as np
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_RECONNECT_DELAY_S = 10.0
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # a URL starts with its scheme (a pipeline with an element)
+# user:password@ in the authority of any URL in a text (a password may hold ':', '@' or '!' as FFmpeg reads it)
+_CREDENTIALS = re.compile(r"(?P<start>[A-Za-z][A-Za-z0-9+.-]*://[^/?#@:\s]*):[^/?#\s]*@")
 
 # (image or None, name, error, conversions) as produced by a source before it is stamped into a Frame.
 _Item = tuple[np.ndarray | None, str, str | None, tuple[str, ...]]
@@ -260,11 +263,14 @@ class SingleImageSource(FrameSource):
 
 
 class CaptureDeviceSource(FrameSource):
-    """A live camera: an OpenCV device index, a stream URL or a GStreamer pipeline (a string with '!').
+    """A live camera: an OpenCV device index, a stream URL or a GStreamer pipeline (a string with '!' that
+    is not a URL).
 
-    A failed read triggers up to ``reconnect_attempts`` reconnects (release and reopen) after a delay
-    starting at ``reconnect_delay_s`` and doubling up to 10 s; when all fail, iteration raises
-    :class:`SourceError`. ``timeout_s`` bounds opening and reading a URL stream.
+    A camera that cannot be opened, or a failed read, triggers up to ``reconnect_attempts`` reconnects
+    (release and reopen) after a delay starting at ``reconnect_delay_s`` and doubling up to 10 s; when all
+    fail, iteration raises :class:`SourceError` (so a camera that is offline when the daemon starts fails
+    on its own, after its attempts, while the line's other cameras go on). ``timeout_s`` bounds opening
+    and reading a URL stream.
     """
 
     live = True
@@ -286,16 +292,17 @@ class CaptureDeviceSource(FrameSource):
         self.reconnect_attempts = reconnect_attempts
         self.reconnect_delay_s = reconnect_delay_s
         self.timeout_s = timeout_s
-        capture = self._open()
-        if capture is None:
-            raise SourceError(f"cannot open {self.description}{_open_hint(device)}")
-        self._capture: cv2.VideoCapture | None = capture
+        self._capture: cv2.VideoCapture | None = self._open()
+        self._opened = self._capture is not None  # once: a later failure is a disconnection
+        if not self._opened:
+            logger.warning("cannot open %s%s; %d reconnect attempts follow", self.description, _open_hint(device),
+                           reconnect_attempts)
 
     def _open(self) -> cv2.VideoCapture | None:
         device = self.device
         if isinstance(device, int):
             capture = cv2.VideoCapture(device)
-        elif "!" in device:
+        elif _is_pipeline(device):
             capture = cv2.VideoCapture(device, cv2.CAP_GSTREAMER)
         else:
             timeout_ms = max(1, int(self.timeout_s * 1000))
@@ -317,6 +324,9 @@ class CaptureDeviceSource(FrameSource):
             if self._closed:
                 return
             if failures >= self.reconnect_attempts:
+                if not self._opened:
+                    raise SourceError(f"cannot open {self.description}{_open_hint(self.device)} "
+                                      f"(after {self.reconnect_attempts} reconnect attempts)")
                 raise SourceError(
                     f"{self.description} disconnected: no frame after {self.reconnect_attempts} "
                     f"reconnect attempts ({self.frames_read} frames read before)"
@@ -324,8 +334,8 @@ class CaptureDeviceSource(FrameSource):
             failures += 1
             delay = min(self.reconnect_delay_s * 2 ** (failures - 1), MAX_RECONNECT_DELAY_S)
             logger.warning(
-                "%s: read failed, reconnecting in %.2f s (attempt %d of %d)",
-                self.description, delay, failures, self.reconnect_attempts,
+                "%s: %s, reconnecting in %.2f s (attempt %d of %d)", self.description,
+                "read failed" if self._capture is not None else "not open", delay, failures, self.reconnect_attempts,
             )
             time.sleep(delay)
             self._release()
@@ -334,6 +344,7 @@ class CaptureDeviceSource(FrameSource):
                 logger.warning("%s: reconnect attempt %d failed to open", self.description, failures)
             else:
                 self.reconnects += 1
+                self._opened = True
                 logger.info("%s: reopened on attempt %d", self.description, failures)
 
     def _release(self) -> None:
@@ -342,29 +353,27 @@ class CaptureDeviceSource(FrameSource):
             self._capture = None
 
 
-def _redact(url: str) -> str:
-    """The URL with any password replaced by ***, so that descriptions and logs do not leak it."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:  # an IPv6 address
-        host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+def _redact(text: str) -> str:
+    """``text`` (a URL, or a pipeline holding URLs) with every URL password replaced by ***, so that
+    descriptions, logs, statuses and errors do not leak it."""
+    return _CREDENTIALS.sub(r"\g<start>:***@", text)
+
+
+def _is_pipeline(device: int | str) -> bool:
+    """A GStreamer pipeline: a string with '!' (between its elements) that is not a URL (a password's '!')."""
+    return isinstance(device, str) and "!" in device and not _URL.match(device)
 
 
 def _describe_device(device: int | str) -> str:
     if isinstance(device, int):
         return str(device)
-    if "!" in device:
-        return f"gstreamer pipeline '{device}'"
+    if _is_pipeline(device):
+        return f"gstreamer pipeline '{_redact(device)}'"
     return _redact(device)
 
 
 def _open_hint(device: int | str) -> str:
-    if isinstance(device, str) and "!" in device and not _opencv_has_gstreamer():
+    if _is_pipeline(device) and not _opencv_has_gstreamer():
         return " (this OpenCV build has no GStreamer support)"
     return ""
 

@@ -698,7 +698,8 @@ def journal_replay(directory: str, since: int, until: int | None, publish: str |
     if first is None:
         raise click.ClickException(f"the journal in {directory} has no verdict with seq >= {since}")
     sent, last = 0, first
-    with VerdictPublisher(publish, first["line"], first["camera"]) as publisher:
+    # every verdict counts here: a slow subscriber makes the replay wait (up to 30 s at a time), never drop
+    with VerdictPublisher(publish, first["line"], first["camera"], send_timeout_s=30.0, linger_ms=30_000) as publisher:
         publisher.wait_for_subscribers(wait_subscribers, wait_timeout)
         for last in itertools.chain([first], records):
             publisher.republish(last)

@@ -98,7 +98,9 @@ class FrameCheck:
 
     def __init__(self, spec: FrameSpec | None, *, convert: bool = False, min_side: int = MIN_SIDE,
                  roi: tuple[int, int, int, int] | None = None):
-        """``roi``: (x0, y0, x1, y1) frame pixels judged instead of the whole frame (x1/y1 exclusive)."""
+        """``roi``: (x0, y0, x1, y1) frame pixels judged instead of the whole frame (x1/y1 exclusive).
+        ``spec`` may be replaced while frames are checked (the daemon's model reload): each frame is checked
+        against one spec."""
         self.spec = spec
         self.convert = convert
         self.min_side = min_side
@@ -142,7 +144,7 @@ class FrameCheck:
                 image = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
             rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         if spec:
-            problem = self._size_problem(h, w)
+            problem = self._size_problem(spec, h, w)
             if problem:
                 self._refuse_unless_converting(f"frame is {w}x{h} pixels: {problem}; {trained}{hint}")
                 notes.append(f"{w}x{h} judged outside the size limits")
@@ -152,8 +154,8 @@ class FrameCheck:
         if not self.convert:
             raise FrameError(reason)
 
-    def _size_problem(self, h: int, w: int) -> str:
-        spec = self.spec
+    @staticmethod
+    def _size_problem(spec: FrameSpec, h: int, w: int) -> str:
         for name, side, (lo, hi) in (("height", h, spec.height), ("width", w, spec.width)):
             if not MIN_SCALE * lo <= side <= MAX_SCALE * hi:
                 return f"{name} {side} is outside {MIN_SCALE * lo:g}-{MAX_SCALE * hi:g}"

@@ -31,7 +31,10 @@ def _decode(path: str | Path, flags: int, what: str) -> np.ndarray:
         data = np.frombuffer(path.read_bytes(), dtype=np.uint8)
     except OSError as exc:
         raise DataError(f"cannot read {what} {path}: {exc.strerror}") from None
-    image = cv2.imdecode(data, flags) if data.size else None
+    try:
+        image = cv2.imdecode(data, flags) if data.size else None
+    except cv2.error as exc:  # e.g. a header claiming more pixels than OpenCV decodes
+        raise DataError(f"cannot decode {what} (OpenCV refused it: {exc.err}): {path}") from None
     if image is None:
         raise DataError(f"cannot decode {what} (corrupt or not an image): {path}")
     return image

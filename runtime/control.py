@@ -29,6 +29,7 @@ import numpy as np
 import zmq
 
 from edgeinspect.errors import EdgeInspectError
+from edgeinspect.frames import FrameCheck
 from edgeinspect.runtime.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -50,14 +51,28 @@ class CameraControl:
     """What the control socket changes in one camera while it serves: the predictor (replaced whole,
     atomically, on reload or set-threshold), pause; and the last verdict and status it published."""
 
-    def __init__(self, camera_id: str, predictor: Predictor, engine: str = "auto"):
-        """``engine``: the selector the camera's engines are opened with (a reload uses it too)."""
+    def __init__(self, camera_id: str, predictor: Predictor, engine: str = "auto", *,
+                 check: FrameCheck | None = None):
+        """``engine``: the selector the camera's engines are opened with (a reload uses it too); ``check``:
+        the frame check of the camera's source, whose frame limits follow the predictor's bundle."""
         self.camera_id = camera_id
+        self.check = check
         self.predictor = predictor
         self.engine = engine
         self.paused = threading.Event()
         self.last_verdict: dict | None = None
         self.last_status: dict | None = None
+
+    @property
+    def predictor(self) -> Predictor:
+        """The predictor judging the camera's frames."""
+        return self._predictor
+
+    @predictor.setter
+    def predictor(self, predictor: Predictor) -> None:
+        if self.check is not None:  # frames are checked against the limits of the bundle that judges them
+            self.check.spec = predictor.check.spec
+        self._predictor = predictor
 
 
 class ControlServer:
@@ -93,9 +108,15 @@ class ControlServer:
         while not self._stopping.is_set():
             if not self._socket.poll(100):
                 continue
-            request = self._socket.recv()
-            reply = self.handle(request)
-            self._socket.send(json.dumps(reply, allow_nan=False).encode())
+            parts = self._socket.recv_multipart()  # all of it: the REP socket then owes exactly one reply
+            try:
+                reply = self.handle(parts[0]) if len(parts) == 1 else {
+                    "ok": False, "error": f"malformed request: {len(parts)} message parts; send one JSON object"}
+                data = json.dumps(reply, allow_nan=False).encode()
+            except Exception as exc:  # every request gets a reply, and the thread lives on
+                log.exception("control reply failed")
+                data = json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}).encode()
+            self._socket.send(data)
 
     def handle(self, raw: bytes) -> dict[str, Any]:
         """The reply to one raw request; never raises."""

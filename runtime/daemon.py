@@ -15,7 +15,7 @@ from types import FrameType
 from typing import Protocol
 
 from edgeinspect.camera import END, Frame, FrameSource, ThreadedReader, open_source
-from edgeinspect.errors import EngineError, SourceError
+from edgeinspect.errors import EdgeInspectError, EngineError, SourceError
 from edgeinspect.frames import FrameCheck
 from edgeinspect.runtime.control import CameraControl, ControlServer
 from edgeinspect.runtime.journal import VerdictJournal
@@ -89,6 +89,11 @@ class StopFlag:
         return self._event.wait(max(timeout, 0.0))
 
 
+def failure_reason(exc: Exception) -> str:
+    """Why a camera stopped, on one line (with the exception's type when it is not an expected failure)."""
+    return str(exc) if isinstance(exc, EdgeInspectError) else f"{type(exc).__name__}: {exc}"
+
+
 def verdict_fields(frame: Frame, predictor: Predictor, offset: tuple[int, int] = (0, 0)) -> dict:
     """Run the predictor on one frame and build the verdict body (publisher adds the envelope).
 
@@ -128,8 +133,9 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
 
     The source is read in a background thread, so a heartbeat goes out on the status topic once
     per period even while a camera delivers no frames, and a stop request is honoured within a
-    period. A final status carries the source's end reason. A source failure is published as a
-    ``failed`` status and re-raised: it is never swallowed.
+    period. A final status carries the source's end reason. A failure (of the source, or any other
+    error) is published as a ``failed`` status and re-raised: it is never swallowed. Heartbeats also
+    fsync the journal's last records when due (its ``interval`` policy).
     """
     stop = stop if stop is not None else StopFlag()
     heartbeat = heartbeat or Heartbeat()
@@ -140,7 +146,10 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
     reader = ThreadedReader(source).start()
 
     def status(state: str, **extra: object) -> None:
-        journal = {"journal": publisher.journal.status()} if publisher.journal is not None else {}
+        journal: dict[str, dict] = {}
+        if publisher.journal is not None:
+            publisher.journal.sync_if_due()  # records of a burst reach the disk while the camera is silent
+            journal = {"journal": publisher.journal.status()}
         current = control.predictor
         payload = publisher.publish_status({"bundle_id": current.bundle.bundle_id, "engine": current.engine,
                                             "source": source.description, "state": state, **extra, **stats.snapshot(),
@@ -170,8 +179,8 @@ def serve(predictor: Predictor, source: FrameSource, publisher: VerdictPublisher
                     on_verdict(payload)
             if heartbeat.due():
                 status("running")
-    except SourceError as exc:
-        status("failed", error=str(exc))
+    except Exception as exc:
+        status("failed", error=failure_reason(exc))
         raise
     finally:
         reader.stop()
@@ -188,9 +197,10 @@ def run_line(config: LineConfig, *, on_verdict: Callable[[dict], None] | None = 
     One worker thread per camera (the caller's thread for a single camera), all publishing on one
     socket, each on its own topics with its own ``seq`` and journal. Cameras with the same bundle
     and engine share one engine session; with several sessions each gets an equal share of the CPU
-    threads, so workers do not fight. A camera that fails (a live source that stays disconnected) is
-    published as ``failed`` while the others go on; then SourceError names it. Frames unlike the
-    training images get an ERROR verdict (``frames: convert``: converted and judged).
+    threads, so workers do not fight. A camera that fails (a live source that cannot be opened or stays
+    disconnected after its reconnect attempts, or an unexpected error, logged with its traceback) is
+    published as ``failed`` while the others go on; when all have ended, SourceError names it. Frames
+    unlike the training images get an ERROR verdict (``frames: convert``: converted and judged).
     """
     cameras = config.cameras
     keys = sorted({(str(Path(c.bundle).resolve()), c.engine) for c in cameras})
@@ -204,7 +214,7 @@ def run_line(config: LineConfig, *, on_verdict: Callable[[dict], None] | None = 
     notifier = SystemdNotifier([c.id for c in cameras])
     metrics = DaemonMetrics(config.line) if config.metrics_port is not None else None
     results: dict[str, ServeStats] = {}
-    failures: dict[str, SourceError] = {}
+    failures: dict[str, Exception] = {}
     with ExitStack() as stack:
         stack.callback(notifier.close)
         if metrics is not None:
@@ -225,7 +235,7 @@ def run_line(config: LineConfig, *, on_verdict: Callable[[dict], None] | None = 
                                                      reconnect_attempts=camera.reconnect_attempts,
                                                      reconnect_delay_s=camera.reconnect_delay_s))
             observers = [notifier, *([metrics.camera(camera.id)] if metrics is not None else [])]
-            controls[camera.id] = CameraControl(camera.id, predictor, camera.engine)
+            controls[camera.id] = CameraControl(camera.id, predictor, camera.engine, check=check)
             workers.append((camera.id, predictor, source, VerdictPublisher(socket, config.line, camera.id,
                                                                            journal=journal), observers))
         if config.control:
@@ -248,6 +258,9 @@ def run_line(config: LineConfig, *, on_verdict: Callable[[dict], None] | None = 
                                            observers=observers, control=controls[camera_id])
             except SourceError as exc:
                 failures[camera_id] = exc
+            except Exception as exc:  # a bug must not end a camera silently: logged, published, in the exit code
+                log.exception("camera %s stopped by an unexpected error", camera_id)
+                failures[camera_id] = exc
 
         if len(workers) == 1:
             work(*workers[0])
@@ -260,5 +273,6 @@ def run_line(config: LineConfig, *, on_verdict: Callable[[dict], None] | None = 
                     thread.join(0.2)
         notifier.stopping()
     if failures:
-        raise SourceError("; ".join(f"camera {camera_id}: {exc}" for camera_id, exc in failures.items()))
+        raise SourceError("; ".join(f"camera {camera_id}: {failure_reason(exc)}"
+                                    for camera_id, exc in failures.items()))
     return results

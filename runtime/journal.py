@@ -6,7 +6,8 @@ passes ``rotate_bytes``, the oldest deleted beyond ``keep_files``.
 
 Durability (``fsync`` policy): every record is written and flushed to the operating system before the
 verdict is sent, so a crash or ``kill -9`` of the daemon loses no record it published. ``interval``
-(default) also fsyncs at most every ``fsync_interval_s`` (a power cut loses at most that much);
+(default) also fsyncs at most every ``fsync_interval_s`` (a power cut loses at most that much; the
+daemon's heartbeats call :meth:`VerdictJournal.sync_if_due`, so this holds after the last verdict too);
 ``always`` fsyncs every record (the slowest, nothing lost on power loss); ``never`` leaves it to the
 operating system. On opening, a torn last line (a record cut by a crash) is cut off, and ``seq``
 continues after the last complete record: a seq is never reused.
@@ -111,6 +112,7 @@ class VerdictJournal:
         self._file = None
         self._path: Path | None = None
         self._last_sync = time.monotonic()
+        self._unsynced = False  # records written since the last fsync
         log.info("journal %s: next seq %d (fsync %s)", self.directory, self.next_seq, fsync)
 
     def _recover(self) -> int:
@@ -148,16 +150,34 @@ class VerdictJournal:
                 self._rotate(seq)
             self._file.write(line)
             self._file.flush()
-            now = time.monotonic()
-            if self.fsync == "always" or self.fsync == "interval" and now - self._last_sync >= self.fsync_interval_s:
-                os.fsync(self._file.fileno())
-                self._last_sync = now
+            self._unsynced = True
+            if self.fsync == "always" or self._sync_due():
+                self._sync()
         except OSError as exc:
             self._fail(exc)
             return False
         self.next_seq += 1
         self.records += 1
         return True
+
+    def sync_if_due(self) -> None:
+        """With the ``interval`` policy, fsync the records written since the last fsync once
+        ``fsync_interval_s`` has passed; called with every heartbeat, so the last records of a burst reach
+        the disk while no verdict follows."""
+        if self._file is None or not self._sync_due():
+            return
+        try:
+            self._sync()
+        except OSError as exc:
+            self._fail(exc)
+
+    def _sync_due(self) -> bool:
+        return (self.fsync == "interval" and self._unsynced
+                and time.monotonic() - self._last_sync >= self.fsync_interval_s)
+
+    def _sync(self) -> None:
+        os.fsync(self._file.fileno())
+        self._unsynced, self._last_sync = False, time.monotonic()
 
     def _rotate(self, seq: int) -> None:
         """Continue in the newest file if there is room, else start ``journal-<seq>.jsonl``; drop the oldest."""

@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from edgeinspect.errors import EdgeInspectError
+from edgeinspect.runtime.systemd import ALIVE
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,9 @@ class DaemonMetrics:
     """The metrics of one daemon (all its cameras, one registry) and its health.
 
     Each camera's serve loop reports through its :meth:`camera` observer. Healthy means: every
-    camera's last status said ``running`` (or ``stopped``: a recorded source that ended) and each
-    running one sent a status or verdict less than ``stale_s`` ago (heartbeats go out every second,
-    also while a camera is silent, so a silent loop is stuck).
+    camera's last status said ``running`` or ``paused`` (or ``stopped``: a recorded source that ended)
+    and each running or paused one sent a status or verdict less than ``stale_s`` ago (heartbeats go out
+    every second, also while a camera is silent or paused, so a silent loop is stuck).
     """
 
     def __init__(self, line: str, *, stale_s: float = 5.0):
@@ -52,7 +53,8 @@ class DaemonMetrics:
                             [*names, "engine", "bundle_id"], registry=self.registry)
         self.journal_failed = Gauge("edgeinspect_journal_failed", "1 when the verdict journal stopped writing",
                                     names, registry=self.registry)
-        self.up = Gauge("edgeinspect_up", "1 while the camera's serve loop is running", names, registry=self.registry)
+        self.up = Gauge("edgeinspect_up", "1 while the camera's serve loop is running (also paused)", names,
+                        registry=self.registry)
         self.last_verdict = Gauge("edgeinspect_last_verdict_timestamp_seconds", "Unix time of the last verdict",
                                   names, registry=self.registry)
         self.cameras: dict[str, CameraMetrics] = {}
@@ -116,7 +118,7 @@ class CameraMetrics:
             self._engine = engine
         journal = payload.get("journal") or {}
         m.journal_failed.labels(**self.labels).set(1 if journal.get("state") == "failed" else 0)
-        m.up.labels(**self.labels).set(1 if payload["state"] == "running" else 0)
+        m.up.labels(**self.labels).set(1 if payload["state"] in ALIVE else 0)
         with self._lock:
             self._state, self._seen = payload["state"], time.monotonic()
 
@@ -125,7 +127,7 @@ class CameraMetrics:
         with self._lock:
             age = time.monotonic() - self._seen
             state = self._state
-        healthy = state == "stopped" or state == "running" and age < self.metrics.stale_s
+        healthy = state == "stopped" or state in ALIVE and age < self.metrics.stale_s
         return healthy, {"state": state, "seconds_since_activity": round(age, 3)}
 
 

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from edgeinspect.bundle import Bundle
-from edgeinspect.errors import BundleError
+from edgeinspect.errors import BundleError, EngineError
 from edgeinspect.preprocess import Preprocess
 from edgeinspect.runtime.detections import MASK_THRESHOLD, Detections, make_decoder, mask_polygon
 
@@ -80,6 +80,14 @@ def find_regions(anomaly_map: np.ndarray, threshold: float, min_area: int, norma
             for box, area, peak in map_regions(anomaly_map, threshold, min_area)]
 
 
+def require_finite(what: str, values: np.ndarray | float) -> None:
+    """EngineError when an engine output holds NaN or infinity (an FP16 engine that overflowed, a broken
+    engine): such a frame cannot be judged, so it gets an ERROR verdict instead of a meaningless one."""
+    if not np.isfinite(values).all():
+        raise EngineError(f"the engine returned a non-finite {what} (NaN or infinity); the frame cannot be "
+                          f"judged: check the engine (an FP16 engine that overflows? try its FP32 engine)")
+
+
 # ------------------------------------------------------------------------------ one per task
 @dataclass
 class Outcome:
@@ -117,6 +125,8 @@ class AnomalyMapPostprocess:
     def __call__(self, outputs: tuple[np.ndarray, ...], frame_hw: tuple[int, int]) -> Outcome:
         """Verdict and regions of one image."""
         amap, raw = outputs[0][0, 0], float(outputs[1][0])
+        require_finite("anomaly score", raw)
+        require_finite("anomaly map", amap)
         nok = raw > self.threshold
         regions = find_regions(amap, self.threshold, self.min_region_area, self.normalization, self.preprocess,
                                frame_hw) if nok else []
@@ -144,6 +154,8 @@ class DetectionPostprocess:
     def __call__(self, outputs: tuple[np.ndarray, ...], frame_hw: tuple[int, int]) -> Outcome:
         """Verdict and regions of one image."""
         detections = self.decode(dict(zip(self.output_names, outputs, strict=True)))
+        require_finite("detection confidence", detections.scores)
+        require_finite("detection box", detections.boxes)
         return self.judge(detections, frame_hw)
 
     def judge(self, detections: Detections, frame_hw: tuple[int, int]) -> Outcome:

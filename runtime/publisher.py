@@ -39,9 +39,13 @@ class PublishError(EdgeInspectError):
 
 
 def to_jsonable(value: Any) -> Any:
-    """Convert numpy scalars and arrays (also inside dicts, lists and tuples) to plain Python values."""
+    """Convert numpy scalars and arrays (also inside dicts, lists and tuples) to plain Python values, and
+    make strings UTF-8-safe: a file name that is not UTF-8 (its bytes decoded as surrogates) gets a
+    ``\\udcXX`` escape for each such byte, as ``edgeinspect predict`` prints it."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, dict):
-        return {k if isinstance(k, str) else str(to_jsonable(k)): to_jsonable(v) for k, v in value.items()}
+        return {str(to_jsonable(k)): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
@@ -66,15 +70,18 @@ class PublisherSocket:
     reaches no subscriber and is counted in ``dropped``. With the default, ZeroMQ drops it only for the
     subscribers whose queue is full, without telling the publisher (``dropped`` stays 0).
     Without ``context`` the socket owns a context and terminates it on close, which waits up to
-    ``linger_ms`` for queued messages to be sent.
+    ``linger_ms`` for queued messages to be sent. ``send_timeout_s`` (for a replay, where every message
+    counts; implies ``nodrop``): a full subscriber queue makes :meth:`send` wait up to that long for room
+    instead of dropping, then raise PublishError.
     """
 
     def __init__(self, endpoint: str, *, context: zmq.Context | None = None, sndhwm: int = 10000,
-                 linger_ms: int = 5000, nodrop: bool = False) -> None:
+                 linger_ms: int = 5000, nodrop: bool = False, send_timeout_s: float | None = None) -> None:
         self.endpoint = endpoint
         self.dropped = 0
         self.prefixes: list[bytes] = []  # every subscription seen since the socket was bound
         self._linger_ms = linger_ms
+        self._send_timeout_s = send_timeout_s
         self._lock = threading.Lock()
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context
@@ -83,8 +90,10 @@ class PublisherSocket:
             self._socket.setsockopt(zmq.SNDHWM, sndhwm)
             self._socket.setsockopt(zmq.LINGER, linger_ms)
             self._socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, not only the first per topic
-            if nodrop:
+            if nodrop or send_timeout_s is not None:
                 self._socket.setsockopt(zmq.XPUB_NODROP, 1)
+            if send_timeout_s is not None:
+                self._socket.setsockopt(zmq.SNDTIMEO, max(1, int(send_timeout_s * 1000)))
             self._socket.bind(endpoint)
         except zmq.ZMQError as exc:
             self._socket.close(linger=0)
@@ -138,13 +147,18 @@ class PublisherSocket:
         return self.matching(topics)
 
     def send(self, topic: str, payload: dict) -> None:
-        """Send [topic, JSON] without blocking; a refused message is counted in ``dropped``."""
+        """Send [topic, JSON] without blocking; a refused message is counted in ``dropped``. With
+        ``send_timeout_s`` wait for room instead, and PublishError when none came in time."""
         data = _dumps(payload)
         with self._lock:
             self.check_open()
             try:
-                self._socket.send_multipart([topic.encode("utf-8"), data], flags=zmq.NOBLOCK)
+                self._socket.send_multipart([topic.encode("utf-8"), data],
+                                            flags=0 if self._send_timeout_s is not None else zmq.NOBLOCK)
             except zmq.Again:
+                if self._send_timeout_s is not None:
+                    raise PublishError(f"{self.endpoint}: a subscriber's queue stayed full for "
+                                       f"{self._send_timeout_s:g} s (it stopped reading); {topic} not sent") from None
                 self.dropped += 1
                 if self.dropped == 1 or self.dropped % 1000 == 0:
                     logger.warning("%s: subscriber queue full, %d messages dropped so far", self.endpoint,

@@ -3,8 +3,8 @@
 systemd passes ``NOTIFY_SOCKET`` (a Unix datagram socket; ``@`` = the abstract namespace) and, with a
 watchdog, ``WATCHDOG_USEC``. The daemon sends ``READY=1`` once every camera published its first
 heartbeat (engines loaded, sources open, publisher bound), ``WATCHDOG=1`` with later heartbeats while
-every running camera's loop is alive (so one stuck loop gets the daemon restarted) and ``STOPPING=1``
-when it drains, with ``STATUS=`` lines for ``systemctl status``; taken from the published statuses.
+every running or paused camera's loop is alive (so one stuck loop gets the daemon restarted) and
+``STOPPING=1`` when it drains, with ``STATUS=`` lines for ``systemctl status``; taken from the published statuses.
 Outside systemd every call does nothing.
 """
 
@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+ALIVE = ("running", "paused")  # states of a serving camera loop (paused: judging stopped on purpose)
 
 
 class SystemdNotifier:
@@ -56,16 +58,18 @@ class SystemdNotifier:
         """Verdicts say nothing to systemd (the heartbeats do)."""
 
     def on_status(self, payload: dict[str, Any]) -> None:
-        """READY=1 once every camera sent a ``running`` status; then WATCHDOG=1 whenever every running
-        camera sent one within ``stale_s`` (one stuck camera loop stops the pings); STATUS= always."""
+        """READY=1 once every camera sent a ``running`` (or ``paused``) status; then WATCHDOG=1 whenever every
+        running or paused camera sent one within ``stale_s`` (one stuck camera loop stops the pings); STATUS=
+        always."""
         now = time.monotonic()
         with self._lock:
             self._cameras[payload["camera"]] = (payload["state"], now)
-            running = [seen for state, seen in self._cameras.values() if state == "running"]
+            running = sum(state == "running" for state, _ in self._cameras.values())
+            alive = [seen for state, seen in self._cameras.values() if state in ALIVE]
             all_reported = set(self.cameras) <= set(self._cameras)
-            fresh = bool(running) and all(now - seen < self.stale_s for seen in running)
+            fresh = bool(alive) and all(now - seen < self.stale_s for seen in alive)
             frames = payload.get("frames", 0)
-            text = (f"STATUS={len(running)} of {len(self.cameras)} cameras running; {payload['camera']}: "
+            text = (f"STATUS={running} of {len(self.cameras)} cameras running; {payload['camera']}: "
                     f"{payload['state']}, {frames} frames, {payload.get('fps', 0)} fps")
             if not self._ready:
                 if all_reported and fresh:

@@ -27,6 +27,7 @@ from conftest import SYNTH_CATEGORY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_atomic_bundle import tree_digest
+from test_daemon import png_claiming
 
 from edgeinspect.bundle import Bundle
 from edgeinspect.cli import main
@@ -266,6 +267,9 @@ CASES = [
          r"empty\.png: ERROR cannot decode image \(corrupt or not an image\)", _write("empty.png", b"")),
     Case("predict_truncated_png", "predict {bundle} {ws}/half.png", 1, r"half\.png: ERROR cannot decode image",
          lambda ws, _b: (ws / "half.png").write_bytes(cv2.imencode(".png", RGB)[1].tobytes()[:200])),
+    Case("predict_header_claims_a_huge_image", "predict {bundle} {ws}/huge.png", 1,
+         r"huge\.png: ERROR cannot decode image \(OpenCV refused it: .*\): .*huge\.png$",
+         _write("huge.png", png_claiming(200_000, 200_000))),
     Case("predict_text_file", "predict {bundle} {ws}/notes.png", 1, r"notes\.png: ERROR cannot decode image",
          _write("notes.png", "hello")),
     Case("predict_directory", "predict {bundle} {ws}", 1, r": ERROR image not found: "),

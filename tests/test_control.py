@@ -114,6 +114,54 @@ def test_control_a_serving_daemon(patchcore_bundle: Path, padim_engine_bundle: P
         proc.kill()
 
 
+def test_a_reload_brings_the_frame_limits_of_the_new_bundle(patchcore_bundle: Path, synth_root: Path,
+                                                            tmp_path: Path) -> None:
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, src in enumerate(sorted((synth_root / SYNTH_CATEGORY / "test").glob("*/*.png"))[:4]):
+        (folder / f"{i}.png").write_bytes(src.read_bytes())  # 256 x 256 pixels, like the training images
+    big = tmp_path / "big"
+    shutil.copytree(patchcore_bundle, big)
+    manifest = json.loads((big / "manifest.json").read_text())
+    manifest["input_images"].update(height=[1024, 1024], width=[1024, 1024])  # a model of 1024 x 1024 images
+    (big / "manifest.json").write_text(json.dumps(manifest))
+    publish, control = free_tcp_endpoint(), free_tcp_endpoint()
+    line = Line(publish)
+    proc = subprocess.Popen([sys.executable, "-m", "edgeinspect", "-q", "serve", "--bundle", str(patchcore_bundle),
+                             "--camera", str(folder), "--loop", "--publish", publish, "--wait-subscribers", "1",
+                             "--control", control], stderr=subprocess.PIPE, text=True)
+    try:
+        assert all(v["verdict"] in ("OK", "NOK") for v in line.verdicts(2))
+        assert _ctl(control, "reload", str(big))[0] == 0
+        for v in line.verdicts(8, since=time.time())[-2:]:  # past the frames checked before the swap
+            assert v["verdict"] == "ERROR" and "frame is 256x256 pixels: height 256 is outside 512-4096" in v["error"]
+        assert _ctl(control, "reload", str(patchcore_bundle))[0] == 0
+        assert all(v["verdict"] in ("OK", "NOK") for v in line.verdicts(8, since=time.time())[-2:])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    finally:
+        line.sub.close(linger=0)
+        proc.kill()
+
+
+def test_a_multipart_request_gets_an_error_reply_and_the_socket_serves_on() -> None:
+    endpoint = free_tcp_endpoint()
+    server = ControlServer(endpoint, {}, lambda bundle, camera: None)
+    req = zmq.Context.instance().socket(zmq.REQ)
+    req.connect(endpoint)
+    replies = []
+    try:
+        for parts in ([b'{"cmd": "status"}', b"more"], [b'{"cmd": "status"}']):
+            req.send_multipart(parts)
+            assert req.poll(30_000), "no reply"
+            replies.append(json.loads(req.recv()))
+    finally:
+        req.close(linger=0)
+        server.close()
+    assert replies == [{"ok": False, "error": "malformed request: 2 message parts; send one JSON object"},
+                       {"ok": True, "cameras": {}}]
+
+
 def test_a_control_socket_off_localhost_needs_a_token() -> None:
     assert is_local("tcp://127.0.0.1:5556") and is_local("ipc:///run/edgeinspect.sock")
     assert not is_local("tcp://0.0.0.0:5556") and not is_local("tcp://*:5556")

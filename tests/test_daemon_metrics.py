@@ -115,3 +115,15 @@ def test_health_follows_the_serve_loop() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         MetricsServer(metrics, taken.getsockname()[1])
+
+
+def test_a_paused_camera_is_up_and_healthy() -> None:
+    metrics = DaemonMetrics("L1")
+    server = MetricsServer(metrics, 0)
+    try:
+        metrics.camera("c1").on_status({"state": "paused", "engine": "onnx:fp32", "bundle_id": "b1"})  # ctl pause
+        code, body = _get(f"http://127.0.0.1:{server.port}/healthz")
+        assert code == 200 and json.loads(body)["cameras"]["c1"]["state"] == "paused"
+        assert _samples(metrics.exposition())[("edgeinspect_up", (("camera", "c1"), ("line", "L1")))] == 1
+    finally:
+        server.close()

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,7 +26,10 @@ from edgeinspect.runtime.publisher import decode_message
 from edgeinspect.train.data import write_video
 
 
-def _serve_line(config: dict, tmp_path: Path, n_cameras: int) -> tuple[dict[str, list], dict[str, list], str]:
+def _serve_line(config: dict, tmp_path: Path, n_cameras: int, *, exit_code: int = 0,
+                on_status: Callable[[dict], None] | None = None) -> tuple[dict[str, list], dict[str, list], str]:
+    """Serve ``config`` until its ``n_cameras`` cameras have ended: (verdicts, statuses by camera, stderr);
+    ``on_status`` sees every status message as it comes."""
     path = tmp_path / "line.yaml"
     path.write_text(yaml.safe_dump(config))
     sub = zmq.Context.instance().socket(zmq.SUB)
@@ -41,11 +45,13 @@ def _serve_line(config: dict, tmp_path: Path, n_cameras: int) -> tuple[dict[str,
             topic, payload = decode_message(sub.recv_multipart())
             target = verdicts if topic.startswith("verdict.") else statuses
             target.setdefault(payload["camera"], []).append(payload)
+            if on_status is not None and target is statuses:
+                on_status(payload)
     finally:
         sub.close(linger=0)
         code = proc.wait(timeout=60)
     stderr = proc.stderr.read()
-    assert code == 0, stderr
+    assert code == exit_code, stderr
     return verdicts, statuses, stderr
 
 
@@ -140,32 +146,35 @@ def test_a_camera_that_drops_out_comes_back_and_one_that_fails_does_not_stop_the
         {"id": "net", "source": f"http://127.0.0.1:{server.server_address[1]}/cam.avi", "bundle": str(patchcore_bundle),
          "reconnect_attempts": 1, "reconnect_delay_s": 0.05},
         {"id": "rec", "source": str(folder), "bundle": str(patchcore_bundle), "fps": 2}]}
-    path = tmp_path / "line.yaml"
-    path.write_text(yaml.safe_dump(config))
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.connect(config["publish"])
-    sub.setsockopt_string(zmq.SUBSCRIBE, "")
-    proc = subprocess.Popen([sys.executable, "-m", "edgeinspect", "-q", "serve", "--config", str(path)],
-                            stderr=subprocess.PIPE, text=True)
-    final: dict[str, dict] = {}
-    rec_verdicts = 0
-    try:
-        while len(final) < 2:
-            assert sub.poll(120_000), "no message from the line within 120 s"
-            topic, payload = decode_message(sub.recv_multipart())
-            if topic == "verdict.L4.rec":
-                rec_verdicts += 1
-            elif topic.startswith("status.") and payload["state"] in ("stopped", "failed"):
-                final[payload["camera"]] = payload
-            elif topic == "status.L4.net" and payload["reconnects"] >= 2 and server.socket.fileno() != -1:
-                server.shutdown()  # the camera came back twice; now it goes away for good
-                server.server_close()
-    finally:
-        sub.close(linger=0)
-        code = proc.wait(timeout=60)
-    stderr = proc.stderr.read()
+
+    def net_goes_away(status: dict) -> None:
+        if status["camera"] == "net" and status["reconnects"] >= 2 and server.socket.fileno() != -1:
+            server.shutdown()  # the camera came back twice; now it goes away for good
+            server.server_close()
+
+    verdicts, statuses, stderr = _serve_line(config, tmp_path, 2, exit_code=1, on_status=net_goes_away)
+    final = {camera: s[-1] for camera, s in statuses.items()}
     assert final["net"]["state"] == "failed" and "disconnected" in final["net"]["error"]
     assert final["net"]["reconnects"] >= 2 and final["net"]["frames"] >= 12
-    assert final["rec"]["state"] == "stopped" and final["rec"]["frames"] == 12 == rec_verdicts  # not stopped by net
+    assert final["rec"]["state"] == "stopped" and final["rec"]["frames"] == 12 == len(verdicts["rec"])  # not stopped
     last = stderr.strip().splitlines()[-1]  # after the reconnect warnings: one error line naming the camera
-    assert code == 1 and last.startswith("Error: ") and "camera net" in last
+    assert last.startswith("Error: ") and "camera net" in last
+
+
+def test_a_camera_offline_at_startup_fails_alone_after_its_reconnect_attempts(
+        patchcore_bundle: Path, synth_root: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, src in enumerate(sorted((synth_root / SYNTH_CATEGORY / "test").glob("*/*.png"))[:4]):
+        (folder / f"{i}.png").write_bytes(src.read_bytes())
+    offline = free_tcp_endpoint().replace("tcp://", "rtsp://") + "/cam"  # nothing listens there
+    config = {"line": "L5", "publish": free_tcp_endpoint(), "wait_subscribers": 1, "cameras": [
+        {"id": "net", "source": offline, "bundle": str(patchcore_bundle), "reconnect_attempts": 2,
+         "reconnect_delay_s": 0.05},
+        {"id": "rec", "source": str(folder), "bundle": str(patchcore_bundle)}]}
+    _, statuses, stderr = _serve_line(config, tmp_path, 2, exit_code=1)
+    final = {camera: s[-1] for camera, s in statuses.items()}
+    reason = f"cannot open camera {offline} (after 2 reconnect attempts)"
+    assert final["net"]["state"] == "failed" and final["net"]["error"] == reason
+    assert final["rec"]["state"] == "stopped" and final["rec"]["frames"] == 4  # the line went on without it
+    assert stderr.strip().splitlines()[-1] == f"Error: camera net: {reason}"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -140,6 +142,28 @@ def test_stuck_subscriber_with_nodrop_counts_drops(context: zmq.Context, endpoin
         assert pub.next_seq == 500 and 0 < pub.dropped < 500
 
 
+def test_a_replay_publisher_waits_for_a_slow_subscriber_and_refuses_a_stuck_one(context: zmq.Context,
+                                                                               endpoint: str) -> None:
+    """``send_timeout_s`` (journal replay): where the live publisher drops, it waits for room, so a subscriber that
+    reads slowly gets every message; one that stopped reading ends the replay with PublishError, not a silent gap."""
+    padding = "x" * 100_000
+    with VerdictPublisher(endpoint, "L1", "cam0", context=context, sndhwm=1, linger_ms=0, send_timeout_s=5.0) as pub:
+        sub = subscriber(context, endpoint, "")
+        sub.setsockopt(zmq.RCVHWM, 1)
+        assert pub.wait_for_subscribers(1, timeout_s=5.0) == 1
+        received: list[int] = []
+        reader = threading.Thread(target=lambda: received.extend(
+            decode_message(sub.recv_multipart())[1]["frame"] for _ in range(300)))
+        reader.start()
+        for i in range(300):  # 30 MB: far more than the HWMs and socket buffers hold
+            pub.publish_verdict({"frame": i, "padding": padding})
+        reader.join(timeout=60)
+        assert received == list(range(300)) and pub.dropped == 0
+        with pytest.raises(PublishError, match="stopped reading"):  # nobody reads any more
+            for i in range(300):
+                pub.publish_verdict({"frame": i, "padding": padding})
+
+
 def test_envelope_keys_and_nan_are_refused(context: zmq.Context, endpoint: str) -> None:
     with VerdictPublisher(endpoint, "L1", "cam0", context=context, linger_ms=0) as pub:
         with pytest.raises(ValueError, match="envelope keys \\['seq'\\]"):
@@ -155,6 +179,8 @@ def test_to_jsonable() -> None:
     assert converted == {"a": 3, "b": [[1.5, 2.0]], "c": [True, "x"], "4": None}
     assert json.loads(json.dumps(converted)) == converted
     assert type(converted["a"]) is int and type(converted["c"][0]) is bool
+    not_utf8 = os.fsdecode(b"part-\xe9.png")  # a file name in Latin-1 on a UTF-8 system
+    assert to_jsonable({not_utf8: [not_utf8]}) == {"part-\\udce9.png": ["part-\\udce9.png"]}  # as predict shows it
 
 
 def test_decode_message_errors() -> None:

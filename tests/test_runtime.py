@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import subprocess
 import sys
+import threading
+import time
+import types
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +17,7 @@ import pytest
 from conftest import SYNTH_CATEGORY
 
 from edgeinspect.bundle import Bundle
+from edgeinspect.errors import EngineError
 from edgeinspect.imageio import read_image
 from edgeinspect.preprocess import Preprocess
 from edgeinspect.runtime.postprocess import find_regions, map_regions, normalize
@@ -110,3 +116,110 @@ def test_predictor_without_engine_says_how_to_export(padim_bundle: Path) -> None
 
 def test_bundle_opens_without_optional_verification(patchcore_bundle: Path) -> None:
     assert Bundle.open(patchcore_bundle, verify=False).family == "patchcore"
+
+
+def test_a_non_finite_engine_output_is_an_engine_error(patchcore_bundle: Path) -> None:
+    postprocess = Predictor(patchcore_bundle).postprocess
+    amap, finite = np.zeros((1, 1, 224, 224), np.float32), np.array([0.0], np.float32)
+    assert not postprocess((amap, finite), (256, 256)).nok
+    for outputs in ((amap, finite * np.nan), (amap, finite + np.inf), (amap * np.nan, finite)):  # an FP16 overflow
+        with pytest.raises(EngineError, match="non-finite anomaly (score|map) \\(NaN or infinity\\)"):
+            postprocess(outputs, (256, 256))
+
+
+def _host(address: int, nbytes: int) -> np.ndarray:
+    """The host memory at ``address`` (what cuda-python is given) as bytes."""
+    return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address))
+
+
+class _FakeCuda:
+    """cuda-python's runtime and a TensorRT engine as a fake that behaves like them across threads (no GPU
+    here): work is queued on the stream and runs in order at synchronize, a host-to-device copy reads the
+    host buffer when it is queued, and every call lets other threads run (the real ones release the GIL).
+    The engine's output is the mean of its input."""
+
+    cudaError_t = types.SimpleNamespace(cudaSuccess=0)
+    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice="h2d", cudaMemcpyDeviceToHost="d2h")
+
+    def __init__(self) -> None:
+        self.memory: dict[int, np.ndarray] = {}
+        self.stream: list[Callable[[], None]] = []
+        self.lock = threading.Lock()
+
+    def _queue(self, work: Callable[[], None]) -> tuple[int]:
+        time.sleep(0.001)
+        with self.lock:
+            self.stream.append(work)
+        return (0,)
+
+    def cudaGetDeviceCount(self) -> tuple[int, int]:
+        return 0, 1
+
+    def cudaStreamCreate(self) -> tuple[int, int]:
+        return 0, 7
+
+    def cudaMalloc(self, nbytes: int) -> tuple[int, int]:
+        self.memory[len(self.memory) + 1] = np.zeros(nbytes, np.uint8)
+        return 0, len(self.memory)
+
+    def cudaMemcpyAsync(self, dst: int, src: int, nbytes: int, kind: str, stream: int) -> tuple[int]:
+        if kind == "h2d":
+            data = _host(src, nbytes).copy()
+            return self._queue(lambda: self.memory[dst].__setitem__(slice(None), data))
+        return self._queue(lambda: _host(dst, nbytes).__setitem__(slice(None), self.memory[src]))
+
+    def execute(self, x: int, score: int) -> bool:
+        self._queue(lambda: self.memory[score].view(np.float32).fill(self.memory[x].view(np.float32).mean()))
+        return True
+
+    def cudaStreamSynchronize(self, stream: int) -> tuple[int]:
+        time.sleep(0.001)
+        with self.lock:
+            while self.stream:
+                self.stream.pop(0)()
+        return (0,)
+
+    def cudaFree(self, ptr: int) -> tuple[int]:
+        return (0,)
+
+    cudaStreamDestroy = cudaFree
+
+    def tensorrt(self) -> types.ModuleType:
+        """A ``tensorrt`` module whose engine has input ``x`` (1x3x8x8) and output ``score`` (1)."""
+        shapes, address = {"x": (1, 3, 8, 8), "score": (1,)}, {}
+        context = types.SimpleNamespace(set_tensor_address=address.__setitem__,
+                                        execute_async_v3=lambda stream: self.execute(address["x"], address["score"]))
+        engine = types.SimpleNamespace(num_io_tensors=2, get_tensor_name=list(shapes).__getitem__,
+                                       get_tensor_shape=shapes.__getitem__, get_tensor_dtype=lambda name: "float32",
+                                       get_tensor_mode=lambda name: "in" if name == "x" else "out",
+                                       create_execution_context=lambda: context)
+        trt = types.ModuleType("tensorrt")
+        trt.__version__, trt.nptype = "10.0-fake", lambda dtype: np.float32
+        trt.TensorIOMode = types.SimpleNamespace(INPUT="in")
+        trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+        trt.Runtime = type("Runtime", (), {"__init__": lambda self, logger: None,
+                                           "deserialize_cuda_engine": lambda self, plan: engine})
+        return trt
+
+
+def test_a_tensorrt_engine_shared_by_cameras_judges_each_frame_alone(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeinspect.runtime.backends import tensorrt
+
+    cuda = _FakeCuda()
+    monkeypatch.setitem(sys.modules, "tensorrt", cuda.tensorrt())
+    monkeypatch.setattr(tensorrt, "cudart", lambda: cuda)
+    plan = tmp_path / "model_fp16.engine"
+    plan.write_bytes(tensorrt.pack_plan({"tensorrt_version": "10.0-fake", "gpu": "fake GPU"}, b"plan"))
+    backend = tensorrt.TensorRTBackend(plan)  # one engine, as the daemon's cameras with one bundle share it
+    scores: dict[float, list[float]] = {}
+
+    def camera(value: float) -> None:
+        scores[value] = [float(backend.run(np.full((1, 3, 8, 8), value, np.float32))[0][0]) for _ in range(100)]
+
+    threads = [threading.Thread(target=camera, args=(value,)) for value in (1.0, 2.0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert scores == {1.0: [1.0] * 100, 2.0: [2.0] * 100}  # never the other camera's image or output

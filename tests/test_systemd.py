@@ -71,6 +71,23 @@ def test_abstract_socket_addresses_and_no_socket_at_all() -> None:
     assert gone.watchdog_s == 1.0 and gone.notify("WATCHDOG=1") is False  # logged, never raised
 
 
+def test_a_paused_camera_keeps_the_watchdog_fed(tmp_path: Path) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify.sock"))
+    listener.settimeout(5)
+    try:
+        notifier = SystemdNotifier(["a"], {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "10000000"})
+        notifier.on_status({"camera": "a", "state": "running", "frames": 3, "fps": 1.0})
+        assert listener.recv(4096).decode().startswith("READY=1\n")
+        for _ in range(2):  # `edgeinspect ctl pause`: the loop goes on sending heartbeats, systemd must not kill it
+            notifier.on_status({"camera": "a", "state": "paused", "frames": 3, "fps": 0})
+            message = listener.recv(4096).decode()
+            assert message == "WATCHDOG=1\nSTATUS=0 of 1 cameras running; a: paused, 3 frames, 0 fps"
+        notifier.close()
+    finally:
+        listener.close()
+
+
 def test_the_unit_file_is_type_notify_with_a_watchdog_and_real_serve_options() -> None:
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str

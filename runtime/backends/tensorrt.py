@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,8 @@ def output_allocator(trt: Any) -> Any:
 class TensorRTBackend:
     """Deserializes a plan once; :meth:`run` copies the input in, executes, copies outputs back. Outputs of a
     fixed shape have their buffers from the start; those whose shape depends on the data get theirs from
-    :func:`output_allocator` during the run."""
+    :func:`output_allocator` during the run. One execution context, stream and set of buffers serve every
+    call, so a lock makes :meth:`run` one call at a time (the daemon's cameras share a backend)."""
 
     def __init__(self, path: str | Path, *, output_names: list[str] | None = None,
                  providers: tuple[str, ...] = (), threads: int | None = None):
@@ -129,6 +131,7 @@ class TensorRTBackend:
         if self.engine is None:
             raise BundleError(f"TensorRT could not deserialize {path} (built for {header.get('gpu')})")
         self.context = self.engine.create_execution_context()
+        self._lock = threading.Lock()
         self.stream = cuda_call(rt.cudaStreamCreate())
         self.host: dict[str, np.ndarray] = {}
         self.device: dict[str, int] = {}
@@ -171,27 +174,29 @@ class TensorRTBackend:
         return None
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Run one preprocessed batch of the engine's fixed input shape."""
-        rt = cudart()
-        name = self.inputs[0]
-        host = self.host[name]
-        np.copyto(host, x.reshape(host.shape), casting="same_kind")
-        h2d, d2h = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        cuda_call(rt.cudaMemcpyAsync(self.device[name], host.ctypes.data, host.nbytes, h2d, self.stream))
-        if not self.context.execute_async_v3(self.stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed")
-        results = []
-        for out in self.output_names:
-            if out in self.data_dependent:  # its shape and memory are known only now (none for an empty output)
-                host = np.empty(self.allocator.shape[out], self.data_dependent[out])
-                device = self.allocator.address.get(out, 0)
-            else:
-                host, device = self.host[out], self.device[out]
-            if host.nbytes:
-                cuda_call(rt.cudaMemcpyAsync(host.ctypes.data, device, host.nbytes, d2h, self.stream))
-            results.append(host)
-        cuda_call(rt.cudaStreamSynchronize(self.stream))
-        return tuple(host.astype(np.float32, copy=True) for host in results)
+        """Run one preprocessed batch of the engine's fixed input shape; thread-safe (calls take turns on
+        the one context, stream and buffers)."""
+        with self._lock:
+            rt = cudart()
+            name = self.inputs[0]
+            host = self.host[name]
+            np.copyto(host, x.reshape(host.shape), casting="same_kind")
+            h2d, d2h = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+            cuda_call(rt.cudaMemcpyAsync(self.device[name], host.ctypes.data, host.nbytes, h2d, self.stream))
+            if not self.context.execute_async_v3(self.stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed")
+            results = []
+            for out in self.output_names:
+                if out in self.data_dependent:  # its shape and memory are known only now (none for an empty output)
+                    host = np.empty(self.allocator.shape[out], self.data_dependent[out])
+                    device = self.allocator.address.get(out, 0)
+                else:
+                    host, device = self.host[out], self.device[out]
+                if host.nbytes:
+                    cuda_call(rt.cudaMemcpyAsync(host.ctypes.data, device, host.nbytes, d2h, self.stream))
+                results.append(host)
+            cuda_call(rt.cudaStreamSynchronize(self.stream))
+            return tuple(host.astype(np.float32, copy=True) for host in results)
 
     def __del__(self) -> None:
         device = getattr(self, "device", {})
