@@ -189,3 +189,37 @@ def test_exported_engine_matches_torchvision_and_gives_polygons(bundle: Path, co
                 assert x0 - margin <= x <= x1 + margin and y0 - margin <= y <= y1 + margin, (region, x, y)
             polygons += bool(region.polygon)
     assert polygons > 0
+
+
+def test_a_resumed_run_is_the_run_that_was_not_interrupted(coco_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's RPN and RoI samplers draw from torch's global generator: ``last.pt`` keeps its state, so a
+    run interrupted in its second epoch and resumed gives the same weights as one that never stopped."""
+    import numpy as np
+
+    from edgeinspect.config import load_config
+    from edgeinspect.train import detection
+
+    torch.set_num_threads(1)
+    config = load_config("maskrcnn", overrides=[
+        "preprocess.input_size=[64,64]", "train.epochs=2", "train.batch_size=4", "train.map_every=0",
+        "train.best_by=last", "model.fpn_channels=16", "model.anchor_sizes=[8,16,32,64,128]",
+        "model.rpn_pre_nms_top_n_train=50", "model.rpn_post_nms_top_n_train=30", "model.box_batch_size_per_image=16"])
+    whole = detection.train("maskrcnn", coco_dir, tmp_path / "whole", config, device="cpu", progress=False)
+    validation_loss, calls = detection.validation_loss, []
+
+    def interrupted_in_epoch_2(*args: object, **kwargs: object) -> dict:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return validation_loss(*args, **kwargs)
+
+    monkeypatch.setattr(detection, "validation_loss", interrupted_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        detection.train("maskrcnn", coco_dir, tmp_path / "resumed", config, device="cpu", progress=False)
+    monkeypatch.setattr(detection, "validation_loss", validation_loss)
+    resumed = detection.train("maskrcnn", coco_dir, tmp_path / "resumed", config, device="cpu", progress=False,
+                              resume=True)
+    assert resumed.manifest["training"]["history"] == whole.manifest["training"]["history"]
+    with np.load(whole.file("weights")) as a, np.load(resumed.file("weights")) as b:
+        assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)

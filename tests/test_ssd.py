@@ -179,6 +179,21 @@ def test_detection_metrics_on_known_cases() -> None:
     assert m["confusion"]["fn"] == 1 and m["defect_detection_rate"] == 0.0 and m["bbox"]["map50"] == pytest.approx(1.0)
 
 
+def test_crops_leave_the_order_and_flips_of_a_run_without_them(coco_dir: Path) -> None:
+    """The crops draw from their own stream: turning ``train.crop`` on changes which images are cropped, not the
+    order or the flips of the epochs (the same images in the same order as the run without crops)."""
+    from edgeinspect.preprocess import Preprocess
+    from edgeinspect.train.detection import DetectionBatches
+
+    split = open_split(coco_dir, "train")
+    preprocess = Preprocess(resize=(SIZE, SIZE), crop=None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    runs = [DetectionBatches(split, preprocess, 4, shuffle=True, hflip=0.5, vflip=0.5, crop=crop, seed=3)
+            for crop in (0.0, 0.5)]
+    for epoch in range(2):
+        plain, cropped = ([key for _, _, keys in run.epoch(epoch) for key in keys] for run in runs)
+        assert plain == cropped and len(plain) == len(split)
+
+
 def test_random_iou_crop_moves_boxes_and_masks_with_the_image() -> None:
     from edgeinspect.train.detection import DetectionBatches, _iou_crop
 
@@ -229,6 +244,21 @@ def test_training_learns_boxes_on_the_defects(ssd_bundle: Path, coco_dir: Path) 
         top = p["boxes"][:3]  # the three most confident detections
         hits += bool(len(top)) and float(_iou(gt, top).max()) >= 0.3
     assert total >= 40 and hits / total >= 0.6, (hits, total)  # 0.8 measured
+
+
+def test_a_bundle_trained_from_a_weights_file_reloads_without_it(ssd_bundle: Path, tmp_path: Path) -> None:
+    """A detector's manifest names the file it was trained from (``model.weights``); the bundle's own weights.npz
+    holds every tensor, so it reloads on a machine without that file and predicts the same."""
+    copy = tmp_path / "ssd"
+    shutil.copytree(ssd_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["model"]["weights"] = str(tmp_path / "gone" / "lite0.pth")  # not on this machine
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    x = torch.rand(1, 3, *Bundle.open(ssd_bundle).manifest["model"]["input_size"])
+    with torch.no_grad():
+        expected, reloaded = load_model(Bundle.open(ssd_bundle))(x), load_model(Bundle.open(copy))(x)
+    for a, b in zip(expected, reloaded, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_bundle_contents(ssd_bundle: Path) -> None:

@@ -172,7 +172,7 @@ class DetectionBatches:
                     xi, ti = _flip(xi, ti, horizontal=True)
                 if v:
                     xi, ti = _flip(xi, ti, horizontal=False)
-                if self.crop and rng.random() < self.crop:
+                if self.crop and float(torch.rand((), generator=generator)) < self.crop:
                     xi, ti = _iou_crop(xi, ti, generator)
                 xs.append(xi)
                 targets[k] = ti
@@ -350,6 +350,10 @@ def train(family: str, data_dir: str | Path, out: str | Path, config: dict[str, 
         optimizer.load_state_dict(state["optimizer"])
         model.history = {k: list(v) for k, v in state["history"].items()}
         start, seconds = state["epoch"], state["seconds"]
+        if "rng" in state:  # torchvision's RPN / RoI samplers draw from torch's global generators
+            torch.set_rng_state(state["rng"])
+            if state.get("cuda_rng") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
         if state.get("best_by", "val_loss") == tcfg["best_by"]:  # checkpoints before best_by: by val loss
             best = state.get("best_score", state.get("best_val_loss", math.inf))
         log.info("resuming %s at epoch %d of %d", family, start + 1, tcfg["epochs"])
@@ -408,7 +412,8 @@ def train(family: str, data_dir: str | Path, out: str | Path, config: dict[str, 
                                          "best_by": tcfg["best_by"]})
         checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                       "history": model.history, "config": config, "seconds": seconds, "best_score": best,
-                      "best_by": tcfg["best_by"]}
+                      "best_by": tcfg["best_by"], "rng": torch.get_rng_state(),
+                      "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         if average is not None:
             checkpoint.update(average=average.model.state_dict(), average_updates=average.updates)
         if tcfg["save_every"] and (epoch + 1) % tcfg["save_every"] == 0:

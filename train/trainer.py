@@ -326,6 +326,8 @@ def load_model(bundle: Bundle, device: str = "cpu") -> AnomalyModel:
     spec = dict(bundle.manifest["model"])
     family = spec.pop("family")
     spec.pop("weights_source", None)
+    if "weights" in spec:  # the file trained from (a detector's manifest names it): weights.npz holds every tensor
+        spec["weights"] = None
     input_size = spec.pop("input_size")
     model = build_model(family, spec, input_size, pretrained=False)
     with np.load(bundle.file("weights"), allow_pickle=False) as npz:
