@@ -85,10 +85,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def _dir_id(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of a directory: changes when a bundle is swapped in at ``path``."""
+    """(device, inode) of a directory: changes when a bundle is swapped in at ``path``; None when there is none
+    (a path with a NUL byte included)."""
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):
         return None
     return st.st_dev, st.st_ino
 

@@ -733,6 +733,9 @@ def inspector(ctx: click.Context, bundles: tuple[str, ...], registry_path: str |
     except ImportError as exc:
         raise click.ClickException(f"the inspector needs its extra: pip install 'edgeinspect[inspector]' ({exc})"
                                    ) from None
+    if token is not None and not token.strip():
+        raise click.BadParameter("is empty: give a token, or leave --token out to run without one",
+                                 param_hint="--token")
     check_bind(host, token)
     registry_path = registry_path or ctx.find_root().params.get("registry")  # also `edgeinspect --registry P ...`
     app = create_app(bundles, registry=registry_path, token=token, engine=engine, convert_frames=frames == "convert",
@@ -826,7 +829,7 @@ def info(bundle: str) -> None:
                 "decision": m["decision"],
                 "engines": [{k: e.get(k) for k in ("file", "format", "precision", "bytes", "parity", "decision")}
                             for e in m["engines"]],
-                "metrics": m["metrics"], "size_bytes": b.size_bytes()})
+                "metrics": m.get("metrics"), "size_bytes": b.size_bytes()})
 
 
 # ------------------------------------------------------------------------------------------- runs

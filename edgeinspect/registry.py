@@ -128,16 +128,28 @@ def dataset_fingerprint(data_root: str | Path, category: str | None = None) -> s
     mask and annotation files (:data:`FINGERPRINT_SUFFIXES`), one ``path\\0size\\0mtime_ns\\n`` line each.
 
     The folder is ``data_root/category`` when it exists, else ``data_root``. It changes when a file is added,
-    removed, renamed, resized or touched (a copy with new times is a new fingerprint); None when there is no
-    such folder. Reads no file contents, so it costs one ``stat`` per file.
+    removed, renamed, resized or touched (a copy with new times is a new fingerprint); symlinked folders are
+    followed (each folder once); None when there is no such folder or no such file in it. Reads no file contents,
+    so it costs one ``stat`` per file.
     """
     root = Path(data_root)
     folder = root / category if category and (root / category).is_dir() else root
     if not folder.is_dir():
         return None
+    files: list[Path] = []
+    seen: set[tuple[int, int]] = set()  # (device, inode) of the folders walked
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:  # a folder linked twice, or a link to a folder above it
+            dirs.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()  # the same folder is the one kept, whatever the listing order
+        files += [p for n in names if (p := Path(top, n)).suffix.lower() in FINGERPRINT_SUFFIXES and p.is_file()]
+    if not files:
+        return None
     digest = hashlib.sha256()
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in FINGERPRINT_SUFFIXES and p.is_file())
-    for path in files:
+    for path in sorted(files):
         st = path.stat()
         digest.update(f"{path.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()

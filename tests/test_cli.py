@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import click
@@ -100,6 +101,18 @@ def test_train_evaluate_info_via_cli(synth_root: Path, tmp_path: Path) -> None:
     assert trained["metrics"]["image_auroc"] == pytest.approx(manifest["metrics"]["image_auroc"])
     assert trained["config"]["model"]["n_features"] == 50 and trained["report_dir"] == str(out / "reports")
     assert evaluated["metrics"]["image_auroc"] == pytest.approx(metrics["image_auroc"])
+
+
+def test_info_of_a_bundle_without_metrics(patchcore_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(patchcore_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["metrics"]  # optional: a bundle written before any evaluation
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    info = CliRunner().invoke(main, ["info", str(bundle)])
+    assert info.exit_code == 0, info.output
+    shown = json.loads(info.output)
+    assert shown["metrics"] is None and shown["bundle_id"] == manifest["bundle_id"] and shown["engines"]
 
 
 def test_evaluate_onnx_matches_torch(patchcore_bundle: Path, synth_root: Path) -> None:

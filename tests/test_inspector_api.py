@@ -132,6 +132,61 @@ def test_batch_of_images_and_zip(served: dict, synth_root: Path) -> None:
     assert reply.status_code == 400 and "not a readable zip" in reply.json()["error"]
 
 
+def _zip(members: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", method) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _batch(client: httpx.Client, uploads: dict[str, bytes]) -> httpx.Response:
+    return client.post("/api/predict/batch", files=[("images", (n, d, "x")) for n, d in uploads.items()])
+
+
+def test_batch_limits_counted_over_all_uploads_before_a_zip_is_read(served: dict) -> None:
+    """Images and bytes are counted from the zips' directories, uncompressed, over every upload of the request:
+    zips small enough to pass the request size limit that would each pass alone are refused together."""
+    client = served["client"]
+    thirty = _zip({f"{i}.png": b"x" for i in range(30)})
+    reply = _batch(client, {"a.zip": thirty, "b.zip": thirty, **{f"{i}.png": b"x" for i in range(5)}})
+    assert reply.status_code == 413 and "65 images" in reply.json()["error"]
+    eight_mb = bytes(8 * 1024 * 1024)  # a few kB compressed
+    seven, six = _zip({f"{i}.png": eight_mb for i in range(7)}), _zip({f"{i}.png": eight_mb for i in range(6)})
+    assert len(seven) + len(six) < 1024 * 1024
+    reply = _batch(client, {"seven.zip": seven, "six.zip": six})
+    assert reply.status_code == 413 and f"{13 * len(eight_mb)} bytes" in reply.json()["error"]
+    reply = _batch(client, {"one.zip": _zip({"big.png": bytes(21 * 1024 * 1024)})})
+    assert reply.status_code == 413 and "one.zip: big.png" in reply.json()["error"]
+
+
+def _damaged(data: bytes, *, garble_at: int | None = None, flags: int = 0, method: int | None = None) -> bytes:
+    """A one-member zip of :func:`_zip` with its member's data garbled from byte ``garble_at`` on, or its
+    general purpose ``flags`` (1: encrypted) or compression ``method`` set in both of its headers."""
+    data, central = bytearray(data), data.rindex(b"PK\x01\x02")
+    if garble_at is not None:
+        start = 30 + int.from_bytes(data[26:28], "little") + garble_at  # after the local header and the name
+        data[start:start + 16] = b"\xff" * 16
+    for at in (6, central + 8):  # the flags; the method follows them
+        data[at] |= flags
+        if method is not None:
+            data[at + 2:at + 4] = method.to_bytes(2, "little")
+    return bytes(data)
+
+
+def test_damaged_zips_are_400_naming_the_upload(served: dict, synth_root: Path) -> None:
+    png = _defect(synth_root).read_bytes()
+    stored = _zip({"a.png": png}, zipfile.ZIP_STORED)
+    cases = {"encrypted.zip": _damaged(stored, flags=1), "method.zip": _damaged(stored, method=77),
+             "crc.zip": _damaged(stored, garble_at=100),
+             "deflate.zip": _damaged(_zip({"a.png": png}), garble_at=0),
+             "bzip2.zip": _damaged(_zip({"a.png": png}, zipfile.ZIP_BZIP2), garble_at=0),
+             "lzma.zip": _damaged(_zip({"a.png": png}, zipfile.ZIP_LZMA), garble_at=9)}  # after its own header
+    for name, data in cases.items():
+        reply = _batch(served["client"], {name: data})
+        assert reply.status_code == 400 and f"{name}/a.png: cannot be read" in reply.json()["error"], reply.text
+
+
 def test_threshold_override_then_saved_to_the_bundle(served: dict, synth_root: Path) -> None:
     client, bundle = served["client"], served["bundle"]
     model_id = client.get("/api/status").json()["models"][0]["id"]
@@ -158,6 +213,29 @@ def test_threshold_override_then_saved_to_the_bundle(served: dict, synth_root: P
     with Registry.open(served["tmp"] / "registry.sqlite") as registry:
         events = registry.list_events(kind="threshold")
     assert events and events[0]["threshold"] == raised and events[0]["saved"] is True
+
+
+def test_a_refused_save_leaves_the_threshold_as_it_was(patchcore_bundle: Path, synth_root: Path,
+                                                      tmp_path: Path) -> None:
+    bundle, defect = copy_bundle(patchcore_bundle, tmp_path), _defect(synth_root)
+    with serving(create_app([bundle])) as url, httpx.Client(base_url=url, timeout=120) as client:
+        (model,) = client.get("/api/status").json()["models"]
+        raised = _predict(client, defect.name, defect.read_bytes()).json()["raw_score"] * 1.5
+
+        def save_and_check(status: int, words: str) -> None:
+            reply = client.put(f"/api/models/{model['id']}/threshold", json={"threshold": raised, "save": True})
+            assert reply.status_code == status and words in reply.json()["error"], reply.text
+            (now,) = client.get("/api/status").json()["models"]
+            assert now["threshold"] == now["bundle_threshold"] == model["threshold"] and not now["override"]
+            assert _predict(client, defect.name, defect.read_bytes()).json()["verdict"] == "NOK"
+
+        bundle.rename(tmp_path / "moved")
+        save_and_check(422, "not found")
+        (tmp_path / "moved").rename(bundle)
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        (bundle / "manifest.json").write_text(json.dumps({**manifest, "bundle_id": "retrained"}))
+        save_and_check(409, "load it again")
+    assert json.loads((bundle / "manifest.json").read_text())["decision"] == manifest["decision"]
 
 
 def test_runs_from_the_registry(served: dict, tmp_path: Path) -> None:
@@ -248,8 +326,9 @@ def test_a_killed_run_is_failed_over_the_api(tmp_path: Path) -> None:
 
 def test_load_models_by_path(served: dict, synth_root: Path, tmp_path: Path) -> None:
     client = served["client"]
-    reply = client.post("/api/models/load", json={"path": str(tmp_path / "nothing")})
-    assert reply.status_code == 422 and "not found" in reply.json()["error"]
+    for path in (str(tmp_path / "nothing"), f"{tmp_path}/a\x00b"):
+        reply = client.post("/api/models/load", json={"path": path})
+        assert reply.status_code == 422 and "not found" in reply.json()["error"], reply.text
     tampered = copy_bundle(served["bundle"], tmp_path)
     (tampered / "engines" / "model_fp32.onnx").write_bytes(b"not the engine")
     reply = client.post("/api/models/load", json={"path": str(tampered)})
@@ -263,8 +342,11 @@ def test_load_models_by_path(served: dict, synth_root: Path, tmp_path: Path) -> 
 
 def test_cli_token_and_bind(patchcore_bundle: Path) -> None:
     cmd = [sys.executable, "-m", "edgeinspect", "inspector", "--bundle", str(patchcore_bundle)]
-    refused = subprocess.run([*cmd, "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 1 and "--token" in refused.stderr
+    for args, code, words in ((["--host", "0.0.0.0"], 1, "--token"), (["--token", ""], 2, "--token: is empty"),
+                              (["--daemon", "foo"], 1, "--daemon foo: cannot connect")):
+        refused = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+        assert refused.returncode == code and words in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1  # one line, no traceback
     port = free_port()
     proc = subprocess.Popen([*cmd, "--port", str(port), "--token", "s3cret"], stderr=subprocess.PIPE, text=True)
     try:
@@ -280,6 +362,7 @@ def test_cli_token_and_bind(patchcore_bundle: Path) -> None:
         assert httpx.get(f"{url}/api/status", headers={"Authorization": "Bearer wrong"}).status_code == 401
         ok = httpx.get(f"{url}/api/status", headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and ok.json()["auth"] is True
+        assert httpx.get(f"{url}/api/status", headers={"Authorization": "bearer s3cret"}).status_code == 200
         assert httpx.get(f"{url}/").status_code == 200  # the page itself; it asks for the token
     finally:
         proc.terminate()

@@ -94,6 +94,21 @@ def test_fingerprint_sees_added_changed_and_touched_files(tmp_path: Path) -> Non
     assert dataset_fingerprint(tmp_path / "absent") is None
 
 
+def test_fingerprint_follows_symlinked_folders(tmp_path: Path) -> None:
+    for name, size in (("d1", 3), ("d2", 4)):  # two datasets whose train folders are links to folders elsewhere
+        (tmp_path / "store" / name).mkdir(parents=True)
+        (tmp_path / "store" / name / "a.png").write_bytes(bytes(size))
+        (tmp_path / name / "cat").mkdir(parents=True)
+        (tmp_path / name / "cat" / "train").symlink_to(tmp_path / "store" / name)
+    (tmp_path / "store" / "d1" / "loop").symlink_to(tmp_path / "d1")  # a link to a folder above: walked once
+    one, two = (dataset_fingerprint(tmp_path / name, "cat") for name in ("d1", "d2"))
+    assert None not in (one, two) and one != two
+    (tmp_path / "store" / "d2" / "a.png").write_bytes(bytes(5))
+    assert dataset_fingerprint(tmp_path / "d2", "cat") != two
+    (tmp_path / "empty").mkdir()
+    assert dataset_fingerprint(tmp_path / "empty") is None  # no data files: nothing to fingerprint
+
+
 def test_recorded_marks_failures_and_reraises(tmp_path: Path) -> None:
     path = tmp_path / "r.sqlite"
     with pytest.raises(DataError), recorded("train", argv=["x"], registry=path, family="padim") as run:
@@ -330,6 +345,30 @@ def test_evaluate_report_and_its_run(evaluated_run: dict, synth_root: Path) -> N
     assert run["dataset_fingerprint"] == dataset_fingerprint(synth_root, SYNTH_CATEGORY)
     assert [e["format"] for e in run["engines"]] == ["onnx"]
     assert (run["pid"], run["host"]) == (os.getpid(), socket.gethostname())  # in this process (CliRunner)
+
+
+def test_a_report_replaces_the_earlier_one_whole(patchcore_bundle: Path, synth_root: Path, tmp_path: Path) -> None:
+    from edgeinspect.train.evaluate import run_inference
+    from edgeinspect.train.report import write_report
+
+    run = run_inference(patchcore_bundle, synth_root, SYNTH_CATEGORY, "onnx", progress=False)
+    metrics = {"confusion": {"tp": 1, "fn": 0, "fp": 0, "tn": 1}}
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.html").write_text("an earlier report")
+    (report / "old_plot.png").write_bytes(b"a plot this report no longer has")
+    assert write_report(report, run, metrics) == report / "report.html"
+    written = {p.name: p.read_bytes() for p in report.iterdir()}
+    assert "old_plot.png" not in written and b"edgeinspect evaluation" in written["report.html"]
+    with pytest.raises(TypeError):  # a failure while writing: the report stays as it was
+        write_report(report, run, {"confusion": {"tp": 0, "fn": 1, "fp": 1, "tn": 0}, "bad": object()})
+    assert {p.name: p.read_bytes() for p in report.iterdir()} == written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no staging folder left
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(DataError, match="not a report"):
+        write_report(tmp_path / "notes", run, metrics)
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
 
 
 def test_report_has_training_curves_from_a_history(patchcore_bundle: Path, synth_root: Path, tmp_path: Path) -> None:

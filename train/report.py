@@ -10,8 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgeinspect.bundle import bundle_target
+from edgeinspect.errors import DataError
 from edgeinspect.registry import flatten
 from edgeinspect.runtime.postprocess import map_regions
+from edgeinspect.train.data.coco import staged_output
 from edgeinspect.train.metrics import pro_curve
 from edgeinspect.train.plots import (
     confusion_png,
@@ -85,10 +88,23 @@ def report_plots(run: Inference, metrics: dict[str, Any], n_tiles: int = 4) -> d
 
 def write_report(out_dir: str | Path, run: Inference, metrics: dict[str, Any]) -> Path:
     """Write the plots of :func:`report_plots`, ``metrics.json`` and ``report.html`` (the PNGs embedded as base64,
-    so the page alone is the whole report) into ``out_dir``; the HTML file's path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    so the page alone is the whole report) as the folder ``out_dir``; the HTML file's path.
+
+    The folder is written as a hidden sibling and swapped in whole (:func:`staged_output`): an earlier report
+    there is replaced, none of its files left, and a failure leaves it as it was. DataError when ``out_dir`` is
+    a non-empty folder that is not a report."""
+    out = bundle_target(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT).is_file())):
+        raise DataError(f"refusing to overwrite {out}: it is not empty and not a report written by edgeinspect "
+                        f"(no {REPORT})")
     plots = report_plots(run, metrics)
+    with staged_output(out) as staged:
+        _write_files(staged, run, metrics, plots)
+    return out / REPORT
+
+
+def _write_files(out: Path, run: Inference, metrics: dict[str, Any], plots: dict[str, tuple[str, bytes]]) -> None:
+    """The report's files, written into the folder ``out``."""
     for name, (_, png) in plots.items():
         (out / name).write_bytes(png)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -110,9 +126,7 @@ vertical-align:top;margin:1em}} img{{max-width:100%}} figcaption{{font-size:13px
 data {html.escape(str(Path(run.dataset.root).resolve()))}.</p>
 <h2>Metrics</h2><table>{rows}</table><h2>Plots</h2>{figures}</body></html>
 """
-    path = out / REPORT
-    path.write_text(page)
-    return path
+    (out / REPORT).write_text(page)
 
 
 def _fmt(value: Any) -> str:

@@ -36,7 +36,7 @@ from edgeinspect.inspector.models import (
     MAX_PIXELS,
     Model,
     UploadError,
-    zip_images,
+    batch_images,
 )
 from edgeinspect.registry import Registry
 
@@ -79,11 +79,12 @@ class _Guard:
         path: str = scope["path"]
         headers = dict(scope["headers"])
         if self.token and path.startswith("/api"):
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if QUERY_TOKEN_PATHS.fullmatch(path):
+            scheme, _, given = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if not scheme and QUERY_TOKEN_PATHS.fullmatch(path):
                 query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-                given = given or f"Bearer {query.get('access_token', [''])[0]}"
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+                scheme, given = "bearer", query.get("access_token", [""])[0]
+            # the scheme is case-insensitive (RFC 7235), the token is not
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
                 return await _json(send, 401, "missing or wrong token: send 'Authorization: Bearer TOKEN'",
                                    [(b"www-authenticate", b"Bearer")])
         limit = MAX_BATCH_BYTES if path.endswith("/batch") else MAX_IMAGE_BYTES + FORM_OVERHEAD
@@ -282,7 +283,7 @@ def create_app(bundles: Sequence[str | Path] = (), *, registry: str | Path | Non
         import onnxruntime
 
         return {"edgeinspect": __version__, "python": platform.python_version(),
-                "onnxruntime": onnxruntime.__version__, "auth": token is not None,
+                "onnxruntime": onnxruntime.__version__, "auth": bool(token),
                 "models": [m.summary() for m in list(state.models.values()) if m is not None],
                 "registry": str(state.registry_path) if state.registry_path else None,
                 "daemon": state.daemon.endpoint if state.daemon else None,
@@ -316,16 +317,11 @@ def create_app(bundles: Sequence[str | Path] = (), *, registry: str | Path | Non
         return await run_in_threadpool(state.model(model).predict, image.filename or "image", data)
 
     @app.post("/api/predict/batch", summary="Verdicts of several images (repeat the field) or of a zip's images")
-    async def predict_batch(images: Annotated[list[UploadFile], File(description="Images, or zip files of images")],
-                            model: Annotated[str | None, Form()] = None) -> dict[str, Any]:
+    def predict_batch(images: Annotated[list[UploadFile], File(description="Images, or zip files of images")],
+                      model: Annotated[str | None, Form()] = None) -> dict[str, Any]:  # in a worker thread
         chosen = state.model(model)
-        files: list[tuple[str, bytes]] = []
-        for upload in images:
-            name, data = upload.filename or "image", await upload.read()
-            files.extend(zip_images(name, data) if data.startswith(b"PK\x03\x04") else [(name, data)])
-        if len(files) > MAX_BATCH_IMAGES:
-            raise UploadError(413, f"{len(files)} images, over the limit of {MAX_BATCH_IMAGES} per batch")
-        results = await run_in_threadpool(_judge_all, chosen, files)
+        files = batch_images([(upload.filename or "image", upload.file.read()) for upload in images])
+        results = _judge_all(chosen, files)
         counts = {v: sum(r["verdict"] == v for r in results) for v in ("OK", "NOK", "ERROR")}
         return {"model": chosen.id, "results": results, "counts": counts}
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import lzma
 import threading
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -65,21 +67,65 @@ def decode_upload(name: str, data: bytes) -> np.ndarray:
     return image
 
 
-def zip_images(name: str, data: bytes) -> list[tuple[str, bytes]]:
-    """The image members of an uploaded zip as (name, bytes), checked against the batch limits before reading."""
+ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError, RuntimeError,
+              OSError, zlib.error, lzma.LZMAError)  # a corrupt, truncated, encrypted or unsupported zip
+
+
+def batch_images(uploads: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """The images of a batch request as (name, bytes): each upload, or the members of an uploaded zip.
+
+    The zips' directories are checked against the batch limits (images, bytes per image and per batch, counted
+    uncompressed over all uploads) before any member is read, and each member is read only up to its limit.
+    UploadError: 413 over a limit, 400 for a zip that cannot be read (naming it)."""
+    listed: list[tuple[str, bytes | tuple[zipfile.ZipFile, zipfile.ZipInfo]]] = []
+    for name, data in uploads:
+        if data.startswith(b"PK\x03\x04"):
+            listed.extend((f"{name}/{m.filename}", (archive, m)) for archive, m in _zip_members(name, data))
+        else:
+            listed.append((name, data))
+    if len(listed) > MAX_BATCH_IMAGES:
+        raise UploadError(413, f"{len(listed)} images (zip members included), over the limit of {MAX_BATCH_IMAGES} "
+                               f"per batch")
+    declared = sum(len(item) if isinstance(item, bytes) else item[1].file_size for _, item in listed)
+    if declared > MAX_BATCH_BYTES:
+        raise UploadError(413, f"{declared} bytes of images (zip members uncompressed), over the limit of "
+                               f"{MAX_BATCH_BYTES} bytes per batch")
+    files: list[tuple[str, bytes]] = []
+    left = MAX_BATCH_BYTES
+    for name, item in listed:
+        data = item if isinstance(item, bytes) else _read_member(name, *item, min(MAX_IMAGE_BYTES, left))
+        left -= len(data)
+        files.append((name, data))
+    return files
+
+
+def _zip_members(name: str, data: bytes) -> list[tuple[zipfile.ZipFile, zipfile.ZipInfo]]:
+    """The files of an uploaded zip (no folders, macOS metadata or hidden files), none read yet; a member over
+    the per-image limit by its declared size is refused."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         members = [m for m in archive.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX/")
                    and not Path(m.filename).name.startswith(".")]
-        if len(members) > MAX_BATCH_IMAGES:
-            raise UploadError(413, f"{name}: {len(members)} files, over the limit of {MAX_BATCH_IMAGES} per batch")
-        big = next((m for m in members if m.file_size > MAX_IMAGE_BYTES), None)
-        if big is not None:
-            raise UploadError(413, f"{name}: {big.filename} is {big.file_size} bytes uncompressed, over the limit "
-                                   f"of {MAX_IMAGE_BYTES} bytes per image")
-        return [(f"{name}/{m.filename}", archive.read(m)) for m in members]
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError) as exc:
-        raise UploadError(400, f"{name}: not a readable zip file ({exc})") from None
+    except ZIP_ERRORS as exc:
+        raise UploadError(400, f"{name}: not a readable zip file ({' '.join(str(exc).split())})") from None
+    big = next((m for m in members if m.file_size > MAX_IMAGE_BYTES), None)
+    if big is not None:
+        raise UploadError(413, f"{name}: {big.filename} is {big.file_size} bytes uncompressed, over the limit "
+                               f"of {MAX_IMAGE_BYTES} bytes per image")
+    return [(archive, m) for m in members]
+
+
+def _read_member(name: str, archive: zipfile.ZipFile, member: zipfile.ZipInfo, limit: int) -> bytes:
+    """A zip member's bytes, reading at most ``limit`` + 1 of them whatever its declared size (413 beyond)."""
+    try:
+        with archive.open(member) as fh:
+            data = fh.read(limit + 1)
+    except ZIP_ERRORS as exc:
+        raise UploadError(400, f"{name}: cannot be read from its zip file ({' '.join(str(exc).split())})") from None
+    if len(data) > limit:
+        raise UploadError(413, f"{name}: over the limit of {MAX_IMAGE_BYTES} bytes per image or {MAX_BATCH_BYTES} "
+                               f"bytes per batch when uncompressed")
+    return data
 
 
 def heatmap_png(anomaly_map: np.ndarray, normalization: dict) -> str:
@@ -165,14 +211,12 @@ class Model:
         back to the bundle's. Returns what changed."""
         with self._lock:
             previous = self.predictor.threshold
-            if threshold is None:
-                self.predictor = self.base
-            else:
-                self.predictor = self.base.with_threshold(threshold)
-            if save:
-                self._save_decision(self.predictor.decision, previous=self.base.threshold)
-                self.base = self.predictor
-        return {"previous": previous, "threshold": self.predictor.threshold, "saved": save}
+            predictor = self.base if threshold is None else self.base.with_threshold(threshold)
+            if save:  # written first: a refused save changes nothing
+                self._save_decision(predictor.decision, previous=self.base.threshold)
+                self.base = predictor
+            self.predictor = predictor
+        return {"previous": previous, "threshold": predictor.threshold, "saved": save}
 
     def _save_decision(self, decision: dict[str, Any], *, previous: float) -> None:
         """Write ``decision`` into the bundle's manifest atomically (verified first: a bundle changed on disk is

@@ -10,6 +10,7 @@ from typing import Any
 
 import zmq
 
+from edgeinspect.errors import EdgeInspectError
 from edgeinspect.runtime.publisher import decode_message
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,17 @@ class DaemonStream:
     """Subscribes to ``verdict.`` and ``status.`` of a daemon's publish endpoint (``serve --publish``)."""
 
     def __init__(self, endpoint: str):
+        """Connect to ``endpoint`` (EdgeInspectError naming it when it is not a ZeroMQ endpoint) and start."""
         self.endpoint = endpoint
+        self._sock = zmq.Context.instance().socket(zmq.SUB)
+        try:
+            self._sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self._sock.close(linger=0)
+            raise EdgeInspectError(f"--daemon {endpoint}: cannot connect ({exc.strerror}); give a daemon's publish "
+                                   f"endpoint, e.g. tcp://HOST:PORT (serve --publish)") from None
+        for topic in ("verdict.", "status."):
+            self._sock.setsockopt_string(zmq.SUBSCRIBE, topic)
         self.received = 0                                    # messages so far; the index of the next one
         self.recent: deque[tuple[int, str, dict]] = deque(maxlen=RECENT)  # (index, topic, payload)
         self.last_nok: deque[dict] = deque(maxlen=LAST_NOK)
@@ -31,11 +42,8 @@ class DaemonStream:
         self._thread.start()
 
     def _run(self) -> None:
-        sock = zmq.Context.instance().socket(zmq.SUB)
+        sock = self._sock  # used by this thread only from now on
         try:
-            sock.connect(self.endpoint)
-            for topic in ("verdict.", "status."):
-                sock.setsockopt_string(zmq.SUBSCRIBE, topic)
             while not self._stop.is_set():
                 if not sock.poll(200):
                     continue
