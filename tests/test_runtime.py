@@ -24,9 +24,12 @@ from edgeinspect.runtime.postprocess import find_regions, map_regions, normalize
 from edgeinspect.runtime.predictor import Predictor
 
 
-def test_runtime_and_camera_import_without_torch() -> None:
+def test_runtime_and_camera_import_without_torch_or_training_code() -> None:
     code = ("import sys, edgeinspect.runtime.daemon, edgeinspect.runtime.predictor, edgeinspect.camera, "
-            "edgeinspect.cli; assert 'torch' not in sys.modules, 'torch was imported'")
+            "edgeinspect.cli; assert 'torch' not in sys.modules, 'torch was imported'; "
+            "extra = [m for m in sys.modules if m.startswith('edgeinspect.train') or "
+            "(m.startswith('edgeinspect.export') and m not in ('edgeinspect.export', 'edgeinspect.export.formats'))]; "
+            "assert not extra, f'the runtime imported {extra}'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
