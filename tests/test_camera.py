@@ -235,7 +235,6 @@ def test_stream_reconnects_then_reports_disconnection(
     url = f"http://127.0.0.1:{http_server.server_address[1]}/clip.avi"
     source = CaptureDeviceSource(url, reconnect_attempts=2, reconnect_delay_s=0.01, timeout_s=3.0)
     indices = []
-    t0 = time.monotonic()
     with caplog.at_level(logging.INFO), source, pytest.raises(SourceError, match="disconnected") as info:
         for frame in source:
             assert_colour(frame, frame.index % N_FRAMES)
@@ -244,7 +243,6 @@ def test_stream_reconnects_then_reports_disconnection(
                 http_server.shutdown()
                 http_server.server_close()
             assert frame.index < 3 * N_FRAMES, "the stream should have failed by now"
-    assert time.monotonic() - t0 < 20
     assert indices == list(range(len(indices))) and len(indices) >= N_FRAMES + 3
     assert str(info.value).startswith(f"camera {url} disconnected: no frame after 2 reconnect attempts")
     assert source.end_reason == str(info.value)

@@ -136,8 +136,8 @@ class NearestNeighbourSearch(nn.Module):
     def set_bank(self, bank: torch.Tensor) -> None:
         """Search ``bank`` (M x D) from now on."""
         self.minus_two_bank_t = (-2.0 * bank.T).contiguous()
-        # float64 on the CPU: MPS has none
-        self.norms = (bank.detach().cpu().double() ** 2).sum(1).float().to(bank.device)
+        wide = bank.detach().to("cpu" if bank.device.type == "mps" else bank.device, torch.float64)  # MPS: no float64
+        self.norms = (wide ** 2).sum(1).float().to(bank.device)
 
     def bank(self) -> np.ndarray:
         """The memory bank as searched, M x D' float32 (in the principal subspace: D' = k + 1)."""
