@@ -27,6 +27,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -353,6 +355,20 @@ def swap_in(staged: Path, target: str | Path, *, sync_files: bool = True) -> Non
         os.rename(staged, target)
         shutil.rmtree(aside)
     _fsync(target.parent)
+
+
+@contextmanager
+def staged_output(out: str | Path) -> Iterator[Path]:
+    """A staging sibling of ``out`` to write a folder that can be rebuilt in (a dataset, a report), swapped in
+    at ``out`` when the block ends without an error and removed when it raises: ``out`` is never left
+    half-written. (No per-file fsync: such a folder can be rebuilt, and thousands of fsyncs cost seconds.)"""
+    staged = staging_dir(out)
+    try:
+        yield staged
+        swap_in(staged, out, sync_files=False)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
 
 
 def _fsync(path: Path) -> None:

@@ -10,11 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeinspect.bundle import bundle_target
+from edgeinspect.bundle import bundle_target, staged_output
 from edgeinspect.errors import DataError
 from edgeinspect.registry import flatten
 from edgeinspect.runtime.postprocess import map_regions
-from edgeinspect.train.data.coco import staged_output
 from edgeinspect.train.metrics import pro_curve
 from edgeinspect.train.plots import (
     confusion_png,

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from edgeinspect.bundle import staged_output
 from edgeinspect.errors import DataError
 from edgeinspect.train.data.coco import (
     ANNOTATIONS,
@@ -35,7 +36,6 @@ from edgeinspect.train.data.coco import (
     mask_to_polygons,
     read_info,
     split_counts,
-    staged_output,
 )
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network at import

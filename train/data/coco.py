@@ -29,7 +29,7 @@ import logging
 import os
 import shutil
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from edgeinspect.bundle import staging_dir, swap_in
+from edgeinspect.bundle import staged_output
 from edgeinspect.errors import DataError
 from edgeinspect.imageio import list_images, read_image, read_raw
 from edgeinspect.train.data.mvtec import GOOD, MVTecCategory, Sample
@@ -214,20 +214,6 @@ def split_counts(coco: dict[str, Any]) -> dict[str, Any]:
         per_type[image.get("defect_type", "")] = per_type.get(image.get("defect_type", ""), 0) + 1
     return {"images": len(coco["images"]), "negative_images": len(coco["images"]) - len(annotated),
             "annotations": len(coco["annotations"]), "per_class": per_class, "per_type": per_type}
-
-
-@contextlib.contextmanager
-def staged_output(out: str | Path) -> Iterator[Path]:
-    """A staging sibling of ``out`` to write a dataset folder in, swapped in at ``out`` when the block ends
-    without an error and removed when it raises: ``out`` is never left half-written. (No per-file fsync: a
-    dataset folder can be rebuilt, and thousands of fsyncs cost seconds.)"""
-    staged = staging_dir(out)
-    try:
-        yield staged
-        swap_in(staged, out, sync_files=False)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
 
 
 def write_coco(out: str | Path, splits: dict[str, list[_Record]], classes: list[str], info: dict[str, Any],
